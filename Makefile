@@ -1,0 +1,45 @@
+# Thaw: `make demo` runs the embedded default job, `make test` runs every test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo demo-local test test-unit lint bench constraints clean
+
+install: $(STAMP)
+
+# Idempotent: re-runs only when the dependency files change.
+$(STAMP): pyproject.toml constraints.txt hack/install-data.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[trainer,dev]'
+	./hack/install-data.sh
+	touch $@
+
+# The quickstart under torchrun: 2 processes, gloo, on this machine's CPUs.
+demo: install
+	rm -rf runs/quickstart
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m trainer run examples/quickstart.yaml
+
+demo-local: demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check trainer tests benchmarks
+
+bench: install
+	$(PY) benchmarks/bench_trainer.py --out docs/benchmarks.md
+
+constraints: install
+	$(PY) -m pip freeze --exclude-editable | grep -v '^thaw' > constraints.txt.new && \
+	  { echo "# Pinned versions for a reproducible install (pip install -c constraints.txt)."; \
+	    echo "# Regenerate: make constraints"; cat constraints.txt.new; } > constraints.txt && rm constraints.txt.new
+
+clean:
+	rm -rf runs .pytest_cache

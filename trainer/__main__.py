@@ -1,0 +1,90 @@
+"""python -m trainer {run,plan,report} JOB.yaml — the same file the cluster runs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from trainer.spec import SpecError, load_job
+
+
+def _plan(args) -> int:
+    from trainer.runner import plan_job
+
+    job = load_job(args.job)
+    built, groups, group_of, stages = plan_job(job)
+    counts = [0] * len(groups)
+    for name, p in built.model.named_parameters():
+        counts[group_of[name]] += p.numel()
+    total = sum(counts)
+    print(f"{job.metadata.name}: {job.spec.model.architecture}, {len(groups)} layer groups, {total:,} parameters")
+    print("groups (stem -> head): " + ", ".join(f"{g.name}={c:,}" for g, c in zip(groups, counts)))
+    for s in stages:
+        n = sum(p.numel() for name, p in built.model.named_parameters() if name in s.trainable_params)
+        lrs = ", ".join(f"{groups[g].name}={lr:.3g}" for g, lr in s.group_lrs.items())
+        print(f"  [{s.index}] {s.name}: {s.epochs} epochs, batch {s.batch_size}, {s.schedule.name}, "
+              f"trainable {n:,} ({100 * n / total:.1f}%), lr {lrs}")
+    return 0
+
+
+def _run(args) -> int:
+    from trainer.distributed import shutdown
+    from trainer.runner import run_job
+
+    job = load_job(args.job)
+    try:
+        results = run_job(job, args.stage)
+        from trainer.distributed import init_distributed
+
+        if init_distributed().is_main and results:
+            _report(job)
+    finally:
+        shutdown()
+    return 0
+
+
+def _report(job) -> None:
+    from pathlib import Path
+
+    from trainer.report import format_table, plot_curves, stage_summaries
+    from trainer.runner import plan_job
+    from trainer.storage import open_store
+
+    _, _, _, stages = plan_job(job)
+    store = open_store(job.spec.checkpoint.uri, job.metadata.name)
+    rows = stage_summaries(store, stages)
+    if not rows:
+        print(f"{job.metadata.name}: no finished stages in {store.uri}")
+        return
+    print(format_table(rows))
+    png = plot_curves(rows, Path(store.root) / "curves.png")
+    print(f"curves: {png}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run all stages, or one with --stage")
+    run.add_argument("job")
+    run.add_argument("--stage", type=int, help="run only this stage (0-based), from stage K-1's checkpoint")
+    plan = sub.add_parser("plan", help="print the resolved stages with trainable parameter counts")
+    plan.add_argument("job")
+    report = sub.add_parser("report", help="print the per-stage table and write curves.png")
+    report.add_argument("job")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "plan":
+            return _plan(args)
+        if args.command == "report":
+            _report(load_job(args.job))
+            return 0
+        return _run(args)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

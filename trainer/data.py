@@ -1,0 +1,223 @@
+"""Datasets: where images come from, how they are split, and what one sample looks like.
+
+Samples are uint8 tensors (3, S, S); normalization to float happens on the device in the
+training loop (a quarter of the bytes cross the host-device link). Splits are stratified
+and fixed by the job seed, so every rank, every stage and every rerun sees the same ones.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from trainer.spec import AugmentationSpec, DataSpec, SpecError
+
+FASHION_MNIST_DIR = Path(os.environ.get("THAW_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+@dataclass
+class ImageSplit:
+    """Images (N, C, H, W) uint8 with labels; or a lazy folder dataset."""
+
+    images: torch.Tensor | None
+    labels: torch.Tensor
+    folder: Dataset | None = None
+
+
+@dataclass
+class Source:
+    train: ImageSplit
+    test: ImageSplit
+    classes: tuple[str, ...]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """The MNIST idx format: magic (2 zero bytes, dtype code, ndim), big-endian dims, data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte idx file")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _fashion_mnist(cache_dir: Path) -> Source:
+    root = FASHION_MNIST_DIR
+    if not (root / "train-images-idx3-ubyte.gz").exists():
+        root = cache_dir / "FashionMNIST" / "raw"
+        if not (root / "train-images-idx3-ubyte").exists():
+            try:
+                from torchvision.datasets import FashionMNIST
+
+                FashionMNIST(str(cache_dir), train=True, download=True)
+                FashionMNIST(str(cache_dir), train=False, download=True)
+            except Exception as err:
+                raise SpecError(
+                    "spec.data.source: fashion-mnist is not installed (apt-get install dataset-fashion-mnist) "
+                    f"and could not be downloaded ({type(err).__name__})"
+                ) from None
+
+    def load(stem: str) -> np.ndarray:
+        for name in (f"{stem}.gz", stem):
+            if (root / name).exists():
+                return read_idx(root / name)
+        raise FileNotFoundError(root / stem)
+
+    def split(prefix: str) -> ImageSplit:
+        x = torch.from_numpy(load(f"{prefix}-images-idx3-ubyte").copy()).unsqueeze(1)
+        y = torch.from_numpy(load(f"{prefix}-labels-idx1-ubyte").astype(np.int64))
+        return ImageSplit(x, y)
+
+    return Source(split("train"), split("t10k"), FASHION_MNIST_CLASSES)
+
+
+def _digits() -> Source:
+    """scikit-learn's bundled 8x8 digits; a fixed 30% stratified test split (seed 0)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy((d.images * (255 / 16)).round().astype(np.uint8)).unsqueeze(1)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    test = stratified_take(y, per_class=None, fraction=0.3, seed=0)
+    train = np.setdiff1d(np.arange(len(y)), test)
+    return Source(ImageSplit(x[train], y[train]), ImageSplit(x[test], y[test]), tuple(str(i) for i in range(10)))
+
+
+def _folder(uri: str) -> Source:
+    from torchvision.datasets import ImageFolder
+    from torchvision.io import ImageReadMode, decode_image
+
+    root = Path(uri.removeprefix("file://"))
+    if not (root / "train").is_dir():
+        raise SpecError(f"spec.data.source: {root}/train is not a directory (ImageFolder layout: train/<class>/*.jpg)")
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if test_dir is None:
+        raise SpecError(f"spec.data.source: {root} needs a test/ or val/ folder beside train/")
+
+    def loader(path: str) -> torch.Tensor:
+        return decode_image(path, mode=ImageReadMode.RGB)
+
+    train = ImageFolder(str(root / "train"), loader=loader)
+    test = ImageFolder(str(test_dir), loader=loader)
+    if test.classes != train.classes:
+        raise SpecError(f"spec.data.source: {test_dir} has classes {test.classes}, train has {train.classes}")
+    labels = lambda ds: torch.tensor(ds.targets, dtype=torch.int64)  # noqa: E731
+    return Source(ImageSplit(None, labels(train), train), ImageSplit(None, labels(test), test), tuple(train.classes))
+
+
+def load_source(spec: DataSpec) -> Source:
+    cache = Path(spec.cache_dir).expanduser()
+    if spec.source == "fashion-mnist":
+        return _fashion_mnist(cache)
+    if spec.source == "digits":
+        return _digits()
+    return _folder(spec.source)
+
+
+def stratified_take(labels: torch.Tensor | np.ndarray, per_class: int | None, fraction: float | None, seed: int) -> np.ndarray:
+    """Indices of `per_class` (or `fraction` of each class) samples per class, seeded."""
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        n = per_class if per_class is not None else int(round(len(idx) * (fraction or 0)))
+        out.append(idx[: min(n, len(idx))])
+    return np.sort(np.concatenate(out))
+
+
+def split_train_val(labels: torch.Tensor, spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validation first (fixed), then the few-shot training subset from what is left."""
+    val = stratified_take(labels, spec.val_per_class, None, seed)
+    rest = np.setdiff1d(np.arange(len(labels)), val)
+    if spec.train_per_class is None:
+        return rest, val
+    pick = stratified_take(np.asarray(labels)[rest], spec.train_per_class, None, seed + 1)
+    return rest[pick], val
+
+
+def resize_uint8(img: torch.Tensor, size: int) -> torch.Tensor:
+    """(C, h, w) uint8 -> (3, size, size) uint8, antialiased; grayscale becomes RGB."""
+    if img.shape[-1] != size or img.shape[-2] != size:
+        x = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        img = x[0].round_().clamp_(0, 255).to(torch.uint8)
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    return img
+
+
+def augment(img: torch.Tensor, aug: AugmentationSpec) -> torch.Tensor:
+    if aug.crop_padding:
+        p = aug.crop_padding
+        size = img.shape[-1]
+        padded = F.pad(img, (p, p, p, p))
+        i, j = torch.randint(0, 2 * p + 1, (2,)).tolist()
+        img = padded[:, i : i + size, j : j + size]
+    if aug.hflip and torch.rand(()) < 0.5:
+        img = img.flip(-1)
+    return img
+
+
+class Images(Dataset):
+    """One split's samples, resized (and augmented when training) on access."""
+
+    def __init__(self, split: ImageSplit, indices: np.ndarray, size: int, aug: AugmentationSpec | None):
+        self.split, self.indices, self.size, self.aug = split, indices, size, aug
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.split.labels[torch.from_numpy(self.indices)]
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
+        i = int(self.indices[k])
+        if self.split.folder is not None:
+            img, label = self.split.folder[i]
+        else:
+            img, label = self.split.images[i], int(self.split.labels[i])
+        img = resize_uint8(img, self.size)
+        if self.aug is not None:
+            img = augment(img, self.aug)
+        return img.contiguous(), label
+
+
+@dataclass
+class Datasets:
+    train: Images
+    val: Images
+    test: Images
+    classes: tuple[str, ...]
+
+
+def build_datasets(spec: DataSpec, num_classes: int, seed: int) -> Datasets:
+    src = load_source(spec)
+    if len(src.classes) != num_classes:
+        raise SpecError(
+            f"spec.model.numClasses: {num_classes} does not match the {len(src.classes)} classes of {spec.source}"
+        )
+    train_idx, val_idx = split_train_val(src.train.labels, spec, seed)
+    if len(train_idx) == 0:
+        raise SpecError(f"spec.data.valPerClass: {spec.val_per_class} leaves no training images")
+    test_idx = np.arange(len(src.test.labels))[: spec.test_limit]
+    aug = spec.augmentation if (spec.augmentation.hflip or spec.augmentation.crop_padding) else None
+    return Datasets(
+        train=Images(src.train, train_idx, spec.image_size, aug),
+        val=Images(src.train, val_idx, spec.image_size, None),
+        test=Images(src.test, test_idx, spec.image_size, None),
+        classes=src.classes,
+    )

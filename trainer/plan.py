@@ -1,0 +1,133 @@
+"""From a spec and a model's layer groups to the exact list of stages to run.
+
+Pure: takes names and counts, never tensors. `expand_stages` turns `gradual` into plain
+stages; `resolve_stages` decides, per stage, which parameters train and at what rate.
+Errors are SpecError lines naming the field, like the spec's own.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from trainer.layers import LayerGroup, in_prefix
+from trainer.spec import FineTuneJobSpec, ScheduleSpec, SpecError, StageSpec
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    index: int
+    name: str
+    epochs: int
+    batch_size: int
+    schedule: ScheduleSpec
+    train_bn: bool
+    freeze_bn_stats: bool
+    trainable_groups: tuple[int, ...]  # indices into the group list, head first
+    group_lrs: dict[int, float]  # group index -> learning rate
+    trainable_params: frozenset[str]
+    field: str  # where this stage came from in the spec, for error messages
+
+    def trains_only_head(self, n_groups: int) -> bool:
+        return self.trainable_groups == (n_groups - 1,)
+
+
+def expand_stages(spec: FineTuneJobSpec) -> list[tuple[str, StageSpec]]:
+    """(field path, stage) pairs; `gradual` becomes one stage per unfrozen group."""
+    if spec.stages is not None:
+        return [(f"spec.stages[{i}]", s) for i, s in enumerate(spec.stages)]
+    g = spec.gradual
+    assert g is not None
+    out = []
+    for i in range(g.stages):
+        last_all = g.last_all and i == g.stages - 1
+        top = g.start_top + i
+        stage = StageSpec(
+            name="all" if last_all else f"top{top}",
+            trainable="all" if last_all else {"top": top},
+            epochs=g.epochs_per_stage,
+            lr=g.lr * g.lr_factor**i,
+            lr_decay=g.lr_decay,
+            freeze_bn_stats=g.freeze_bn_stats,
+        )
+        out.append(("spec.gradual", stage))
+    return out
+
+
+def _match(pattern: str, param: str, groups: list[LayerGroup], group_of: dict[str, int]) -> bool:
+    if groups[group_of[param]].name == pattern:
+        return True
+    parts = param.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:k]), pattern) for k in range(1, len(parts) + 1))
+
+
+def _selected_params(
+    field: str, stage: StageSpec, groups: list[LayerGroup], group_of: dict[str, int], module_names: list[str]
+) -> set[str]:
+    params = list(group_of)
+    t = stage.trainable
+    if t == "all":
+        return set(params)
+    if hasattr(t, "top"):
+        if t.top > len(groups):
+            where = f"{field}.trainable.top" if field.startswith("spec.stages") else f"{field}.stages"
+            raise SpecError(
+                f"{where}: top {t.top} exceeds the {len(groups)} layer groups "
+                f"({', '.join(g.name for g in groups)})"
+            )
+        first = len(groups) - t.top
+        return {p for p in params if group_of[p] >= first}
+    selected: set[str] = set()
+    for k, pattern in enumerate(t.modules):
+        hits = {p for p in params if _match(pattern, p, groups, group_of)}
+        if not hits:
+            modules = [m for m in module_names if fnmatch.fnmatchcase(m, pattern)]
+            why = "matches modules without parameters" if modules else "matches no module or group"
+            raise SpecError(
+                f"{field}.trainable.modules[{k}]: {pattern!r} {why}; "
+                f"groups are {', '.join(g.name for g in groups)}"
+            )
+        selected |= hits
+    return selected
+
+
+def resolve_stages(
+    spec: FineTuneJobSpec,
+    groups: list[LayerGroup],
+    group_of: dict[str, int],
+    module_names: list[str] | None = None,
+) -> list[PlannedStage]:
+    """Decide every stage against the model's groups; raise SpecError on the first bad one."""
+    planned = []
+    for index, (field, stage) in enumerate(expand_stages(spec)):
+        params = _selected_params(field, stage, groups, group_of, module_names or [])
+        trainable = tuple(sorted({group_of[p] for p in params}, reverse=True))
+        if stage.group_lrs is not None:
+            if len(stage.group_lrs) != len(trainable):
+                names = ", ".join(groups[i].name for i in trainable)
+                raise SpecError(
+                    f"{field}.groupLrs: gives {len(stage.group_lrs)} rates but the stage trains "
+                    f"{len(trainable)} groups ({names}), head first"
+                )
+            lrs = dict(zip(trainable, stage.group_lrs))
+        else:
+            lrs = {g: stage.lr / stage.lr_decay**depth for depth, g in enumerate(trainable)}
+        planned.append(
+            PlannedStage(
+                index=index,
+                name=stage.name or f"stage-{index}",
+                epochs=stage.epochs,
+                batch_size=stage.batch_size or spec.data.batch_size,
+                schedule=stage.schedule or spec.schedule,
+                train_bn=stage.train_bn,
+                freeze_bn_stats=stage.freeze_bn_stats,
+                trainable_groups=trainable,
+                group_lrs=lrs,
+                trainable_params=frozenset(params),
+                field=field,
+            )
+        )
+    names = [s.name for s in planned]
+    if len(set(names)) != len(names):
+        raise SpecError(f"spec.stages: stage names must be unique (got {', '.join(names)})")
+    return planned

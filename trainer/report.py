@@ -1,0 +1,59 @@
+"""The per-stage table and the PNG of curves, read back from committed stage pointers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainer import checkpoint as ckpt
+from trainer.storage import LocalStore
+
+
+def stage_summaries(store: LocalStore, stages) -> list[dict]:
+    out = []
+    for s in stages:
+        key = f"{ckpt.stage_prefix(s.index, s.name)}/{ckpt.FINAL}"
+        if store.exists(key):
+            out.append(json.loads(store.get(key))["metrics"])
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'stage':<14}{'trainable':>12}{'epochs':>8}{'best val':>10}{'test acc':>10}{'wall s':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        name = r["name"] + (" (cached)" if r.get("feature_cache") else "")
+        lines.append(
+            f"{name:<14}{r['trainable_params']:>12,}{r['epochs_run']:>8}{r['best_val_accuracy']:>10.4f}"
+            f"{r['test_accuracy']:>10.4f}{r['seconds']:>9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    x = 0
+    for r in rows:
+        xs = list(range(x + 1, x + 1 + len(r["history"])))
+        ax_loss.plot(xs, [h["train_loss"] for h in r["history"]], "o-", color="C0", label="train" if x == 0 else None)
+        ax_loss.plot(xs, [h["val_loss"] for h in r["history"]], "s--", color="C1", label="val" if x == 0 else None)
+        ax_acc.plot(xs, [h["train_accuracy"] for h in r["history"]], "o-", color="C0", label="train" if x == 0 else None)
+        ax_acc.plot(xs, [h["val_accuracy"] for h in r["history"]], "s--", color="C1", label="val" if x == 0 else None)
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(x + 0.5, color="grey", lw=0.8, ls=":")
+            ax.text(x + 0.6, 1.0, r["name"], transform=ax.get_xaxis_transform(), fontsize=8, va="top")
+        x += len(r["history"])
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+    ax_loss.legend()
+    ax_acc.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,390 @@
+"""The recipe: for each stage, freeze -> optimizer and DDP -> fit (early stopping) -> checkpoint.
+
+Reads top to bottom. One process runs every stage (`run`), or exactly one (`--stage K`,
+what a Kubernetes stage pod runs), starting from stage K-1's committed checkpoint. Each
+stage is reseeded from (seed, stage, rank), so both ways give the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
+
+from trainer import checkpoint as ckpt
+from trainer.catalog import family_of
+from trainer.data import Datasets, build_datasets
+from trainer.distributed import DistEnv, all_gather_objects, barrier, init_distributed
+from trainer.early_stopping import EarlyStopping
+from trainer.freezing import apply_stage
+from trainer.layers import LayerGroup, assign_groups, head_module_name, layer_groups
+from trainer.loop import StepContext, evaluate, feature_preparer, image_preparer, train_epoch
+from trainer.models import build_model
+from trainer.optim import build_optimizer, build_scheduler, param_groups
+from trainer.plan import PlannedStage, resolve_stages
+from trainer.progress import Progress
+from trainer.spec import FineTuneJob, SpecError
+from trainer.storage import LocalStore, open_store
+
+log = logging.getLogger(__name__)
+CONV_FAMILIES = ("resnet", "efficientnet", "mobilenet", "convnext", "regnet", "densenet", "efficientnet_lite")
+
+
+@dataclass
+class StageResult:
+    index: int
+    name: str
+    trainable_params: int
+    total_params: int
+    epochs_run: int
+    best_val_accuracy: float
+    test_accuracy: float
+    test_loss: float
+    seconds: float
+    feature_cache: bool
+    history: list[dict] = field(default_factory=list)
+    skipped: bool = False
+
+
+def spec_hash(job: FineTuneJob) -> str:
+    return hashlib.sha256(json.dumps(job.spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Setup:
+    """Everything a stage needs that does not change between stages."""
+
+    job: FineTuneJob
+    env: DistEnv
+    model: nn.Module
+    mean: tuple
+    std: tuple
+    groups: list[LayerGroup]
+    group_of: dict[str, int]
+    stages: list[PlannedStage]
+    store: LocalStore | None
+    progress: Progress
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+
+
+def plan_job(job: FineTuneJob, device: str = "meta") -> tuple[nn.Module, list[LayerGroup], dict[str, int], list[PlannedStage]]:
+    """Build the model (shapes only by default) and resolve every stage against it."""
+    built = build_model(job.spec.model, device=device)
+    groups = layer_groups(built.model, job.spec.model.architecture)
+    group_of = assign_groups([n for n, _ in built.model.named_parameters()], groups)
+    module_names = [n for n, _ in built.model.named_modules()]
+    stages = resolve_stages(job.spec, groups, group_of, module_names)
+    return built, groups, group_of, stages
+
+
+def _precision(job: FineTuneJob, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    amp = job.spec.speed.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return None, False
+    if amp == "fp16" and device.type != "cuda":
+        raise SpecError("spec.speed.amp: fp16 needs a CUDA device; use bf16 or off on CPU")
+    return (torch.bfloat16 if amp == "bf16" else torch.float16), amp == "fp16"
+
+
+def _loader(dataset, batch_size: int, env: DistEnv, shuffle: bool, seed: int, job: FineTuneJob) -> DataLoader:
+    data = job.spec.data
+    sampler = DistributedSampler(dataset, num_replicas=env.world, rank=env.rank, shuffle=shuffle, seed=seed)
+    workers = 0 if isinstance(dataset, TensorDataset) else data.workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=data.pin_memory and env.device.type == "cuda",
+        persistent_workers=data.persistent_workers and workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def _eval_loader(dataset, batch_size: int, env: DistEnv, job: FineTuneJob) -> DataLoader:
+    """Each rank takes every world-th sample: no padding, so summed metrics are exact."""
+    shard = Subset(dataset, range(env.rank, len(dataset), env.world))
+    workers = job.spec.data.workers if not isinstance(dataset, TensorDataset) else 0
+    return DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=env.device.type == "cuda")
+
+
+def _cached_features(setup: Setup, datasets: list, batch_size: int) -> list[TensorDataset]:
+    """Inputs of the head for each dataset, computed once in eval mode, shared by all ranks."""
+    model, env = setup.model, setup.env
+    head = model.get_submodule(head_module_name(setup.job.spec.model.architecture))
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().float().cpu()))
+    prepare = image_preparer(setup.mean, setup.std, env.device, setup.channels_last, False)
+    out = []
+    try:
+        model.eval()
+        for ds in datasets:
+            captured.clear()
+            idx = list(range(env.rank, len(ds), env.world))
+            loader = DataLoader(Subset(ds, idx), batch_size=batch_size, num_workers=setup.job.spec.data.workers)
+            with torch.no_grad():
+                for x, _ in loader:
+                    with StepContext(env, prepare, setup.autocast_dtype, None).autocast():
+                        model(prepare(x))
+            mine = (idx, torch.cat(captured) if captured else torch.empty(0))
+            parts = all_gather_objects(mine, env)
+            feats = torch.cat([p[1] for p in parts if len(p[0])])
+            order = [i for p in parts for i in p[0]]
+            perm = torch.empty(len(order), dtype=torch.long)
+            perm[torch.tensor(order)] = torch.arange(len(order))
+            labels = ds.labels
+            out.append(TensorDataset(feats[perm], labels))
+    finally:
+        handle.remove()
+    return out
+
+
+def _use_feature_cache(setup: Setup, stage: PlannedStage) -> bool:
+    spec = setup.job.spec
+    aug = spec.data.augmentation
+    return (
+        spec.speed.feature_cache
+        and stage.trains_only_head(len(setup.groups))
+        and not stage.train_bn
+        and not (aug.hflip or aug.crop_padding)
+    )
+
+
+def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
+    job, env, model = setup.job, setup.env, setup.model
+    spec = job.spec
+    t_start = time.perf_counter()
+    seed = spec.seed + 1000 * stage.index
+    seed_everything(seed + env.rank)
+
+    # 1. Freeze: requires_grad, eval-mode frozen modules, no-grad prefix. Before DDP.
+    freeze = apply_stage(model, setup.groups, stage, no_grad_prefix=spec.speed.frozen_prefix_no_grad)
+    use_cache = _use_feature_cache(setup, stage)
+    if use_cache:
+        train_ds, val_ds = _cached_features(setup, [data.train, data.val], stage.batch_size)
+        net = model.get_submodule(head_module_name(spec.model.architecture))
+        prepare = feature_preparer(env.device, spec.data.pin_memory)
+    else:
+        train_ds, val_ds, net = data.train, data.val, model
+        prepare = image_preparer(setup.mean, setup.std, env.device, setup.channels_last, spec.data.pin_memory)
+
+    # 2. Optimizer and scheduler for this stage's parameters only; DDP over the frozen state.
+    groups = param_groups(model, setup.groups, setup.group_of, stage, spec.optimizer.weight_decay)
+    optimizer = build_optimizer(groups, spec.optimizer)
+    train_loader = _loader(train_ds, stage.batch_size, env, True, seed, job)
+    val_loader = _eval_loader(val_ds, stage.batch_size, env, job)
+    steps_per_epoch = math.ceil(len(train_loader) / spec.gradient_accumulation)
+    scheduler = build_scheduler(optimizer, stage, steps_per_epoch)
+    # Buffers need broadcasting only if some BatchNorm still updates its running stats.
+    frozen = {id(m) for n, m in model.named_modules() if n in set(freeze.eval_modules)}
+    trains_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in frozen for m in net.modules())
+    wrapped = DDP(net, broadcast_buffers=trains_bn) if env.distributed else net
+    _, fp16 = _precision(job, env.device)
+    ctx = StepContext(
+        env,
+        prepare,
+        setup.autocast_dtype,
+        torch.amp.GradScaler(env.device.type) if fp16 else None,
+        spec.gradient_accumulation,
+        spec.data.pin_memory and env.device.type == "cuda",
+    )
+    es_spec = spec.early_stopping
+    stopper = EarlyStopping(es_spec.resolved_mode, es_spec.patience, es_spec.min_delta) if es_spec else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # 3. Fit.
+    history: list[dict] = []
+    best_state, best_dir = None, None
+    last_dir = None
+    for epoch in range(stage.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        setup.progress.start_epoch(stage.name, epoch, stage.epochs, len(train_loader))
+        metrics = train_epoch(wrapped, train_loader, optimizer, scheduler, ctx, setup.progress, trainable if epoch == 0 else None)
+        val = evaluate(net, val_loader, ctx)
+        elapsed = time.perf_counter() - t_start
+        row = {
+            "stage": stage.name,
+            "stage_index": stage.index,
+            "epoch": epoch,
+            **{k: round(v, 6) for k, v in metrics.items()},
+            "val_loss": round(val["loss"], 6),
+            "val_accuracy": round(val["accuracy"], 6),
+            "lr": {g["name"].split("/")[0]: g["lr"] for g in optimizer.param_groups},
+            "eta_seconds": round(elapsed / (epoch + 1) * (stage.epochs - epoch - 1), 1),
+        }
+        history.append(row)
+        improved = True
+        if stopper is not None:
+            improved = stopper.update(row[es_spec.metric], epoch)
+            if improved and es_spec.restore_best:
+                best_state = copy.deepcopy(model.state_dict())
+        epoch_dir = ckpt.epoch_prefix(stage.index, stage.name, epoch)
+        if env.is_main and setup.store is not None:
+            meta = {
+                "stage": stage.index, "stageName": stage.name, "epoch": epoch,
+                "globalStep": (epoch + 1) * steps_per_epoch, "metrics": row,
+                "architecture": spec.model.architecture, "specHash": spec_hash(job),
+            }
+            objects = {
+                "model.pt": model.state_dict(),
+                "train_state.pt": {
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "early_stopping": stopper.state_dict() if stopper else None,
+                    "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                },
+            }
+            ckpt.save_checkpoint(setup.store, epoch_dir, objects, meta)
+        if improved:
+            best_dir = epoch_dir
+        last_dir = epoch_dir
+        if env.is_main and setup.store is not None:
+            ckpt.prune(setup.store, stage.index, stage.name, spec.checkpoint.keep_last, {best_dir} if best_dir else set())
+        setup.progress.end_epoch(row)
+        if stopper is not None and stopper.should_stop and epoch + 1 < stage.epochs:
+            setup.progress.message(f"{stage.name}: early stop after epoch {epoch + 1} (best epoch {stopper.best_epoch + 1})")
+            break
+
+    # 4. Restore best, test, commit the stage.
+    final_dir = last_dir
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        final_dir = best_dir
+    freeze.remove()
+    del wrapped
+    test_prepare = image_preparer(setup.mean, setup.std, env.device, setup.channels_last, False)
+    test = evaluate(model, _eval_loader(data.test, stage.batch_size, env, job), StepContext(env, test_prepare, setup.autocast_dtype, None))
+    result = StageResult(
+        index=stage.index,
+        name=stage.name,
+        trainable_params=sum(p.numel() for p in trainable),
+        total_params=sum(p.numel() for p in model.parameters()),
+        epochs_run=len(history),
+        best_val_accuracy=max(r["val_accuracy"] for r in history),
+        test_accuracy=test["accuracy"],
+        test_loss=test["loss"],
+        seconds=time.perf_counter() - t_start,
+        feature_cache=use_cache,
+        history=history,
+    )
+    if env.is_main and setup.store is not None:
+        manifest = ckpt.verify(setup.store, final_dir)
+        if manifest is None:
+            raise ckpt.CheckpointError(f"final checkpoint {final_dir} of stage {stage.name} does not verify")
+        ckpt.mark_final(setup.store, stage.index, stage.name, final_dir, {**manifest, "metrics": result_summary(result)})
+    barrier(env)
+    return result
+
+
+def result_summary(r: StageResult) -> dict:
+    return {k: v for k, v in r.__dict__.items()}
+
+
+def _load_start(setup: Setup, first: int) -> None:
+    """Weights the first stage to run starts from: a user checkpoint or stage first-1's final."""
+    spec = setup.job.spec
+    if first == 0 and spec.model.checkpoint is None:
+        return
+    if first == 0:
+        uri = spec.model.checkpoint
+        path = uri.removeprefix("file://")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as err:
+            raise SpecError(f"spec.model.checkpoint: cannot load {uri}: {err}") from None
+        state = state.get("model", state)
+        what = f"spec.model.checkpoint {uri}"
+    else:
+        prev = setup.stages[first - 1]
+        found = ckpt.read_final(setup.store, prev.index, prev.name)
+        if found is None:
+            raise SpecError(
+                f"--stage {first}: stage {prev.index} ({prev.name}) has no final checkpoint in {setup.store.uri}; run it first"
+            )
+        prefix, manifest = found
+        if manifest.get("architecture") != spec.model.architecture:
+            raise SpecError(
+                f"--stage {first}: checkpoint {prefix} is a {manifest.get('architecture')}, "
+                f"the spec asks for {spec.model.architecture}"
+            )
+        state = ckpt.load_object(setup.store, prefix, "model.pt")
+        what = f"checkpoint {prefix}"
+    try:
+        setup.model.load_state_dict(state)
+    except RuntimeError as err:
+        first_line = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise SpecError(f"{what} does not fit {spec.model.architecture} with {spec.model.num_classes} classes: {first_line}") from None
+
+
+def build_setup(job: FineTuneJob, env: DistEnv, progress: Progress, first_stage: int) -> Setup:
+    spec = job.spec
+    torch.use_deterministic_algorithms(spec.deterministic, warn_only=True)
+    threads = spec.speed.threads or max(1, (os.cpu_count() or 1) // env.local_world)
+    if env.device.type == "cpu":
+        torch.set_num_threads(threads)
+    seed_everything(spec.seed)  # the new head starts identical on every rank
+    # Weights for stage 0 come from the spec; a later stage loads its predecessor's checkpoint.
+    model_spec = spec.model if first_stage == 0 else spec.model.model_copy(update={"weights": None})
+    built = build_model(model_spec, device="cpu")
+    model = built.model
+    groups = layer_groups(model, spec.model.architecture)
+    group_of = assign_groups([n for n, _ in model.named_parameters()], groups)
+    stages = resolve_stages(spec, groups, group_of, [n for n, _ in model.named_modules()])
+    autocast_dtype, _ = _precision(job, env.device)
+    cl = spec.speed.channels_last
+    channels_last = cl == "on" or (
+        cl == "auto" and env.device.type == "cuda" and family_of(spec.model.architecture) in CONV_FAMILIES
+    )
+    model.to(env.device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    store = open_store(spec.checkpoint.uri, job.metadata.name)
+    return Setup(job, env, model, built.mean, built.std, groups, group_of, stages, store, progress, autocast_dtype, channels_last)
+
+
+def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult]:
+    env = init_distributed()
+    progress = Progress(env.is_main)
+    setup = build_setup(job, env, progress, only_stage or 0)
+    n = len(setup.stages)
+    if only_stage is not None and not 0 <= only_stage < n:
+        raise SpecError(f"--stage {only_stage}: the job has stages 0..{n - 1}")
+    todo = setup.stages if only_stage is None else [setup.stages[only_stage]]
+
+    # A finished stage is not run again: its committed checkpoint stands.
+    done = {s.index: ckpt.read_final(setup.store, s.index, s.name) for s in todo}
+    pending = [s for s in todo if done[s.index] is None]
+    if not pending:
+        progress.message(f"{job.metadata.name}: all requested stages already finished; nothing to do")
+        return []
+    first = pending[0].index
+    if first > 0 and only_stage is None:
+        progress.message(f"resuming at stage {first} ({pending[0].name}); stages before it are finished")
+    _load_start(setup, first)
+    data = build_datasets(job.spec.data, job.spec.model.num_classes, job.spec.seed)
+    results = []
+    for stage in pending:
+        progress.message(json.dumps({"event": "stage_start", "stage": stage.name, "index": stage.index,
+                                     "trainable_groups": [setup.groups[g].name for g in stage.trainable_groups]}))
+        results.append(run_stage(setup, stage, data))
+    return results

@@ -1,0 +1,348 @@
+"""The FineTuneJob spec: the one contract between the trainer, the operator and the CRD.
+
+Torch-free on purpose (the operator image has no torch). Field names are camelCase in
+YAML (Kubernetes style) and snake_case in Python. Defaults live here and nowhere else.
+Checks that need the model's layer groups (module globs, `top` ranges) happen in
+`trainer.plan`, which reports errors in the same `path: message` form.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+    Tag,
+)
+from pydantic.alias_generators import to_camel
+
+from trainer.catalog import ARCHITECTURES, BUNDLED, unknown_architecture_message
+
+API_VERSION = "thaw.dev/v1alpha1"
+KIND = "FineTuneJob"
+NAMED_DATASETS = ("fashion-mnist", "digits")
+
+
+class SpecError(ValueError):
+    """A user-caused problem with a FineTuneJob; each line names the field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ModelSpec(_Model):
+    """Where the pretrained network comes from and what its new head predicts."""
+
+    architecture: str = Field(description="torchvision builder name, or efficientnet_lite0 (bundled, offline)")
+    weights: str | None = Field(
+        None,
+        description="torchvision weights enum name (IMAGENET1K_V1, DEFAULT), BUNDLED for "
+        "efficientnet_lite0, or null for random init",
+    )
+    checkpoint: str | None = Field(None, description="URI of a Thaw checkpoint to start from instead of weights")
+    num_classes: int = Field(ge=2, description="classes of the new task")
+    replace_head: bool = Field(True, description="replace the head's last Linear with a fresh one of numClasses outputs")
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, v: str) -> str:
+        if v not in ARCHITECTURES:
+            raise ValueError(unknown_architecture_message(v))
+        return v
+
+    @model_validator(mode="after")
+    def _weights_fit_architecture(self) -> ModelSpec:
+        if self.weights and self.checkpoint:
+            raise ValueError("set either weights or checkpoint, not both")
+        if self.architecture == BUNDLED and self.weights not in (None, "BUNDLED"):
+            raise ValueError(f"weights for {BUNDLED} must be BUNDLED or null (got {self.weights!r})")
+        if self.architecture != BUNDLED and self.weights == "BUNDLED":
+            raise ValueError(f"weights BUNDLED exist only for {BUNDLED}")
+        if self.weights and self.weights != "BUNDLED" and not re.fullmatch(r"[A-Z0-9_]+", self.weights):
+            raise ValueError(f"weights must be a torchvision enum name like IMAGENET1K_V1 (got {self.weights!r})")
+        return self
+
+
+class AugmentationSpec(_Model):
+    hflip: bool = Field(False, description="random horizontal flips")
+    crop_padding: int = Field(0, ge=0, description="pad by this many pixels, then random-crop back")
+
+
+class DataSpec(_Model):
+    """Images in, labels out. Splits are fixed by the job seed."""
+
+    source: str = Field(description="fashion-mnist | digits | file:///path/to/ImageFolder")
+    image_size: int = Field(224, ge=16, le=1024)
+    train_per_class: int | None = Field(None, gt=0, description="few-shot subset of the training set")
+    val_per_class: int = Field(50, gt=0, description="held-out validation images per class, taken from train")
+    test_limit: int | None = Field(None, gt=0, description="evaluate on the first N test images only")
+    augmentation: AugmentationSpec = AugmentationSpec()
+    batch_size: int = Field(64, gt=0)
+    workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    pin_memory: bool = Field(True, description="pinned host memory + non_blocking copies (CUDA only)")
+    persistent_workers: bool = True
+    cache_dir: str = Field("~/.cache/thaw", description="where datasets are unpacked once per node")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        if v in NAMED_DATASETS or v.startswith("file://"):
+            return v
+        if v.startswith("s3://"):
+            raise ValueError("s3:// data sources are not supported yet; use file:// or a named dataset")
+        raise ValueError(f"unknown data source {v!r}; use {' | '.join(NAMED_DATASETS)} | file:///path")
+
+
+class OptimizerSpec(_Model):
+    name: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0, description="never applied to norm and bias parameters")
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleSpec(_Model):
+    name: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warmup (cosine only)")
+    min_lr_factor: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of the peak")
+    pct_start: float = Field(0.3, gt=0, lt=1, description="one-cycle: fraction of steps spent rising")
+    div_factor: float = Field(25.0, ge=1, description="one-cycle: start lr = peak / divFactor")
+    final_div_factor: float = Field(1e4, ge=1, description="one-cycle: end lr = start / finalDivFactor")
+
+
+class EarlyStoppingSpec(_Model):
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    mode: Literal["max", "min"] | None = Field(None, description="default: max for accuracy, min for loss")
+    patience: int = Field(3, gt=0, description="epochs without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0)
+    restore_best: bool = True
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or ("max" if self.metric == "val_accuracy" else "min")
+
+
+class Top(_Model):
+    top: int = Field(gt=0, description="this many layer groups counted from the head")
+
+
+class Modules(_Model):
+    modules: list[str] = Field(min_length=1, description="module-name or group-name globs")
+
+
+def _trainable_tag(v: Any) -> str | None:
+    if v == "all":
+        return "All"
+    if isinstance(v, dict):
+        return "Top" if "top" in v else "Modules" if "modules" in v else None
+    return "Top" if isinstance(v, Top) else "Modules" if isinstance(v, Modules) else None
+
+
+Trainable = Annotated[
+    Union[
+        Annotated[Literal["all"], Tag("All")],
+        Annotated[Top, Tag("Top")],
+        Annotated[Modules, Tag("Modules")],
+    ],
+    Discriminator(_trainable_tag),
+]
+
+
+class StageSpec(_Model):
+    """One stage: a freeze state, a learning-rate layout and an epoch budget."""
+
+    name: str | None = Field(None, description="default: stage-<index>")
+    trainable: Trainable = Field(description="all | {top: N} | {modules: [globs]}")
+    epochs: int = Field(gt=0)
+    lr: float = Field(gt=0, description="learning rate of the head group")
+    lr_decay: float = Field(1.0, ge=1, description="each lower trainable group gets lr / lrDecay^depth (ULMFiT: 2.6)")
+    group_lrs: list[PositiveFloat] | None = Field(None, description="explicit rates per trainable group, head first")
+    batch_size: int | None = Field(None, gt=0, description="overrides data.batchSize")
+    schedule: ScheduleSpec | None = Field(None, description="overrides spec.schedule")
+    train_bn: bool = Field(False, description="let BatchNorm layers in frozen groups update running stats")
+    freeze_bn_stats: bool = Field(
+        False, description="keep every BatchNorm in eval mode, trainable ones too (small batches, domain shift)"
+    )
+
+    @field_validator("trainable", mode="before")
+    @classmethod
+    def _one_trainable_form(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "all":
+            raise ValueError(f"must be 'all', {{top: N}} or {{modules: [...]}} (got {v!r})")
+        if isinstance(v, dict) and (len(v) != 1 or not {"top", "modules"} & set(v)):
+            raise ValueError(f"give exactly one of top or modules (got {sorted(v)})")
+        if not isinstance(v, (str, dict, Top, Modules)):
+            raise ValueError(f"must be 'all', {{top: N}} or {{modules: [...]}} (got {v!r})")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _dns_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?", v):
+            raise ValueError(f"must be a lowercase DNS label of at most 32 characters (got {v!r})")
+        return v
+
+    @model_validator(mode="after")
+    def _lrs_consistent(self) -> StageSpec:
+        if self.group_lrs is not None and self.lr_decay != 1.0:
+            raise ValueError("set either lrDecay or groupLrs, not both")
+        if self.group_lrs is not None and self.group_lrs[0] != self.lr:
+            raise ValueError(f"groupLrs[0] is the head's rate and must equal lr ({self.lr})")
+        return self
+
+
+class GradualSpec(_Model):
+    """Shorthand: stage i trains the top (start + i) groups at lr * lrFactor^i."""
+
+    stages: int = Field(gt=0, description="how many stages to expand into")
+    start_top: int = Field(1, gt=0, description="groups trained in the first stage (1 = head only)")
+    epochs_per_stage: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    lr_factor: float = Field(1.0, gt=0, le=1, description="per-stage multiplier on the head lr")
+    lr_decay: float = Field(1.0, ge=1)
+    last_all: bool = Field(False, description="make the last stage train every group")
+    freeze_bn_stats: bool = False
+
+
+class SpeedSpec(_Model):
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CUDA convnets")
+    frozen_prefix_no_grad: bool = Field(True, description="run frozen groups below the first trainable one under no_grad")
+    feature_cache: bool = Field(True, description="head-only stages without augmentation train on cached features")
+    threads: int | None = Field(None, gt=0, description="torch threads per rank; default cores / local ranks")
+
+
+class CheckpointSpec(_Model):
+    uri: str = Field("file://./runs", description="file:// directory (s3:// arrives with the storage backend)")
+    keep_last: int = Field(2, gt=0, description="epoch checkpoints kept per stage besides the final one")
+
+    @field_validator("uri")
+    @classmethod
+    def _file_uri(cls, v: str) -> str:
+        if not v.startswith("file://"):
+            raise ValueError(f"must start with file:// (got {v!r})")
+        return v
+
+
+class FineTuneJobSpec(_Model):
+    model: ModelSpec
+    data: DataSpec
+    stages: list[StageSpec] | None = Field(None, description="explicit stages, run in order")
+    gradual: GradualSpec | None = Field(None, description="expands into stages; alternative to stages")
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    early_stopping: EarlyStoppingSpec | None = None
+    seed: int = Field(0, ge=0)
+    gradient_accumulation: int = Field(1, gt=0)
+    deterministic: bool = Field(False, description="deterministic kernels (slower; exact reruns)")
+    speed: SpeedSpec = SpeedSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    # Cluster-only fields: the trainer ignores them; the operator (issue 5) reads them.
+    image: str | None = None
+    nodes: int = Field(1, gt=0)
+    gpus_per_node: int = Field(0, ge=0)
+    suspend: bool = False
+
+    @model_validator(mode="after")
+    def _stages_xor_gradual(self) -> FineTuneJobSpec:
+        if self.stages is None and self.gradual is None:
+            raise ValueError("give stages or gradual")
+        if self.stages is not None and self.gradual is not None:
+            raise ValueError("give stages or gradual, not both")
+        if self.stages is not None and not self.stages:
+            raise ValueError("stages must not be empty")
+        names = [s.name for s in self.stages or [] if s.name]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"stage names must be unique (repeated: {', '.join(dup)})")
+        return self
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    namespace: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dns_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", v):
+            raise ValueError(f"must be a lowercase DNS label (got {v!r})")
+        return v
+
+
+class FineTuneJob(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+    api_version: Literal["thaw.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["FineTuneJob"]
+    metadata: Metadata
+    spec: FineTuneJobSpec
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" in str(part) or part in ("Top", "Modules", "All"):
+            continue  # pydantic's names for validators and union members
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        path = _path(tuple(e["loc"]))
+        if e["type"] == "missing":
+            msg = "is required"
+        elif e["type"] == "extra_forbidden":
+            msg = "is not a known field"
+        elif msg.startswith("Input should be"):
+            got = e.get("input")
+            msg = "must be" + msg.removeprefix("Input should be")
+            if not isinstance(got, (dict, list)):
+                msg += f" (got {got!r})"
+        lines.append(f"{path}: {msg}" if path else msg)
+    # Union members repeat the same complaint; keep each line once, in order.
+    return "\n".join(dict.fromkeys(lines))
+
+
+def parse_job(doc: Any) -> FineTuneJob:
+    """Validate a parsed YAML document; raise SpecError with `field: message` lines."""
+    if not isinstance(doc, dict):
+        raise SpecError("a FineTuneJob must be a YAML mapping with apiVersion, kind, metadata and spec")
+    try:
+        return FineTuneJob.model_validate(doc)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err)) from None
+
+
+def load_job(path: str | Path) -> FineTuneJob:
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise SpecError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    return parse_job(doc)
