@@ -58,6 +58,21 @@ def all_gather_objects(obj, env: DistEnv) -> list:
     return out
 
 
+def average_buffers(module: torch.nn.Module, env: DistEnv) -> None:
+    """Average floating-point buffers (BatchNorm running stats) over ranks.
+
+    DDP broadcasts rank 0's buffers before each forward, but the forward itself then
+    updates them from the local batch, so replicas end every epoch a step apart.
+    Averaging (as timm's distribute_bn does) makes them identical and uses every rank's data.
+    """
+    if not env.distributed:
+        return
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(env.world)
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDatas
 from trainer import checkpoint as ckpt
 from trainer.catalog import family_of
 from trainer.data import Datasets, build_datasets
-from trainer.distributed import DistEnv, all_gather_objects, barrier, init_distributed
+from trainer.distributed import DistEnv, all_gather_objects, average_buffers, barrier, init_distributed
 from trainer.early_stopping import EarlyStopping
 from trainer.freezing import apply_stage
 from trainer.layers import LayerGroup, assign_groups, head_module_name, layer_groups
@@ -54,12 +54,20 @@ class StageResult:
     test_loss: float
     seconds: float
     feature_cache: bool
+    weights_sha256: str  # of the stage's final state_dict: equal weights, equal digest
     history: list[dict] = field(default_factory=list)
-    skipped: bool = False
 
 
 def spec_hash(job: FineTuneJob) -> str:
     return hashlib.sha256(json.dumps(job.spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def state_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def seed_everything(seed: int) -> None:
@@ -221,6 +229,8 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         train_loader.sampler.set_epoch(epoch)
         setup.progress.start_epoch(stage.name, epoch, stage.epochs, len(train_loader))
         metrics = train_epoch(wrapped, train_loader, optimizer, scheduler, ctx, setup.progress, trainable if epoch == 0 else None)
+        if trains_bn:
+            average_buffers(net, env)
         val = evaluate(net, val_loader, ctx)
         elapsed = time.perf_counter() - t_start
         row = {
@@ -285,6 +295,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         test_loss=test["loss"],
         seconds=time.perf_counter() - t_start,
         feature_cache=use_cache,
+        weights_sha256=state_digest(model),
         history=history,
     )
     if env.is_main and setup.store is not None:

@@ -1,0 +1,82 @@
+"""Checkpoints are trusted only when their manifest verifies."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.storage import LocalStore, open_store
+from trainer.spec import SpecError
+
+
+def _save(store, epoch):
+    prefix = ckpt.epoch_prefix(0, "head", epoch)
+    manifest = ckpt.save_checkpoint(store, prefix, {"model.pt": {"w": torch.full((3,), float(epoch))}},
+                                    {"epoch": epoch, "architecture": "resnet18"})
+    return prefix, manifest
+
+
+def test_manifest_lists_sizes_and_checksums_and_verifies(tmp_path):
+    store = LocalStore(tmp_path)
+    prefix, manifest = _save(store, 0)
+    assert set(manifest["files"]) == {"model.pt"}
+    assert manifest["files"]["model.pt"]["size"] == len(store.get(f"{prefix}/model.pt"))
+    assert ckpt.verify(store, prefix)["epoch"] == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete_object", "delete_manifest", "garbage_manifest"])
+def test_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, caplog, damage):
+    store = LocalStore(tmp_path)
+    prefix, _ = _save(store, 0)
+    obj = tmp_path / prefix / "model.pt"
+    if damage == "truncate":
+        obj.write_bytes(obj.read_bytes()[:-1])
+    elif damage == "flip":
+        data = bytearray(obj.read_bytes())
+        data[-1] ^= 1
+        obj.write_bytes(bytes(data))
+    elif damage == "delete_object":
+        obj.unlink()
+    elif damage == "delete_manifest":
+        (tmp_path / prefix / "manifest.json").unlink()
+    else:
+        (tmp_path / prefix / "manifest.json").write_text("{not json")
+    assert ckpt.verify(store, prefix) is None
+    assert prefix in caplog.text
+
+
+def test_final_pointer_names_a_verified_checkpoint(tmp_path):
+    store = LocalStore(tmp_path)
+    assert ckpt.read_final(store, 0, "head") is None
+    prefix, manifest = _save(store, 2)
+    ckpt.mark_final(store, 0, "head", prefix, manifest)
+    found_prefix, found = ckpt.read_final(store, 0, "head")
+    assert found_prefix == prefix and found["epoch"] == 2
+    torch.testing.assert_close(ckpt.load_object(store, prefix, "model.pt")["w"], torch.full((3,), 2.0))
+    (tmp_path / prefix / "model.pt").write_bytes(b"x")
+    with pytest.raises(ckpt.CheckpointError, match="does not verify"):
+        ckpt.read_final(store, 0, "head")
+
+
+def test_prune_keeps_the_last_n_and_the_best(tmp_path):
+    store = LocalStore(tmp_path)
+    prefixes = [_save(store, e)[0] for e in range(5)]
+    ckpt.prune(store, 0, "head", keep_last=2, keep={prefixes[1]})
+    left = sorted({k.split("/")[1] for k in store.list("stage-00-head")})
+    assert left == ["epoch-0001", "epoch-0003", "epoch-0004"]
+
+
+def test_interrupted_write_leaves_no_visible_object(tmp_path):
+    store = LocalStore(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / ".tmp-123").write_bytes(b"half")
+    assert store.list("a") == []
+
+
+def test_unwritable_checkpoint_uri_is_one_clear_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SpecError, match=r"spec.checkpoint.uri: cannot create .*file/job"):
+        open_store(f"file://{blocker}", "job")

@@ -1,0 +1,21 @@
+"""The spec imports no torch (the operator image has none); the operator package never
+shadows the standard library's `operator`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def _run(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_spec_and_plan_import_without_torch():
+    out = _run("import sys, trainer.spec, trainer.catalog; print('torch' in sys.modules)")
+    assert out == "False"
+
+
+def test_operator_package_does_not_shadow_stdlib():
+    out = _run("import operator, thaw_operator; print(operator.__file__.endswith('operator.py'), hasattr(operator, 'itemgetter'))")
+    assert out == "True True"

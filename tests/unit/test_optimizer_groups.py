@@ -1,0 +1,80 @@
+"""The optimizer holds only trainable parameters, at the planned rates, without decay on norms/biases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.builders import job_doc, with_path
+from trainer.optim import build_optimizer, build_scheduler, param_groups
+from trainer.runner import plan_job
+from trainer.schedule import lr_factor
+from trainer.spec import parse_job
+
+
+def _plan(doc):
+    job = parse_job(doc)
+    built, groups, group_of, stages = plan_job(job, device="cpu")
+    return job, built.model, groups, group_of, stages
+
+
+def test_only_trainable_parameters_and_no_decay_on_norm_or_bias():
+    job, model, groups, group_of, stages = _plan(job_doc())
+    stage = stages[1]
+    pg = param_groups(model, groups, group_of, stage, weight_decay=0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_opt = {names[id(p)] for g in pg for p in g["params"]}
+    assert in_opt == set(stage.trainable_params)
+    for g in pg:
+        for p in g["params"]:
+            n = names[id(p)]
+            is_norm_or_bias = n.endswith("bias") or "_bn" in n or p.ndim == 1
+            assert (g["weight_decay"] == 0.0) == is_norm_or_bias, n
+
+
+def test_discriminative_rates_fall_by_lr_decay_per_group():
+    job, model, groups, group_of, stages = _plan(job_doc())
+    lrs = {groups[g].name: lr for g, lr in stages[1].group_lrs.items()}
+    assert lrs == pytest.approx({"head": 0.01, "top_conv": 0.01 / 2.6, "stage7": 0.01 / 2.6**2})
+
+
+def test_explicit_group_rates_are_used_as_given():
+    doc = with_path(with_path(job_doc(), "spec.stages.1.lrDecay", "DELETE"), "spec.stages.1.groupLrs", [0.01, 0.004, 0.001])
+    _, _, groups, _, stages = _plan(doc)
+    assert [stages[1].group_lrs[g] for g in stages[1].trainable_groups] == [0.01, 0.004, 0.001]
+
+
+def test_every_group_follows_the_schedule_at_every_step():
+    doc = job_doc(schedule={"name": "cosine", "warmupEpochs": 1})
+    job, model, groups, group_of, stages = _plan(doc)
+    stage = stages[1]
+    opt = build_optimizer(param_groups(model, groups, group_of, stage, 0.0), job.spec.optimizer)
+    steps_per_epoch = 4
+    sched = build_scheduler(opt, stage, steps_per_epoch)
+    total = stage.epochs * steps_per_epoch
+    p = next(iter(opt.param_groups[0]["params"]))
+    for step in range(total):
+        for g in opt.param_groups:
+            base = stage.group_lrs[[i for i in stage.trainable_groups if groups[i].name == g["name"].split("/")[0]][0]]
+            assert g["lr"] == pytest.approx(base * lr_factor(step, total, steps_per_epoch, stage.schedule))
+        p.grad = torch.zeros_like(p)
+        opt.step()
+        sched.step()
+
+
+def test_gradual_expands_one_group_per_stage_with_lr_factor():
+    doc = with_path(job_doc(gradual={"stages": 3, "epochsPerStage": 2, "lr": 0.1, "lrFactor": 0.5, "lastAll": True}),
+                    "spec.stages", "DELETE")
+    _, _, groups, _, stages = _plan(doc)
+    assert [s.name for s in stages] == ["top1", "top2", "all"]
+    assert [len(s.trainable_groups) for s in stages] == [1, 2, len(groups)]
+    assert [s.group_lrs[len(groups) - 1] for s in stages] == pytest.approx([0.1, 0.05, 0.025])
+    assert all(s.epochs == 2 for s in stages)
+
+
+def test_module_globs_select_parameters_and_group_names():
+    doc = with_path(job_doc(), "spec.stages.1.trainable", {"modules": ["net._blocks.15.*", "head"]})
+    _, model, groups, _, stages = _plan(doc)
+    sel = stages[1].trainable_params
+    assert all(n.startswith(("net._blocks.15.", "classifier.")) for n in sel)
+    assert any(n.startswith("net._blocks.15.") for n in sel) and "classifier.1.weight" in sel
