@@ -23,8 +23,10 @@ def _plan(args) -> int:
     for s in stages:
         n = sum(p.numel() for name, p in built.model.named_parameters() if name in s.trainable_params)
         lrs = ", ".join(f"{groups[g].name}={lr:.3g}" for g, lr in s.group_lrs.items())
-        print(f"  [{s.index}] {s.name}: {s.epochs} epochs, batch {s.batch_size}, {s.schedule.name}, "
-              f"trainable {n:,} ({100 * n / total:.1f}%), lr {lrs}")
+        print(
+            f"  [{s.index}] {s.name}: {s.epochs} epochs, batch {s.batch_size}, {s.schedule.name}, "
+            f"trainable {n:,} ({100 * n / total:.1f}%), lr {lrs}"
+        )
     return 0
 
 

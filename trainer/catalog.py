@@ -13,9 +13,16 @@ BUNDLED = "efficientnet_lite0"
 # family -> architectures; names are torchvision's builder names.
 FAMILIES: dict[str, tuple[str, ...]] = {
     "resnet": (
-        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-        "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
-        "wide_resnet50_2", "wide_resnet101_2",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "resnext50_32x4d",
+        "resnext101_32x8d",
+        "resnext101_64x4d",
+        "wide_resnet50_2",
+        "wide_resnet101_2",
     ),
     "efficientnet": tuple(f"efficientnet_b{i}" for i in range(8))
     + ("efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"),

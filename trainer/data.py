@@ -21,7 +21,16 @@ from trainer.spec import AugmentationSpec, DataSpec, SpecError
 
 FASHION_MNIST_DIR = Path(os.environ.get("THAW_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 
@@ -126,7 +135,9 @@ def load_source(spec: DataSpec) -> Source:
     return _folder(spec.source)
 
 
-def stratified_take(labels: torch.Tensor | np.ndarray, per_class: int | None, fraction: float | None, seed: int) -> np.ndarray:
+def stratified_take(
+    labels: torch.Tensor | np.ndarray, per_class: int | None, fraction: float | None, seed: int
+) -> np.ndarray:
     """Indices of `per_class` (or `fraction` of each class) samples per class, seeded."""
     y = np.asarray(labels)
     rng = np.random.default_rng(seed)

@@ -72,9 +72,7 @@ def _install_no_grad_prefix(model: nn.Module, groups: list[LayerGroup], stage: P
     if lowest == 0:
         return []
     module_names = dict(model.named_modules())
-    entries = [
-        module_names[p] for g in stage.trainable_groups for p in groups[g].prefixes if p in module_names
-    ]
+    entries = [module_names[p] for g in stage.trainable_groups for p in groups[g].prefixes if p in module_names]
     saved: list[bool] = []
 
     def enter(_m, _args):

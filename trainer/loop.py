@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,9 @@ def train_epoch(
             if check_grads is not None:
                 missing = [p for p in check_grads if p.grad is None]
                 if missing:
-                    raise RuntimeError(f"{len(missing)} trainable parameters got no gradient; is the model's forward unusual?")
+                    raise RuntimeError(
+                        f"{len(missing)} trainable parameters got no gradient; is the model's forward unusual?"
+                    )
                 check_grads = None
             if ctx.scaler:
                 ctx.scaler.step(optimizer)

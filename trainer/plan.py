@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from trainer.layers import LayerGroup, in_prefix
+from trainer.layers import LayerGroup
 from trainer.spec import FineTuneJobSpec, ScheduleSpec, SpecError, StageSpec
 
 
@@ -72,8 +72,7 @@ def _selected_params(
         if t.top > len(groups):
             where = f"{field}.trainable.top" if field.startswith("spec.stages") else f"{field}.stages"
             raise SpecError(
-                f"{where}: top {t.top} exceeds the {len(groups)} layer groups "
-                f"({', '.join(g.name for g in groups)})"
+                f"{where}: top {t.top} exceeds the {len(groups)} layer groups ({', '.join(g.name for g in groups)})"
             )
         first = len(groups) - t.top
         return {p for p in params if group_of[p] >= first}
@@ -84,8 +83,7 @@ def _selected_params(
             modules = [m for m in module_names if fnmatch.fnmatchcase(m, pattern)]
             why = "matches modules without parameters" if modules else "matches no module or group"
             raise SpecError(
-                f"{field}.trainable.modules[{k}]: {pattern!r} {why}; "
-                f"groups are {', '.join(g.name for g in groups)}"
+                f"{field}.trainable.modules[{k}]: {pattern!r} {why}; groups are {', '.join(g.name for g in groups)}"
             )
         selected |= hits
     return selected

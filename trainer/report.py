@@ -42,7 +42,9 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
         xs = list(range(x + 1, x + 1 + len(r["history"])))
         ax_loss.plot(xs, [h["train_loss"] for h in r["history"]], "o-", color="C0", label="train" if x == 0 else None)
         ax_loss.plot(xs, [h["val_loss"] for h in r["history"]], "s--", color="C1", label="val" if x == 0 else None)
-        ax_acc.plot(xs, [h["train_accuracy"] for h in r["history"]], "o-", color="C0", label="train" if x == 0 else None)
+        ax_acc.plot(
+            xs, [h["train_accuracy"] for h in r["history"]], "o-", color="C0", label="train" if x == 0 else None
+        )
         ax_acc.plot(xs, [h["val_accuracy"] for h in r["history"]], "s--", color="C1", label="val" if x == 0 else None)
         for ax in (ax_loss, ax_acc):
             ax.axvline(x + 0.5, color="grey", lw=0.8, ls=":")

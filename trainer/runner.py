@@ -53,6 +53,7 @@ class StageResult:
     test_accuracy: float
     test_loss: float
     seconds: float
+    train_seconds: float  # feature-cache building plus the training passes, no evaluation
     feature_cache: bool
     weights_sha256: str  # of the stage's final state_dict: equal weights, equal digest
     history: list[dict] = field(default_factory=list)
@@ -94,7 +95,9 @@ class Setup:
     channels_last: bool
 
 
-def plan_job(job: FineTuneJob, device: str = "meta") -> tuple[nn.Module, list[LayerGroup], dict[str, int], list[PlannedStage]]:
+def plan_job(
+    job: FineTuneJob, device: str = "meta"
+) -> tuple[nn.Module, list[LayerGroup], dict[str, int], list[PlannedStage]]:
     """Build the model (shapes only by default) and resolve every stage against it."""
     built = build_model(job.spec.model, device=device)
     groups = layer_groups(built.model, job.spec.model.architecture)
@@ -189,8 +192,11 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     # 1. Freeze: requires_grad, eval-mode frozen modules, no-grad prefix. Before DDP.
     freeze = apply_stage(model, setup.groups, stage, no_grad_prefix=spec.speed.frozen_prefix_no_grad)
     use_cache = _use_feature_cache(setup, stage)
+    train_seconds = 0.0
     if use_cache:
+        t_cache = time.perf_counter()
         train_ds, val_ds = _cached_features(setup, [data.train, data.val], stage.batch_size)
+        train_seconds += time.perf_counter() - t_cache
         net = model.get_submodule(head_module_name(spec.model.architecture))
         prepare = feature_preparer(env.device, spec.data.pin_memory)
     else:
@@ -228,7 +234,10 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     for epoch in range(stage.epochs):
         train_loader.sampler.set_epoch(epoch)
         setup.progress.start_epoch(stage.name, epoch, stage.epochs, len(train_loader))
-        metrics = train_epoch(wrapped, train_loader, optimizer, scheduler, ctx, setup.progress, trainable if epoch == 0 else None)
+        metrics = train_epoch(
+            wrapped, train_loader, optimizer, scheduler, ctx, setup.progress, trainable if epoch == 0 else None
+        )
+        train_seconds += metrics["seconds"]
         if trains_bn:
             average_buffers(net, env)
         val = evaluate(net, val_loader, ctx)
@@ -252,16 +261,25 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         epoch_dir = ckpt.epoch_prefix(stage.index, stage.name, epoch)
         if env.is_main and setup.store is not None:
             meta = {
-                "stage": stage.index, "stageName": stage.name, "epoch": epoch,
-                "globalStep": (epoch + 1) * steps_per_epoch, "metrics": row,
-                "architecture": spec.model.architecture, "specHash": spec_hash(job),
+                "stage": stage.index,
+                "stageName": stage.name,
+                "epoch": epoch,
+                "globalStep": (epoch + 1) * steps_per_epoch,
+                "metrics": row,
+                "architecture": spec.model.architecture,
+                "specHash": spec_hash(job),
             }
             objects = {
                 "model.pt": model.state_dict(),
                 "train_state.pt": {
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
                     "early_stopping": stopper.state_dict() if stopper else None,
-                    "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                    "rng": {
+                        "torch": torch.get_rng_state(),
+                        "numpy": np.random.get_state(),
+                        "python": random.getstate(),
+                    },
                 },
             }
             ckpt.save_checkpoint(setup.store, epoch_dir, objects, meta)
@@ -269,10 +287,14 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
             best_dir = epoch_dir
         last_dir = epoch_dir
         if env.is_main and setup.store is not None:
-            ckpt.prune(setup.store, stage.index, stage.name, spec.checkpoint.keep_last, {best_dir} if best_dir else set())
+            ckpt.prune(
+                setup.store, stage.index, stage.name, spec.checkpoint.keep_last, {best_dir} if best_dir else set()
+            )
         setup.progress.end_epoch(row)
         if stopper is not None and stopper.should_stop and epoch + 1 < stage.epochs:
-            setup.progress.message(f"{stage.name}: early stop after epoch {epoch + 1} (best epoch {stopper.best_epoch + 1})")
+            setup.progress.message(
+                f"{stage.name}: early stop after epoch {epoch + 1} (best epoch {stopper.best_epoch + 1})"
+            )
             break
 
     # 4. Restore best, test, commit the stage.
@@ -283,7 +305,11 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     freeze.remove()
     del wrapped
     test_prepare = image_preparer(setup.mean, setup.std, env.device, setup.channels_last, False)
-    test = evaluate(model, _eval_loader(data.test, stage.batch_size, env, job), StepContext(env, test_prepare, setup.autocast_dtype, None))
+    test = evaluate(
+        model,
+        _eval_loader(data.test, stage.batch_size, env, job),
+        StepContext(env, test_prepare, setup.autocast_dtype, None),
+    )
     result = StageResult(
         index=stage.index,
         name=stage.name,
@@ -294,6 +320,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         test_accuracy=test["accuracy"],
         test_loss=test["loss"],
         seconds=time.perf_counter() - t_start,
+        train_seconds=train_seconds,
         feature_cache=use_cache,
         weights_sha256=state_digest(model),
         history=history,
@@ -302,7 +329,9 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         manifest = ckpt.verify(setup.store, final_dir)
         if manifest is None:
             raise ckpt.CheckpointError(f"final checkpoint {final_dir} of stage {stage.name} does not verify")
-        ckpt.mark_final(setup.store, stage.index, stage.name, final_dir, {**manifest, "metrics": result_summary(result)})
+        ckpt.mark_final(
+            setup.store, stage.index, stage.name, final_dir, {**manifest, "metrics": result_summary(result)}
+        )
     barrier(env)
     return result
 
@@ -330,7 +359,8 @@ def _load_start(setup: Setup, first: int) -> None:
         found = ckpt.read_final(setup.store, prev.index, prev.name)
         if found is None:
             raise SpecError(
-                f"--stage {first}: stage {prev.index} ({prev.name}) has no final checkpoint in {setup.store.uri}; run it first"
+                f"--stage {first}: stage {prev.index} ({prev.name}) has no final checkpoint "
+                f"in {setup.store.uri}; run it first"
             )
         prefix, manifest = found
         if manifest.get("architecture") != spec.model.architecture:
@@ -344,7 +374,9 @@ def _load_start(setup: Setup, first: int) -> None:
         setup.model.load_state_dict(state)
     except RuntimeError as err:
         first_line = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise SpecError(f"{what} does not fit {spec.model.architecture} with {spec.model.num_classes} classes: {first_line}") from None
+        raise SpecError(
+            f"{what} does not fit {spec.model.architecture} with {spec.model.num_classes} classes: {first_line}"
+        ) from None
 
 
 def build_setup(job: FineTuneJob, env: DistEnv, progress: Progress, first_stage: int) -> Setup:
@@ -370,7 +402,9 @@ def build_setup(job: FineTuneJob, env: DistEnv, progress: Progress, first_stage:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     store = open_store(spec.checkpoint.uri, job.metadata.name)
-    return Setup(job, env, model, built.mean, built.std, groups, group_of, stages, store, progress, autocast_dtype, channels_last)
+    return Setup(
+        job, env, model, built.mean, built.std, groups, group_of, stages, store, progress, autocast_dtype, channels_last
+    )
 
 
 def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult]:
@@ -395,7 +429,15 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
     data = build_datasets(job.spec.data, job.spec.model.num_classes, job.spec.seed)
     results = []
     for stage in pending:
-        progress.message(json.dumps({"event": "stage_start", "stage": stage.name, "index": stage.index,
-                                     "trainable_groups": [setup.groups[g].name for g in stage.trainable_groups]}))
+        progress.message(
+            json.dumps(
+                {
+                    "event": "stage_start",
+                    "stage": stage.name,
+                    "index": stage.index,
+                    "trainable_groups": [setup.groups[g].name for g in stage.trainable_groups],
+                }
+            )
+        )
         results.append(run_stage(setup, stage, data))
     return results

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -18,10 +18,10 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
-    Tag,
 )
 from pydantic.alias_generators import to_camel
 
@@ -37,9 +37,7 @@ class SpecError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -57,7 +55,9 @@ class ModelSpec(_Model):
     )
     checkpoint: str | None = Field(None, description="URI of a Thaw checkpoint to start from instead of weights")
     num_classes: int = Field(ge=2, description="classes of the new task")
-    replace_head: bool = Field(True, description="replace the head's last Linear with a fresh one of numClasses outputs")
+    replace_head: bool = Field(
+        True, description="replace the head's last Linear with a fresh one of numClasses outputs"
+    )
 
     @field_validator("architecture")
     @classmethod
@@ -155,11 +155,7 @@ def _trainable_tag(v: Any) -> str | None:
 
 
 Trainable = Annotated[
-    Union[
-        Annotated[Literal["all"], Tag("All")],
-        Annotated[Top, Tag("Top")],
-        Annotated[Modules, Tag("Modules")],
-    ],
+    Annotated[Literal["all"], Tag("All")] | Annotated[Top, Tag("Top")] | Annotated[Modules, Tag("Modules")],
     Discriminator(_trainable_tag),
 ]
 
@@ -223,7 +219,9 @@ class GradualSpec(_Model):
 class SpeedSpec(_Model):
     amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CUDA convnets")
-    frozen_prefix_no_grad: bool = Field(True, description="run frozen groups below the first trainable one under no_grad")
+    frozen_prefix_no_grad: bool = Field(
+        True, description="run frozen groups below the first trainable one under no_grad"
+    )
     feature_cache: bool = Field(True, description="head-only stages without augmentation train on cached features")
     threads: int | None = Field(None, gt=0, description="torch threads per rank; default cores / local ranks")
 

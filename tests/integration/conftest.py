@@ -36,7 +36,13 @@ def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.Completed
 def small_job():
     """Digits at 32 px, bundled EfficientNet-Lite0: two short stages, a few seconds each."""
     return job_doc(
-        data={"source": "digits", "imageSize": 32, "trainPerClass": 20, "valPerClass": 5, "testLimit": 200,
-              "batchSize": 25},
+        data={
+            "source": "digits",
+            "imageSize": 32,
+            "trainPerClass": 20,
+            "valPerClass": 5,
+            "testLimit": 200,
+            "batchSize": 25,
+        },
         seed=7,
     )

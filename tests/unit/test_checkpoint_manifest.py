@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer.storage import LocalStore, open_store
 from trainer.spec import SpecError
+from trainer.storage import LocalStore, open_store
 
 
 def _save(store, epoch):
     prefix = ckpt.epoch_prefix(0, "head", epoch)
-    manifest = ckpt.save_checkpoint(store, prefix, {"model.pt": {"w": torch.full((3,), float(epoch))}},
-                                    {"epoch": epoch, "architecture": "resnet18"})
+    manifest = ckpt.save_checkpoint(
+        store, prefix, {"model.pt": {"w": torch.full((3,), float(epoch))}}, {"epoch": epoch, "architecture": "resnet18"}
+    )
     return prefix, manifest
 
 

@@ -51,8 +51,11 @@ def test_class_count_mismatch_names_num_classes():
 
 
 def test_fashion_mnist_from_the_debian_package():
-    ds = build_datasets(DataSpec(source="fashion-mnist", image_size=28, train_per_class=3, val_per_class=2, test_limit=7),
-                        num_classes=10, seed=0)
+    ds = build_datasets(
+        DataSpec(source="fashion-mnist", image_size=28, train_per_class=3, val_per_class=2, test_limit=7),
+        num_classes=10,
+        seed=0,
+    )
     assert len(ds.train) == 30 and len(ds.val) == 20 and len(ds.test) == 7
     assert ds.classes[0] == "T-shirt/top"
 

@@ -18,4 +18,11 @@ def test_min_mode_and_state_dict():
     assert not es.should_stop
     es.update(0.9, 2)
     assert es.should_stop
-    assert es.state_dict() == {"mode": "min", "patience": 1, "min_delta": 0.0, "best": 0.8, "best_epoch": 1, "bad_epochs": 1}
+    assert es.state_dict() == {
+        "mode": "min",
+        "patience": 1,
+        "min_delta": 0.0,
+        "best": 0.8,
+        "best_epoch": 1,
+        "bad_epochs": 1,
+    }

@@ -48,7 +48,9 @@ def test_frozen_parameters_and_bn_buffers_do_not_move():
     _train_steps(job, model, groups, group_of, stage)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    frozen_keys = [k for k in before if not any(k.startswith(p) for g in stage.trainable_groups for p in groups[g].prefixes)]
+    frozen_keys = [
+        k for k in before if not any(k.startswith(p) for g in stage.trainable_groups for p in groups[g].prefixes)
+    ]
     assert frozen_keys and not (changed & set(frozen_keys)), sorted(changed & set(frozen_keys))[:5]
     assert any(k.startswith("classifier") for k in changed)
     assert any("running_mean" in k and k.startswith("net._blocks.15") for k in changed), "trainable BN still adapts"

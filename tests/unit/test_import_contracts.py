@@ -17,5 +17,8 @@ def test_spec_and_plan_import_without_torch():
 
 
 def test_operator_package_does_not_shadow_stdlib():
-    out = _run("import operator, thaw_operator; print(operator.__file__.endswith('operator.py'), hasattr(operator, 'itemgetter'))")
+    out = _run(
+        "import operator, thaw_operator; "
+        "print(operator.__file__.endswith('operator.py'), hasattr(operator, 'itemgetter'))"
+    )
     assert out == "True True"

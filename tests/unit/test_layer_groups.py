@@ -32,8 +32,19 @@ def test_catalog_names_are_torchvision_builders():
     tv = set(torchvision.models.list_models(module=torchvision.models))
     ours = {a for fam, archs in FAMILIES.items() if fam != "efficientnet_lite" for a in archs}
     assert ours <= tv
-    for prefix in ("resnet", "resnext", "wide_resnet", "efficientnet", "mobilenet", "convnext", "regnet", "densenet",
-                   "vit", "swin", "maxvit"):
+    for prefix in (
+        "resnet",
+        "resnext",
+        "wide_resnet",
+        "efficientnet",
+        "mobilenet",
+        "convnext",
+        "regnet",
+        "densenet",
+        "vit",
+        "swin",
+        "maxvit",
+    ):
         assert {a for a in tv if a.startswith(prefix)} <= ours, f"torchvision has {prefix} models we do not list"
 
 

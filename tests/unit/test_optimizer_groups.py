@@ -39,7 +39,9 @@ def test_discriminative_rates_fall_by_lr_decay_per_group():
 
 
 def test_explicit_group_rates_are_used_as_given():
-    doc = with_path(with_path(job_doc(), "spec.stages.1.lrDecay", "DELETE"), "spec.stages.1.groupLrs", [0.01, 0.004, 0.001])
+    doc = with_path(
+        with_path(job_doc(), "spec.stages.1.lrDecay", "DELETE"), "spec.stages.1.groupLrs", [0.01, 0.004, 0.001]
+    )
     _, _, groups, _, stages = _plan(doc)
     assert [stages[1].group_lrs[g] for g in stages[1].trainable_groups] == [0.01, 0.004, 0.001]
 
@@ -63,8 +65,11 @@ def test_every_group_follows_the_schedule_at_every_step():
 
 
 def test_gradual_expands_one_group_per_stage_with_lr_factor():
-    doc = with_path(job_doc(gradual={"stages": 3, "epochsPerStage": 2, "lr": 0.1, "lrFactor": 0.5, "lastAll": True}),
-                    "spec.stages", "DELETE")
+    doc = with_path(
+        job_doc(gradual={"stages": 3, "epochsPerStage": 2, "lr": 0.1, "lrFactor": 0.5, "lastAll": True}),
+        "spec.stages",
+        "DELETE",
+    )
     _, _, groups, _, stages = _plan(doc)
     assert [s.name for s in stages] == ["top1", "top2", "all"]
     assert [len(s.trainable_groups) for s in stages] == [1, 2, len(groups)]
