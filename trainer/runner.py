@@ -206,8 +206,11 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     # 2. Optimizer and scheduler for this stage's parameters only; DDP over the frozen state.
     groups = param_groups(model, setup.groups, setup.group_of, stage, spec.optimizer.weight_decay)
     optimizer = build_optimizer(groups, spec.optimizer)
-    train_loader = _loader(train_ds, stage.batch_size, env, True, seed, job)
-    val_loader = _eval_loader(val_ds, stage.batch_size, env, job)
+    # batchSize is global: every rank takes its share, so the optimization does not depend on
+    # how many processes run it (the same YAML locally and on a cluster).
+    batch = stage.batch_size // env.world
+    train_loader = _loader(train_ds, batch, env, True, seed, job)
+    val_loader = _eval_loader(val_ds, batch, env, job)
     steps_per_epoch = math.ceil(len(train_loader) / spec.gradient_accumulation)
     scheduler = build_scheduler(optimizer, stage, steps_per_epoch)
     # Buffers need broadcasting only if some BatchNorm still updates its running stats.
@@ -414,6 +417,12 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
     n = len(setup.stages)
     if only_stage is not None and not 0 <= only_stage < n:
         raise SpecError(f"--stage {only_stage}: the job has stages 0..{n - 1}")
+    for s in setup.stages:
+        if s.batch_size % env.world:
+            raise SpecError(
+                f"{s.field}: batch size {s.batch_size} (spec.data.batchSize or the stage's batchSize) "
+                f"does not split evenly over {env.world} processes"
+            )
     todo = setup.stages if only_stage is None else [setup.stages[only_stage]]
 
     # A finished stage is not run again: its committed checkpoint stands.

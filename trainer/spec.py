@@ -93,7 +93,7 @@ class DataSpec(_Model):
     val_per_class: int = Field(50, gt=0, description="held-out validation images per class, taken from train")
     test_limit: int | None = Field(None, gt=0, description="evaluate on the first N test images only")
     augmentation: AugmentationSpec = AugmentationSpec()
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="global batch per optimizer step, split evenly across ranks")
     workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
     pin_memory: bool = Field(True, description="pinned host memory + non_blocking copies (CUDA only)")
     persistent_workers: bool = True
