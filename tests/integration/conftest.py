@@ -42,7 +42,7 @@ def small_job():
             "trainPerClass": 20,
             "valPerClass": 5,
             "testLimit": 200,
-            "batchSize": 25,
+            "batchSize": 24,
         },
         seed=7,
     )
