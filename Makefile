@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-local test test-unit lint bench constraints clean
+.PHONY: install demo demo-local test test-unit lint bench constraints clean k8s-binaries cluster-up cluster-down
 
 install: $(STAMP)
 
@@ -40,6 +40,17 @@ constraints: install
 	$(PY) -m pip freeze --exclude-editable | grep -v '^thaw' > constraints.txt.new && \
 	  { echo "# Pinned versions for a reproducible install (pip install -c constraints.txt)."; \
 	    echo "# Regenerate: make constraints"; cat constraints.txt.new; } > constraints.txt && rm constraints.txt.new
+
+# Kubernetes binaries from Go modules, cached by version in ~/.cache/thaw/bin (cold ~20 min).
+k8s-binaries:
+	./hack/build-k8s.sh
+
+# A real control plane + kwok GPU nodes + a process node, left running (needs root).
+cluster-up: install k8s-binaries
+	$(PY) -m tests.cluster up
+
+cluster-down: install
+	$(PY) -m tests.cluster down
 
 clean:
 	rm -rf runs .pytest_cache
