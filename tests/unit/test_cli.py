@@ -1,0 +1,36 @@
+"""`python -m trainer plan` prints the resolved stages; bad specs exit 2 with one line."""
+
+from __future__ import annotations
+
+import yaml
+
+from tests.builders import job_doc, with_path
+from trainer.__main__ import main
+
+
+def test_plan_prints_groups_stages_counts_and_rates(capsys):
+    assert main(["plan", "examples/quickstart.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "quickstart: efficientnet_lite0, 10 layer groups, 3,383,818 parameters" in out
+    assert "[0] head: 8 epochs, batch 50, cosine, trainable 12,810 (0.4%), lr head=0.01" in out
+    assert "[1] top3: 4 epochs" in out and "trainable 1,030,410 (30.5%)" in out and "stage7=0.00444" in out
+    assert "[2] all:" in out and "(100.0%)" in out
+
+
+def test_plan_expands_gradual(tmp_path, capsys):
+    doc = with_path(
+        job_doc(gradual={"stages": 3, "epochsPerStage": 1, "lr": 0.1, "lrFactor": 0.5}), "spec.stages", "DELETE"
+    )
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "[0] top1:" in out and "[1] top2:" in out and "[2] top3:" in out and "lr head=0.025" in out
+
+
+def test_bad_spec_exits_2_with_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(with_path(job_doc(), "spec.stages.0.epochs", 0)))
+    assert main(["plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: spec.stages[0].epochs: must be greater than 0 (got 0)\n"
