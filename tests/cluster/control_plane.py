@@ -32,7 +32,10 @@ def free_port() -> int:
 
 
 def bin_dir() -> Path:
-    """Build (or find cached) binaries; the script prints the bin directory last."""
+    """Build (or find cached) binaries; the script prints the bin directory last.
+    THAW_K8S_BIN_DIR points at a ready directory instead (skips the script)."""
+    if os.environ.get("THAW_K8S_BIN_DIR"):
+        return Path(os.environ["THAW_K8S_BIN_DIR"])
     out = subprocess.run([str(ROOT / "hack" / "build-k8s.sh")], check=True, capture_output=True, text=True)
     return Path(out.stdout.strip().splitlines()[-1])
 
@@ -150,18 +153,23 @@ class ControlPlane:
         log = open(self.state / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
         # Own process group: stop() can signal the whole tree, and Ctrl-C on pytest does not
         # kill the cluster half-way through a test's clean-up.
-        self.procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            cwd=ROOT, env=env)
         (self.state / "pids").mkdir(exist_ok=True)
         (self.state / "pids" / name).write_text(str(self.procs[name].pid))
+
+    def _check_alive(self) -> None:
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                tail = (self.state / "logs" / f"{name}.log").read_text()[-2000:]
+                raise RuntimeError(f"{name} exited with {p.returncode}:\n{tail}")
 
     def _wait_http(self, url: str, what: str, timeout: float = 60, ctx=None, headers=None) -> None:
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
-            for name, p in self.procs.items():
-                if p.poll() is not None:
-                    tail = (self.state / "logs" / f"{name}.log").read_text()[-2000:]
-                    raise RuntimeError(f"{name} exited with {p.returncode}:\n{tail}")
+            self._check_alive()
             try:
                 req = urllib.request.Request(url, headers=headers or {})
                 with urllib.request.urlopen(req, timeout=2, context=ctx) as r:
@@ -302,7 +310,7 @@ class ControlPlane:
                 ],
             )
         if self.process_nodes:
-            self.kubectl("wait", "--for=condition=Ready", "node", "-l", "type=process", "--timeout=60s")
+            self._wait_nodes("type=process", self.process_nodes)
         return self
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -358,7 +366,20 @@ class ControlPlane:
         if not docs:
             return
         self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
-        self.kubectl("wait", "--for=condition=Ready", "node", "-l", "type=kwok", "--timeout=60s")
+        self._wait_nodes("type=kwok", count)
+
+    def _wait_nodes(self, selector: str, count: int, timeout: float = 60) -> None:
+        """`kubectl wait` fails at once when nothing matches yet, so poll for the nodes first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            out = self.kubectl("get", "node", "-l", selector, "-o",
+                               'jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\\n"}{end}',
+                               check=False).stdout.split()
+            if len(out) >= count and all(s == "True" for s in out):
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"{count} Ready node(s) with {selector} did not appear in {timeout}s")
 
     def stop(self) -> None:
         # Node agents first, while the API server can still take their last words.

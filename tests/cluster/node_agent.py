@@ -79,6 +79,8 @@ class PodRun:
     started: dict[str, str] = field(default_factory=dict)
     deleting: bool = False
     finished: bool = False
+    net_ready: bool = False
+    names: list[str] = field(default_factory=list)
 
 
 class NodeAgent:
@@ -413,7 +415,7 @@ class NodeAgent:
         """Every pod's hosts file names every pod on the node (rewritten in place: the file
         is bind-mounted over /etc/hosts, so its inode must stay the same)."""
         with self.lock:
-            runs = [r for r in self.runs.values() if not r.finished]
+            runs = [r for r in self.runs.values() if r.net_ready and not r.finished]
             lines = ["127.0.0.1 localhost", "::1 localhost"]
             for r in runs:
                 lines.append(f"{r.ip} {' '.join(r.names)}")
@@ -426,6 +428,15 @@ class NodeAgent:
                     f.write(text)
 
     def start_pod(self, pod) -> None:
+        try:
+            self._start_pod(pod)
+        except Exception as err:  # noqa: BLE001 - a pod that cannot start fails, the agent goes on
+            log.exception("starting %s/%s", pod.metadata.namespace, pod.metadata.name)
+            run = self.runs.get(pod.metadata.uid)
+            if run is not None:
+                self._finish(pod, run, {c.name: (128, "StartError") for c in pod.spec.containers}, str(err))
+
+    def _start_pod(self, pod) -> None:
         uid = pod.metadata.uid
         ip = self._alloc_ip()
         run = PodRun(
@@ -452,6 +463,7 @@ class NodeAgent:
                 if run.deleting or self.stopping.wait(2):
                     return
         self._network(run, pod.spec.hostname or pod.metadata.name)
+        run.net_ready = True
         self.write_hosts()
         hostname = (pod.spec.hostname or pod.metadata.name)[:63]
         for c in pod.spec.containers:
@@ -518,7 +530,7 @@ class NodeAgent:
             "state": {"running": {"startedAt": run.started[c.name]}},
         }
 
-    def _finish(self, pod, run: PodRun, codes: dict[str, tuple[int, str | None]]) -> None:
+    def _finish(self, pod, run: PodRun, codes: dict[str, tuple[int, str | None]], message: str | None = None) -> None:
         if run.deleting:
             return  # the deletion path reports nothing: the pod is going away
         t = now()
@@ -544,7 +556,7 @@ class NodeAgent:
                 }
             )
         phase = "Succeeded" if all(code == 0 for code, _ in codes.values()) else "Failed"
-        self._status(pod, phase, containers, run=run)
+        self._status(pod, phase, containers, message=message, run=run)
         run.finished = True
         self._release(run)
         log.info("%s/%s %s %s", run.namespace, run.name, phase, {k: v[0] for k, v in codes.items()})

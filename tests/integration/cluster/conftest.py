@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import pytest
+
+from tests.cluster.control_plane import ControlPlane
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """One real cluster for the whole session; stopped (processes, namespaces) even when tests fail."""
+    if os.geteuid() != 0:
+        pytest.fail("the cluster tests need root (network namespaces for the process node)")
+    state = tmp_path_factory.mktemp("cluster")
+    cp = ControlPlane(state, kwok_nodes=2, process_nodes=1)
+    try:
+        cp.start()
+        yield cp
+    finally:
+        cp.stop()
+        from tests.cluster.node_agent import teardown_network
+
+        teardown_network()
+
+
+@pytest.fixture
+def api(cluster):
+    from kubernetes import config
+
+    return config.new_client_from_config(str(cluster.kubeconfig_path))
+
+
+@pytest.fixture
+def namespace(api):
+    from kubernetes import client
+
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": name}})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the ServiceAccount controller must create "default" first
+        try:
+            core.read_namespaced_service_account("default", name)
+            break
+        except client.exceptions.ApiException:
+            time.sleep(0.2)
+    yield name
+    core.delete_namespace(name)
+
+
+def wait_for(fn, timeout: float = 60, interval: float = 0.3, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
