@@ -154,8 +154,9 @@ class ControlPlane:
         # Own process group: stop() can signal the whole tree, and Ctrl-C on pytest does not
         # kill the cluster half-way through a test's clean-up.
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            cwd=ROOT, env=env)
+        self.procs[name] = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env
+        )
         (self.state / "pids").mkdir(exist_ok=True)
         (self.state / "pids" / name).write_text(str(self.procs[name].pid))
 
@@ -373,9 +374,15 @@ class ControlPlane:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
-            out = self.kubectl("get", "node", "-l", selector, "-o",
-                               'jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\\n"}{end}',
-                               check=False).stdout.split()
+            out = self.kubectl(
+                "get",
+                "node",
+                "-l",
+                selector,
+                "-o",
+                'jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\\n"}{end}',
+                check=False,
+            ).stdout.split()
             if len(out) >= count and all(s == "True" for s in out):
                 return
             time.sleep(0.3)

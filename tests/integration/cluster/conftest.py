@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 import uuid
 
@@ -20,10 +21,27 @@ def cluster(tmp_path_factory):
         cp.start()
         yield cp
     finally:
+        pids = [p.pid for p in cp.procs.values()]
         cp.stop()
-        from tests.cluster.node_agent import teardown_network
+        from tests.cluster.node_agent import NS_PREFIX, teardown_network
 
+        leftover_ns = [
+            ln
+            for ln in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+            if ln.startswith(NS_PREFIX)
+        ]
         teardown_network()
+        alive = [pid for pid in pids if _alive(pid)]
+        assert not alive, f"cluster processes still running after stop: {alive}"
+        assert not leftover_ns, f"network namespaces left behind: {leftover_ns}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.fixture

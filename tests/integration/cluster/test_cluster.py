@@ -3,6 +3,9 @@ garbage collection, RBAC, and a process node whose pods really run torch.distrib
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -180,3 +183,118 @@ def test_indexed_job_on_the_process_node_runs_a_two_process_all_reduce(api, name
     logs = sorted((cluster.state / "nodes" / "process-0" / "pods").glob(f"{namespace}_allreduce-*/main.log"))
     text = "".join(p.read_text() for p in logs)
     assert "rank 0 on allreduce-0 sum 3" in text and "rank 1 on allreduce-1 sum 3" in text
+
+
+def _process_pod(name: str, script: str, **extra) -> dict:
+    container = {"name": "main", "image": "thaw-trainer", "command": ["python", "-c", script], **extra.pop("c", {})}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", "nodeSelector": {"type": "process"}, "containers": [container], **extra},
+    }
+
+
+def _terminated(core, namespace, name):
+    pod = core.read_namespaced_pod(name, namespace)
+    if pod.status.phase in ("Succeeded", "Failed"):
+        return pod
+    return None
+
+
+def test_process_pod_gets_env_volumes_and_reports_exit_code(api, namespace, cluster):
+    core = client.CoreV1Api(api)
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "creds"}, "stringData": {"key": "s3cret"}})
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "cfg"}, "data": {"mode": "fast", "a.txt": "A"}})
+    script = (
+        "import os, pathlib, socket\n"
+        "e = os.environ\n"
+        "print('ENV', e['SECRET'], e['MODE'], e['POD'], e['NS'], e['LIT'])\n"
+        "print('FILE', pathlib.Path('/etc/cfg/a.txt').read_text(), pathlib.Path('/etc/creds/key').read_text())\n"
+        "pathlib.Path('/scratch/x').write_text('ok'); print('EMPTYDIR', pathlib.Path('/scratch/x').read_text())\n"
+        "print('CWD', os.getcwd(), 'HOST', socket.gethostname())\n"
+        "raise SystemExit(3)\n"
+    )
+    env = [
+        {"name": "SECRET", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "key"}}},
+        {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "mode"}}},
+        {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "LIT", "value": "plain"},
+    ]
+    mounts = [
+        {"name": "cfg", "mountPath": "/etc/cfg"},
+        {"name": "creds", "mountPath": "/etc/creds", "readOnly": True},
+        {"name": "scratch", "mountPath": "/scratch"},
+    ]
+    volumes = [
+        {"name": "cfg", "configMap": {"name": "cfg"}},
+        {"name": "creds", "secret": {"secretName": "creds"}},
+        {"name": "scratch", "emptyDir": {}},
+    ]
+    core.create_namespaced_pod(
+        namespace,
+        _process_pod(
+            "probe",
+            script,
+            hostname="probe-host",
+            volumes=volumes,
+            c={"env": env, "volumeMounts": mounts, "workingDir": "/tmp"},
+        ),
+    )
+    pod = wait_for(lambda: _terminated(core, namespace, "probe"), timeout=60, what="probe pod to end")
+    assert pod.status.phase == "Failed"
+    term = pod.status.container_statuses[0].state.terminated
+    assert term.exit_code == 3 and term.reason == "Error"
+    log = next((cluster.state / "nodes" / "process-0" / "pods").glob(f"{namespace}_probe_*/main.log")).read_text()
+    assert f"ENV s3cret fast probe {namespace} plain" in log
+    assert "FILE A s3cret" in log and "EMPTYDIR ok" in log and "CWD /tmp HOST probe-host" in log
+    assert not Path("/scratch/x").exists(), "the emptyDir was mounted in the pod's own mount namespace only"
+
+
+def test_deleting_a_process_pod_sends_sigterm_then_sigkill(api, namespace, cluster, tmp_path):
+    core = client.CoreV1Api(api)
+    marker = tmp_path / "got-sigterm"
+    polite = (
+        "import signal, sys, time, pathlib\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path('{marker}').write_text('bye'), sys.exit(0)))\n"
+        "print('ready', flush=True)\ntime.sleep(600)\n"
+    )
+    stubborn = "\n".join(
+        [
+            "import signal, time",
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)",
+            "print('ready', flush=True)",
+            "time.sleep(600)",
+        ]
+    )
+    core.create_namespaced_pod(namespace, _process_pod("polite", polite))
+    core.create_namespaced_pod(namespace, _process_pod("stubborn", stubborn))
+    for name in ("polite", "stubborn"):
+        wait_for(
+            lambda n=name: core.read_namespaced_pod(n, namespace).status.phase == "Running", what=f"{name} running"
+        )
+        wait_for(
+            lambda n=name: (
+                "ready"
+                in next(
+                    (cluster.state / "nodes" / "process-0" / "pods").glob(f"{namespace}_{n}_*/main.log")
+                ).read_text()
+            ),
+            what=f"{name} ready",
+        )
+    core.delete_namespaced_pod("polite", namespace, grace_period_seconds=30)
+    core.delete_namespaced_pod("stubborn", namespace, grace_period_seconds=2)
+
+    def gone(name):
+        try:
+            core.read_namespaced_pod(name, namespace)
+            return False
+        except ApiException as err:
+            return err.status == 404
+
+    start = time.monotonic()
+    wait_for(lambda: gone("polite"), timeout=20, what="polite pod to go")
+    assert marker.read_text() == "bye", "SIGTERM reached the process"
+    wait_for(lambda: gone("stubborn"), timeout=20, what="stubborn pod to be killed")
+    assert time.monotonic() - start >= 1.5, "the grace period was honoured before SIGKILL"
