@@ -35,7 +35,7 @@ lint: install
 	$(VENV)/bin/ruff format --check trainer tests benchmarks
 
 bench: install
-	$(PY) benchmarks/bench_trainer.py --out docs/benchmarks.md
+	$(PY) benchmarks/bench_trainer.py --repeats 3 --out docs/benchmarks.md
 
 constraints: install
 	$(PY) -m pip freeze --exclude-editable | grep -v '^thaw' > constraints.txt.new && \

@@ -398,9 +398,8 @@ def build_setup(job: FineTuneJob, env: DistEnv, progress: Progress, first_stage:
     stages = resolve_stages(spec, groups, group_of, [n for n, _ in model.named_modules()])
     autocast_dtype, _ = _precision(job, env.device)
     cl = spec.speed.channels_last
-    channels_last = cl == "on" or (
-        cl == "auto" and env.device.type == "cuda" and family_of(spec.model.architecture) in CONV_FAMILIES
-    )
+    # channels_last measured 1.4x faster for full training on CPU too (docs/benchmarks.md).
+    channels_last = cl == "on" or (cl == "auto" and family_of(spec.model.architecture) in CONV_FAMILIES)
     model.to(env.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -218,7 +218,9 @@ class GradualSpec(_Model):
 
 class SpeedSpec(_Model):
     amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
-    channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CUDA convnets")
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: on for convolutional families (measured faster on CPU too)"
+    )
     frozen_prefix_no_grad: bool = Field(
         True, description="run frozen groups below the first trainable one under no_grad"
     )
