@@ -107,15 +107,16 @@ def plan_job(
     return built, groups, group_of, stages
 
 
-def _precision(job: FineTuneJob, device: torch.device) -> tuple[torch.dtype | None, bool]:
+def _autocast_dtype(job: FineTuneJob, device: torch.device) -> torch.dtype | None:
+    """None for full precision; fp16 (which needs a GradScaler) only on CUDA."""
     amp = job.spec.speed.amp
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "off"
     if amp == "off":
-        return None, False
+        return None
     if amp == "fp16" and device.type != "cuda":
         raise SpecError("spec.speed.amp: fp16 needs a CUDA device; use bf16 or off on CPU")
-    return (torch.bfloat16 if amp == "bf16" else torch.float16), amp == "fp16"
+    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 def _loader(dataset, batch_size: int, env: DistEnv, shuffle: bool, seed: int, job: FineTuneJob) -> DataLoader:
@@ -214,15 +215,15 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     steps_per_epoch = math.ceil(len(train_loader) / spec.gradient_accumulation)
     scheduler = build_scheduler(optimizer, stage, steps_per_epoch)
     # Buffers need broadcasting only if some BatchNorm still updates its running stats.
-    frozen = {id(m) for n, m in model.named_modules() if n in set(freeze.eval_modules)}
+    eval_names = set(freeze.eval_modules)
+    frozen = {id(m) for n, m in model.named_modules() if n in eval_names}
     trains_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in frozen for m in net.modules())
     wrapped = DDP(net, broadcast_buffers=trains_bn) if env.distributed else net
-    _, fp16 = _precision(job, env.device)
     ctx = StepContext(
         env,
         prepare,
         setup.autocast_dtype,
-        torch.amp.GradScaler(env.device.type) if fp16 else None,
+        torch.amp.GradScaler(env.device.type) if setup.autocast_dtype == torch.float16 else None,
         spec.gradient_accumulation,
         spec.data.pin_memory and env.device.type == "cuda",
     )
@@ -396,7 +397,7 @@ def build_setup(job: FineTuneJob, env: DistEnv, progress: Progress, first_stage:
     groups = layer_groups(model, spec.model.architecture)
     group_of = assign_groups([n for n, _ in model.named_parameters()], groups)
     stages = resolve_stages(spec, groups, group_of, [n for n, _ in model.named_modules()])
-    autocast_dtype, _ = _precision(job, env.device)
+    autocast_dtype = _autocast_dtype(job, env.device)
     cl = spec.speed.channels_last
     # channels_last measured 1.4x faster for full training on CPU too (docs/benchmarks.md).
     channels_last = cl == "on" or (cl == "auto" and family_of(spec.model.architecture) in CONV_FAMILIES)

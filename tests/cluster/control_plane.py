@@ -173,7 +173,11 @@ class ControlPlane:
             self._check_alive()
             try:
                 req = urllib.request.Request(url, headers=headers or {})
-                with urllib.request.urlopen(req, timeout=2, context=ctx) as r:
+                # Loopback never goes through a proxy, whatever http(s)_proxy says.
+                opener = urllib.request.build_opener(
+                    urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ctx)
+                )
+                with opener.open(req, timeout=2) as r:
                     if r.status == 200:
                         return
             except Exception as err:  # noqa: BLE001 - polling until ready

@@ -236,18 +236,23 @@ class NodeAgent:
             if err.status != 404:
                 log.warning("status of %s/%s: %s", pod.metadata.namespace, pod.metadata.name, err.reason)
 
+    @staticmethod
+    def _container(c, state: dict, running: bool = False, **extra) -> dict:
+        """One containerStatuses entry, as a kubelet reports it."""
+        return {
+            "name": c.name,
+            "image": c.image or "",
+            "imageID": "",
+            "ready": running,
+            "restartCount": 0,
+            "started": running,
+            "state": state,
+            **extra,
+        }
+
     def _waiting(self, pod, reason: str, message: str) -> None:
         containers = [
-            {
-                "name": c.name,
-                "image": c.image or "",
-                "imageID": "",
-                "ready": False,
-                "restartCount": 0,
-                "started": False,
-                "state": {"waiting": {"reason": reason, "message": message}},
-            }
-            for c in pod.spec.containers
+            self._container(c, {"waiting": {"reason": reason, "message": message}}) for c in pod.spec.containers
         ]
         self._status(pod, "Pending", containers, reason, message)
 
@@ -519,16 +524,12 @@ class NodeAgent:
         self._finish(pod, run, codes)
 
     def _running(self, c, run: PodRun) -> dict:
-        return {
-            "name": c.name,
-            "image": c.image or "",
-            "imageID": "",
-            "ready": True,
-            "restartCount": 0,
-            "started": True,
-            "containerID": f"process://{run.procs[c.name].pid}",
-            "state": {"running": {"startedAt": run.started[c.name]}},
-        }
+        return self._container(
+            c,
+            {"running": {"startedAt": run.started[c.name]}},
+            running=True,
+            containerID=f"process://{run.procs[c.name].pid}",
+        )
 
     def _finish(self, pod, run: PodRun, codes: dict[str, tuple[int, str | None]], message: str | None = None) -> None:
         if run.deleting:
@@ -537,23 +538,12 @@ class NodeAgent:
         containers = []
         for c in pod.spec.containers:
             code, reason = codes.get(c.name, (0, None))
+            reason = reason or ("Completed" if code == 0 else "Error")
+            started = run.started.get(c.name, t)
             containers.append(
-                {
-                    "name": c.name,
-                    "image": c.image or "",
-                    "imageID": "",
-                    "ready": False,
-                    "restartCount": 0,
-                    "started": False,
-                    "state": {
-                        "terminated": {
-                            "exitCode": code,
-                            "reason": reason or ("Completed" if code == 0 else "Error"),
-                            "startedAt": run.started.get(c.name, t),
-                            "finishedAt": t,
-                        }
-                    },
-                }
+                self._container(
+                    c, {"terminated": {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": t}}
+                )
             )
         phase = "Succeeded" if all(code == 0 for code, _ in codes.values()) else "Failed"
         self._status(pod, phase, containers, message=message, run=run)

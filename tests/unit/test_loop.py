@@ -53,3 +53,19 @@ def test_missing_gradients_are_reported_not_silently_skipped():
     ctx = StepContext(ENV, lambda x: x, None, None)
     with pytest.raises(RuntimeError, match="1 trainable parameters got no gradient"):
         train_epoch(model, loader, opt, sched, ctx, Progress(False), check_grads=[*model.parameters(), unused])
+
+
+def test_precision_choice_and_fp16_on_cpu_is_a_clear_error():
+    import pytest
+
+    from tests.builders import job_doc
+    from trainer.runner import _autocast_dtype
+    from trainer.spec import SpecError, parse_job
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert _autocast_dtype(parse_job(job_doc()), cpu) is None
+    assert _autocast_dtype(parse_job(job_doc()), cuda) == torch.bfloat16
+    assert _autocast_dtype(parse_job(job_doc(speed={"amp": "fp16"})), cuda) == torch.float16
+    assert _autocast_dtype(parse_job(job_doc(speed={"amp": "bf16"})), cpu) == torch.bfloat16
+    with pytest.raises(SpecError, match="spec.speed.amp: fp16 needs a CUDA device"):
+        _autocast_dtype(parse_job(job_doc(speed={"amp": "fp16"})), cpu)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.request
+
 import pytest
 
 from trainer.models import build_model
@@ -24,6 +26,8 @@ def test_offline_download_fails_with_one_line_pointing_at_offline_options(tmp_pa
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
+    # urlopen caches its opener (with these proxies) on first use: keep that cache test-local.
+    monkeypatch.setattr(urllib.request, "_opener", None)
     with pytest.raises(SpecError) as err:
         build_model(ModelSpec(architecture="resnet18", weights="IMAGENET1K_V1", num_classes=3))
     msg = str(err.value)
