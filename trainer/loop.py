@@ -91,10 +91,11 @@ def train_epoch(
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         n = y.numel()
-        loss_sum += loss.item() * n
+        step_loss = loss.item()  # one device sync per step, not two
+        loss_sum += step_loss * n
         correct += (logits.argmax(1) == y).sum().item()
         count += n
-        progress.step(loss.item())
+        progress.step(step_loss)
         mark = time.perf_counter()
     seconds = time.perf_counter() - t0
     loss_sum, correct, count, images = all_sum([loss_sum, correct, count, count], ctx.env)

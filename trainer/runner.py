@@ -8,9 +8,9 @@ stage is reseeded from (seed, stage, rank), so both ways give the same weights.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
-import logging
 import math
 import os
 import random
@@ -31,14 +31,13 @@ from trainer.early_stopping import EarlyStopping
 from trainer.freezing import apply_stage
 from trainer.layers import LayerGroup, assign_groups, head_module_name, layer_groups
 from trainer.loop import StepContext, evaluate, feature_preparer, image_preparer, train_epoch
-from trainer.models import build_model
+from trainer.models import BuiltModel, build_model
 from trainer.optim import build_optimizer, build_scheduler, param_groups
 from trainer.plan import PlannedStage, resolve_stages
 from trainer.progress import Progress
-from trainer.spec import FineTuneJob, SpecError
+from trainer.spec import FineTuneJob, ModelSpec, SpecError
 from trainer.storage import LocalStore, open_store
 
-log = logging.getLogger(__name__)
 CONV_FAMILIES = ("resnet", "efficientnet", "mobilenet", "convnext", "regnet", "densenet", "efficientnet_lite")
 
 
@@ -89,17 +88,17 @@ class Setup:
     groups: list[LayerGroup]
     group_of: dict[str, int]
     stages: list[PlannedStage]
-    store: LocalStore | None
+    store: LocalStore
     progress: Progress
     autocast_dtype: torch.dtype | None
     channels_last: bool
 
 
 def plan_job(
-    job: FineTuneJob, device: str = "meta"
-) -> tuple[nn.Module, list[LayerGroup], dict[str, int], list[PlannedStage]]:
+    job: FineTuneJob, device: str = "meta", model_spec: ModelSpec | None = None
+) -> tuple[BuiltModel, list[LayerGroup], dict[str, int], list[PlannedStage]]:
     """Build the model (shapes only by default) and resolve every stage against it."""
-    built = build_model(job.spec.model, device=device)
+    built = build_model(model_spec or job.spec.model, device=device)
     groups = layer_groups(built.model, job.spec.model.architecture)
     group_of = assign_groups([n for n, _ in built.model.named_parameters()], groups)
     module_names = [n for n, _ in built.model.named_modules()]
@@ -263,7 +262,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
             if improved and es_spec.restore_best:
                 best_state = copy.deepcopy(model.state_dict())
         epoch_dir = ckpt.epoch_prefix(stage.index, stage.name, epoch)
-        if env.is_main and setup.store is not None:
+        if env.is_main:
             meta = {
                 "stage": stage.index,
                 "stageName": stage.name,
@@ -290,7 +289,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         if improved:
             best_dir = epoch_dir
         last_dir = epoch_dir
-        if env.is_main and setup.store is not None:
+        if env.is_main:
             ckpt.prune(
                 setup.store, stage.index, stage.name, spec.checkpoint.keep_last, {best_dir} if best_dir else set()
             )
@@ -329,7 +328,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         weights_sha256=state_digest(model),
         history=history,
     )
-    if env.is_main and setup.store is not None:
+    if env.is_main:
         manifest = ckpt.verify(setup.store, final_dir)
         if manifest is None:
             raise ckpt.CheckpointError(f"final checkpoint {final_dir} of stage {stage.name} does not verify")
@@ -341,7 +340,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
 
 
 def result_summary(r: StageResult) -> dict:
-    return {k: v for k, v in r.__dict__.items()}
+    return dataclasses.asdict(r)
 
 
 def _load_start(setup: Setup, first: int) -> None:
@@ -392,11 +391,8 @@ def build_setup(job: FineTuneJob, env: DistEnv, progress: Progress, first_stage:
     seed_everything(spec.seed)  # the new head starts identical on every rank
     # Weights for stage 0 come from the spec; a later stage loads its predecessor's checkpoint.
     model_spec = spec.model if first_stage == 0 else spec.model.model_copy(update={"weights": None})
-    built = build_model(model_spec, device="cpu")
+    built, groups, group_of, stages = plan_job(job, device="cpu", model_spec=model_spec)
     model = built.model
-    groups = layer_groups(model, spec.model.architecture)
-    group_of = assign_groups([n for n, _ in model.named_parameters()], groups)
-    stages = resolve_stages(spec, groups, group_of, [n for n, _ in model.named_modules()])
     autocast_dtype = _autocast_dtype(job, env.device)
     cl = spec.speed.channels_last
     # channels_last measured 1.4x faster for full training on CPU too (docs/benchmarks.md).
