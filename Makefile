@@ -10,10 +10,10 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # Idempotent: re-runs only when the dependency files change.
-$(STAMP): pyproject.toml constraints.txt hack/install-data.sh
+$(STAMP): pyproject.toml constraints.txt hack/install-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[trainer,dev]'
-	./hack/install-data.sh
+	./hack/install-deps.sh
 	touch $@
 
 # The quickstart under torchrun: 2 processes, gloo, on this machine's CPUs.

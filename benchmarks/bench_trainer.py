@@ -65,7 +65,7 @@ def run_thaw(doc: dict) -> dict:
 
     job = parse_job(doc)
     r = run_job(job)[0]
-    store = open_store(job.spec.checkpoint.uri, job.metadata.name)
+    store = open_store(job.spec.checkpoint, job.metadata.name)
     after = load_object(store, read_final(store, 0, r.name)[0], "model.pt")
     before = build_model(job.spec.model).model.state_dict()
     return {

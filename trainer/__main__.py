@@ -6,7 +6,10 @@ import argparse
 import logging
 import sys
 
+from trainer import signals
+from trainer.signals import Terminated
 from trainer.spec import SpecError, load_job
+from trainer.storage import CheckpointError
 
 
 def _plan(args) -> int:
@@ -35,6 +38,7 @@ def _run(args) -> int:
     from trainer.runner import run_job
 
     job = load_job(args.job)
+    signals.install()
     try:
         results = run_job(job, args.stage)
         from trainer.distributed import init_distributed
@@ -51,17 +55,21 @@ def _report(job) -> None:
 
     from trainer.report import format_table, plot_curves, stage_summaries
     from trainer.runner import plan_job
-    from trainer.storage import open_store
+    from trainer.storage import LocalStore, open_store
 
     _, _, _, stages = plan_job(job)
-    store = open_store(job.spec.checkpoint.uri, job.metadata.name)
+    store = open_store(job.spec.checkpoint, job.metadata.name, write=False)
     rows = stage_summaries(store, stages)
     if not rows:
         print(f"{job.metadata.name}: no finished stages in {store.uri}")
         return
     print(format_table(rows))
-    png = plot_curves(rows, Path(store.root) / "curves.png")
-    print(f"curves: {png}")
+    if isinstance(store, LocalStore):
+        print(f"curves: {plot_curves(rows, store.root / 'curves.png')}")
+        return
+    local = plot_curves(rows, Path(f"{job.metadata.name}-curves.png"))
+    store.put("curves.png", local.read_bytes())
+    print(f"curves: {store.uri}/curves.png (copy: {local})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(
+            "terminated (SIGTERM): pending checkpoints were committed; a rerun resumes from the last one",
+            file=sys.stderr,
+        )
+        return 143
+    except (CheckpointError, OSError) as err:  # store failures are OSErrors (StoreError) with one line
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

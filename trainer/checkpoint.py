@@ -3,7 +3,8 @@
 Layout in the job's store:
     stage-<k>-<name>/epoch-<e>/{model.pt, train_state.pt, manifest.json}
     stage-<k>-<name>/final.json      pointer to the stage's final (or best) epoch, written last
-Nobody trusts a checkpoint whose manifest does not verify.
+Nobody trusts a checkpoint whose manifest does not verify: readers skip it with a warning and
+take the newest one that does. Deletion removes the manifest first, for the same reason.
 """
 
 from __future__ import annotations
@@ -12,20 +13,18 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 from typing import Any
 
 import torch
 
-from trainer.storage import LocalStore
+from trainer.storage import CheckpointError, Store, StoreError, delete_prefix
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FINAL = "final.json"
-
-
-class CheckpointError(RuntimeError):
-    pass
+_EPOCH = re.compile(r"epoch-(\d{4,})$")
 
 
 def stage_prefix(index: int, name: str) -> str:
@@ -42,11 +41,14 @@ def to_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def save_checkpoint(store: LocalStore, prefix: str, objects: dict[str, Any], meta: dict) -> dict:
+def encode(objects: dict[str, Any]) -> dict[str, bytes]:
+    return {name: to_bytes(obj) for name, obj in objects.items()}
+
+
+def commit(store: Store, prefix: str, blobs: dict[str, bytes], meta: dict) -> dict:
     """Write each object, then the manifest that commits them. Returns the manifest."""
     files = {}
-    for name, obj in objects.items():
-        data = to_bytes(obj)
+    for name, data in blobs.items():
         store.put(f"{prefix}/{name}", data)
         files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     manifest = {**meta, "files": files, "time": time.time()}
@@ -54,7 +56,11 @@ def save_checkpoint(store: LocalStore, prefix: str, objects: dict[str, Any], met
     return manifest
 
 
-def verify(store: LocalStore, prefix: str) -> dict | None:
+def save_checkpoint(store: Store, prefix: str, objects: dict[str, Any], meta: dict) -> dict:
+    return commit(store, prefix, encode(objects), meta)
+
+
+def verify(store: Store, prefix: str) -> dict | None:
     """The manifest if every object it names is present with its size and checksum."""
     try:
         manifest = json.loads(store.get(f"{prefix}/{MANIFEST}"))
@@ -62,37 +68,95 @@ def verify(store: LocalStore, prefix: str) -> dict | None:
             data = store.get(f"{prefix}/{name}")
             if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
                 raise CheckpointError(f"{name} does not match its manifest")
-    except (OSError, ValueError, KeyError, CheckpointError) as err:
+    except StoreError as err:
+        if getattr(err, "transient", False):
+            raise  # an unreachable store says nothing about the checkpoint
+        log.warning("skipping checkpoint %s: %s", prefix, err)
+        return None
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError) as err:
         log.warning("skipping checkpoint %s: %s", prefix, err)
         return None
     return manifest
 
 
-def load_object(store: LocalStore, prefix: str, name: str) -> Any:
+def epoch_dirs(store: Store, index: int, name: str) -> list[str]:
+    """Epoch folders of a stage that hold any object, oldest first (committed or not)."""
+    base = stage_prefix(index, name)
+    dirs = {"/".join(k.split("/")[:2]) for k in store.list(base) if k.count("/") >= 2}
+    return sorted(d for d in dirs if _EPOCH.search(d))
+
+
+def epoch_of(prefix: str) -> int:
+    return int(_EPOCH.search(prefix).group(1))
+
+
+def latest_valid(store: Store, index: int, name: str) -> tuple[str, dict] | None:
+    """The newest epoch checkpoint of a stage that verifies; damaged ones are skipped with a warning."""
+    for prefix in reversed(epoch_dirs(store, index, name)):
+        manifest = verify(store, prefix)
+        if manifest is not None:
+            return prefix, manifest
+    return None
+
+
+def load_object(store: Store, prefix: str, name: str) -> Any:
     return torch.load(io.BytesIO(store.get(f"{prefix}/{name}")), map_location="cpu", weights_only=False)
 
 
-def mark_final(store: LocalStore, index: int, name: str, epoch_dir: str, manifest: dict) -> None:
-    pointer = {"checkpoint": epoch_dir, "epoch": manifest["epoch"], "metrics": manifest.get("metrics", {})}
+def mark_final(store: Store, index: int, name: str, epoch_dir: str, manifest: dict, metrics: dict) -> dict:
+    """Name the stage's final checkpoint; written only after that checkpoint verified."""
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    pointer = {"checkpoint": epoch_dir, "epoch": manifest["epoch"], "manifestSha256": digest, "metrics": metrics}
     store.put(f"{stage_prefix(index, name)}/{FINAL}", json.dumps(pointer).encode())
+    return pointer
 
 
-def read_final(store: LocalStore, index: int, name: str) -> tuple[str, dict] | None:
-    """(checkpoint prefix, manifest) of a finished stage, or None if it has not finished."""
-    key = f"{stage_prefix(index, name)}/{FINAL}"
-    if not store.exists(key):
+def read_pointer(store: Store, index: int, name: str) -> dict | None:
+    try:
+        return json.loads(store.get(f"{stage_prefix(index, name)}/{FINAL}"))
+    except FileNotFoundError:
         return None
-    pointer = json.loads(store.get(key))
+
+
+def read_final(store: Store, index: int, name: str) -> tuple[str, dict] | None:
+    """(checkpoint prefix, manifest) of a finished stage, or None if it has not finished."""
+    pointer = read_pointer(store, index, name)
+    if pointer is None:
+        return None
     manifest = verify(store, pointer["checkpoint"])
     if manifest is None:
         raise CheckpointError(f"stage {index} ({name}) is marked final but {pointer['checkpoint']} does not verify")
     return pointer["checkpoint"], manifest
 
 
-def prune(store: LocalStore, index: int, name: str, keep_last: int, keep: set[str]) -> None:
-    """Delete epoch checkpoints beyond the newest `keep_last`, never one in `keep`."""
-    base = stage_prefix(index, name)
-    epochs = sorted({k.split("/")[1] for k in store.list(base) if k.count("/") >= 2})
-    for e in epochs[:-keep_last]:
-        if f"{base}/{e}" not in keep:
-            store.delete_prefix(f"{base}/{e}")
+def prune(
+    store: Store,
+    index: int,
+    name: str,
+    keep_last: int,
+    keep: set[str],
+    upto: str | None = None,
+    trusted: set[str] | None = None,
+) -> list[str]:
+    """Delete epoch checkpoints older than the newest `keep_last` valid ones, never one in `keep`.
+
+    Only checkpoints that verify count towards keep_last, and nothing newer than `upto` (the one
+    just committed) is touched: a failed or damaged newer checkpoint never causes a valid older
+    one to be deleted. `trusted` holds prefixes already verified (the writer's own commits);
+    others are verified once and added, so an epoch costs no re-download of kept checkpoints.
+    Returns the deleted prefixes."""
+    trusted = set() if trusted is None else trusted
+    dirs = [d for d in epoch_dirs(store, index, name) if upto is None or d <= upto]
+    valid = []
+    for d in dirs:
+        if d in trusted or verify(store, d) is not None:
+            trusted.add(d)
+            valid.append(d)
+    if not valid:
+        return []
+    kept = valid[-keep_last:]
+    doomed = [d for d in dirs if d < kept[0] and d not in keep]
+    for d in doomed:
+        delete_prefix(store, d, first=MANIFEST)
+        trusted.discard(d)
+    return doomed

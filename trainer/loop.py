@@ -55,6 +55,7 @@ def train_epoch(
     ctx: StepContext,
     progress: Progress,
     check_grads: list[nn.Parameter] | None = None,
+    on_step: Callable[[float, float, int], None] | None = None,
 ) -> dict:
     model.train()
     loss_sum = correct = count = 0.0
@@ -64,7 +65,8 @@ def train_epoch(
     mark = t0
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
-        data_wait += time.perf_counter() - mark
+        waited = time.perf_counter() - mark
+        data_wait += waited
         x = ctx.prepare(x)
         y = y.to(ctx.env.device, non_blocking=ctx.non_blocking)
         last_micro = (i + 1) % ctx.accumulation == 0 or i + 1 == steps
@@ -96,8 +98,12 @@ def train_epoch(
         correct += (logits.argmax(1) == y).sum().item()
         count += n
         progress.step(step_loss)
-        mark = time.perf_counter()
+        now = time.perf_counter()
+        if on_step is not None:
+            on_step(now - mark, waited, n)  # step time includes its data wait
+        mark = now
     seconds = time.perf_counter() - t0
+    rank_images = count
     loss_sum, correct, count, images = all_sum([loss_sum, correct, count, count], ctx.env)
     return {
         "train_loss": loss_sum / max(count, 1),
@@ -106,6 +112,7 @@ def train_epoch(
         "images_per_second": images / seconds if seconds else 0.0,
         "data_wait_seconds": data_wait,
         "step_seconds": seconds / max(steps, 1),
+        "rank_images": rank_images,
     }
 
 

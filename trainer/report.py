@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 from trainer import checkpoint as ckpt
-from trainer.storage import LocalStore
+from trainer.storage import Store
 
 
-def stage_summaries(store: LocalStore, stages) -> list[dict]:
+def stage_summaries(store: Store, stages) -> list[dict]:
     out = []
     for s in stages:
         key = f"{ckpt.stage_prefix(s.index, s.name)}/{ckpt.FINAL}"

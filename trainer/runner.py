@@ -31,12 +31,15 @@ from trainer.early_stopping import EarlyStopping
 from trainer.freezing import apply_stage
 from trainer.layers import LayerGroup, assign_groups, head_module_name, layer_groups
 from trainer.loop import StepContext, evaluate, feature_preparer, image_preparer, train_epoch
+from trainer.metrics import TrainerMetrics
 from trainer.models import BuiltModel, build_model
 from trainer.optim import build_optimizer, build_scheduler, param_groups
 from trainer.plan import PlannedStage, resolve_stages
 from trainer.progress import Progress
-from trainer.spec import FineTuneJob, ModelSpec, SpecError
-from trainer.storage import LocalStore, open_store
+from trainer.signals import Terminated
+from trainer.spec import DataSpec, FineTuneJob, ModelSpec, SpecError, training_hash
+from trainer.storage import Store, StoreError, open_store
+from trainer.uploader import CheckpointWriter, retrying
 
 CONV_FAMILIES = ("resnet", "efficientnet", "mobilenet", "convnext", "regnet", "densenet", "efficientnet_lite")
 
@@ -56,10 +59,6 @@ class StageResult:
     feature_cache: bool
     weights_sha256: str  # of the stage's final state_dict: equal weights, equal digest
     history: list[dict] = field(default_factory=list)
-
-
-def spec_hash(job: FineTuneJob) -> str:
-    return hashlib.sha256(json.dumps(job.spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def state_digest(model: nn.Module) -> str:
@@ -88,10 +87,12 @@ class Setup:
     groups: list[LayerGroup]
     group_of: dict[str, int]
     stages: list[PlannedStage]
-    store: LocalStore
+    store: Store
     progress: Progress
     autocast_dtype: torch.dtype | None
     channels_last: bool
+    writer: CheckpointWriter
+    metrics: TrainerMetrics | None
 
 
 def plan_job(
@@ -182,12 +183,74 @@ def _use_feature_cache(setup: Setup, stage: PlannedStage) -> bool:
     )
 
 
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Resume:
+    """Where a stage picks up: the epoch after its newest valid checkpoint."""
+
+    prefix: str
+    train_state: dict
+    model_state: dict
+    best_state: dict | None
+
+
+def find_resume(setup: Setup, stage: PlannedStage) -> Resume | None:
+    found = ckpt.latest_valid(setup.store, stage.index, stage.name)
+    if found is None:
+        return None
+    prefix, manifest = found
+    spec = setup.job.spec
+    if manifest.get("architecture") != spec.model.architecture:
+        raise SpecError(
+            f"spec.model.architecture: checkpoint {setup.store.uri}/{prefix} holds a {manifest.get('architecture')}, "
+            f"the spec asks for {spec.model.architecture}; use another checkpoint URI or job name"
+        )
+    if manifest.get("specHash") != training_hash(spec):
+        raise SpecError(
+            f"spec: checkpoint {setup.store.uri}/{prefix} was written by a different spec "
+            f"(training fields changed); use another checkpoint URI or job name to start over"
+        )
+    state = ckpt.load_object(setup.store, prefix, "train_state.pt")
+    best = None
+    if (
+        state.get("best_dir")
+        and state["best_dir"] != prefix
+        and spec.early_stopping
+        and spec.early_stopping.restore_best
+    ):
+        best = ckpt.load_object(setup.store, state["best_dir"], "model.pt")
+    return Resume(prefix, state, ckpt.load_object(setup.store, prefix, "model.pt"), best)
+
+
 def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     job, env, model = setup.job, setup.env, setup.model
     spec = job.spec
     t_start = time.perf_counter()
     seed = spec.seed + 1000 * stage.index
     seed_everything(seed + env.rank)
+    resume = find_resume(setup, stage)
+    if resume is not None:
+        model.load_state_dict(resume.model_state)
+        setup.progress.message(
+            f"{stage.name}: resuming after epoch {resume.train_state['epoch'] + 1} "
+            f"from {setup.store.uri}/{resume.prefix}"
+        )
 
     # 1. Freeze: requires_grad, eval-mode frozen modules, no-grad prefix. Before DDP.
     freeze = apply_stage(model, setup.groups, stage, no_grad_prefix=spec.speed.frozen_prefix_no_grad)
@@ -218,81 +281,109 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     frozen = {id(m) for n, m in model.named_modules() if n in eval_names}
     trains_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in frozen for m in net.modules())
     wrapped = DDP(net, broadcast_buffers=trains_bn) if env.distributed else net
+    scaler = torch.amp.GradScaler(env.device.type) if setup.autocast_dtype == torch.float16 else None
     ctx = StepContext(
         env,
         prepare,
         setup.autocast_dtype,
-        torch.amp.GradScaler(env.device.type) if setup.autocast_dtype == torch.float16 else None,
+        scaler,
         spec.gradient_accumulation,
         spec.data.pin_memory and env.device.type == "cuda",
     )
     es_spec = spec.early_stopping
     stopper = EarlyStopping(es_spec.resolved_mode, es_spec.patience, es_spec.min_delta) if es_spec else None
+    # "Best" for retention: the early-stopping metric, or validation accuracy without it.
+    best_metric = es_spec.metric if es_spec else "val_accuracy"
+    tracker = stopper or EarlyStopping("min" if best_metric.endswith("loss") else "max", 10**9)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    n_total = sum(p.numel() for p in model.parameters())
+    metrics = setup.metrics
+    if metrics is not None:
+        metrics.start_stage(stage.index, stage.name, n_trainable, n_total, stage.epochs, steps_per_epoch)
+
+    history: list[dict] = []
+    best_state, best_dir, last_dir = None, None, None
+    first_epoch = 0
+    if resume is not None:
+        st = resume.train_state
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        if scaler is not None and st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])
+        for k, v in st["tracker"].items():
+            setattr(tracker, k, v)
+        history, best_dir, last_dir = st["history"], st["best_dir"], resume.prefix
+        train_seconds += st["train_seconds"]
+        first_epoch = st["epoch"] + 1
+        if resume.best_state is not None:
+            best_state = resume.best_state
+        elif es_spec and es_spec.restore_best and best_dir == resume.prefix:
+            best_state = copy.deepcopy(resume.model_state)
+        if len(st["rng"]) == env.world:
+            set_rng_state(st["rng"][env.rank])
+        else:  # another world size: the run goes on, but not bit-identically
+            seed_everything(seed + 7919 * first_epoch + env.rank)
+        if stopper is not None and stopper.should_stop:
+            first_epoch = stage.epochs  # it had stopped early; only the commit was missing
 
     # 3. Fit.
-    history: list[dict] = []
-    best_state, best_dir = None, None
-    last_dir = None
-    for epoch in range(stage.epochs):
+    for epoch in range(first_epoch, stage.epochs):
         train_loader.sampler.set_epoch(epoch)
+        train_loader.generator.manual_seed(seed + epoch)  # worker seeds: a function of the epoch alone
         setup.progress.start_epoch(stage.name, epoch, stage.epochs, len(train_loader))
-        metrics = train_epoch(
-            wrapped, train_loader, optimizer, scheduler, ctx, setup.progress, trainable if epoch == 0 else None
+        on_step = metrics.step if metrics is not None else None
+        m = train_epoch(
+            wrapped, train_loader, optimizer, scheduler, ctx, setup.progress, trainable if epoch == 0 else None, on_step
         )
-        train_seconds += metrics["seconds"]
+        train_seconds += m["seconds"]
         if trains_bn:
             average_buffers(net, env)
         val = evaluate(net, val_loader, ctx)
         elapsed = time.perf_counter() - t_start
+        done_here = epoch + 1 - first_epoch
         row = {
             "stage": stage.name,
             "stage_index": stage.index,
             "epoch": epoch,
-            **{k: round(v, 6) for k, v in metrics.items()},
+            **{k: round(v, 6) for k, v in m.items() if k != "rank_images"},
             "val_loss": round(val["loss"], 6),
             "val_accuracy": round(val["accuracy"], 6),
             "lr": {g["name"].split("/")[0]: g["lr"] for g in optimizer.param_groups},
-            "eta_seconds": round(elapsed / (epoch + 1) * (stage.epochs - epoch - 1), 1),
+            "eta_seconds": round(elapsed / done_here * (stage.epochs - epoch - 1), 1),
         }
         history.append(row)
-        improved = True
-        if stopper is not None:
-            improved = stopper.update(row[es_spec.metric], epoch)
-            if improved and es_spec.restore_best:
-                best_state = copy.deepcopy(model.state_dict())
+        improved = tracker.update(row[best_metric], epoch)
+        if improved and stopper is not None and es_spec.restore_best:
+            best_state = copy.deepcopy(model.state_dict())
         epoch_dir = ckpt.epoch_prefix(stage.index, stage.name, epoch)
-        if env.is_main:
-            meta = {
-                "stage": stage.index,
-                "stageName": stage.name,
-                "epoch": epoch,
-                "globalStep": (epoch + 1) * steps_per_epoch,
-                "metrics": row,
-                "architecture": spec.model.architecture,
-                "specHash": spec_hash(job),
-            }
-            objects = {
-                "model.pt": model.state_dict(),
-                "train_state.pt": {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "early_stopping": stopper.state_dict() if stopper else None,
-                    "rng": {
-                        "torch": torch.get_rng_state(),
-                        "numpy": np.random.get_state(),
-                        "python": random.getstate(),
-                    },
-                },
-            }
-            ckpt.save_checkpoint(setup.store, epoch_dir, objects, meta)
         if improved:
             best_dir = epoch_dir
         last_dir = epoch_dir
+        # Every rank's RNG goes into the checkpoint: resuming restores each rank's own.
+        rngs = all_gather_objects(rng_state(), env)
         if env.is_main:
-            ckpt.prune(
-                setup.store, stage.index, stage.name, spec.checkpoint.keep_last, {best_dir} if best_dir else set()
+            _save_epoch(
+                setup,
+                stage,
+                epoch,
+                epoch_dir,
+                row,
+                steps_per_epoch,
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                tracker,
+                history,
+                best_dir,
+                train_seconds,
+                rngs,
             )
+        if metrics is not None:
+            metrics.end_epoch(row, row["lr"], m["rank_images"] / max(m["seconds"], 1e-9), (epoch + 1) * steps_per_epoch)
+            if env.device.type == "cuda":
+                metrics.gpu(torch.cuda.memory_allocated(env.device), torch.cuda.max_memory_allocated(env.device))
         setup.progress.end_epoch(row)
         if stopper is not None and stopper.should_stop and epoch + 1 < stage.epochs:
             setup.progress.message(
@@ -316,8 +407,8 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     result = StageResult(
         index=stage.index,
         name=stage.name,
-        trainable_params=sum(p.numel() for p in trainable),
-        total_params=sum(p.numel() for p in model.parameters()),
+        trainable_params=n_trainable,
+        total_params=n_total,
         epochs_run=len(history),
         best_val_accuracy=max(r["val_accuracy"] for r in history),
         test_accuracy=test["accuracy"],
@@ -328,15 +419,80 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         weights_sha256=state_digest(model),
         history=history,
     )
+    if metrics is not None:
+        metrics.end_stage(len(history))
     if env.is_main:
-        manifest = ckpt.verify(setup.store, final_dir)
-        if manifest is None:
-            raise ckpt.CheckpointError(f"final checkpoint {final_dir} of stage {stage.name} does not verify")
-        ckpt.mark_final(
-            setup.store, stage.index, stage.name, final_dir, {**manifest, "metrics": result_summary(result)}
-        )
+        _commit_stage(setup, stage, final_dir, result)
     barrier(env)
     return result
+
+
+def _save_epoch(
+    setup,
+    stage,
+    epoch,
+    epoch_dir,
+    row,
+    steps_per_epoch,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    tracker,
+    history,
+    best_dir,
+    train_seconds,
+    rngs,
+) -> None:
+    spec = setup.job.spec
+    meta = {
+        "stage": stage.index,
+        "stageName": stage.name,
+        "epoch": epoch,
+        "globalStep": (epoch + 1) * steps_per_epoch,
+        "metrics": row,
+        "architecture": spec.model.architecture,
+        "specHash": training_hash(spec),
+    }
+    objects = {
+        "model.pt": model.state_dict(),
+        "train_state.pt": {
+            "epoch": epoch,
+            "sampler_epoch": epoch + 1,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "tracker": tracker.state_dict(),
+            "history": history,
+            "best_dir": best_dir,
+            "train_seconds": train_seconds,
+            "rng": rngs,
+            "spec_hash": training_hash(spec),
+        },
+    }
+    keep = {best_dir} if best_dir and (spec.checkpoint.keep_best or spec.early_stopping) else set()
+    store, keep_last = setup.store, spec.checkpoint.keep_last
+    trusted = setup.writer.trusted
+    after = lambda _m: ckpt.prune(store, stage.index, stage.name, keep_last, keep, upto=epoch_dir, trusted=trusted)
+    setup.writer.save(epoch_dir, objects, meta, after)
+
+
+def _commit_stage(setup: Setup, stage: PlannedStage, final_dir: str, result: StageResult) -> None:
+    """The stage's final checkpoint must be in the store before its pointer is; else the process fails."""
+    setup.writer.flush()
+    where = f"{setup.store.uri}/{final_dir}"
+    if final_dir in setup.writer.failed:
+        raise ckpt.CheckpointError(
+            f"stage {stage.name}: final checkpoint {where} was not committed: {setup.writer.failed[final_dir]}"
+        )
+    manifest = setup.writer.committed.get(final_dir) or ckpt.verify(setup.store, final_dir)
+    if manifest is None:
+        raise ckpt.CheckpointError(f"stage {stage.name}: final checkpoint {where} does not verify")
+    retrying(
+        lambda: ckpt.mark_final(setup.store, stage.index, stage.name, final_dir, manifest, result_summary(result)),
+        setup.job.spec.checkpoint.upload_timeout_seconds,
+        f"stage {stage.name}: final pointer",
+    )
 
 
 def result_summary(r: StageResult) -> dict:
@@ -368,8 +524,13 @@ def _load_start(setup: Setup, first: int) -> None:
         prefix, manifest = found
         if manifest.get("architecture") != spec.model.architecture:
             raise SpecError(
-                f"--stage {first}: checkpoint {prefix} is a {manifest.get('architecture')}, "
-                f"the spec asks for {spec.model.architecture}"
+                f"spec.model.architecture: checkpoint {setup.store.uri}/{prefix} holds a "
+                f"{manifest.get('architecture')}, the spec asks for {spec.model.architecture}"
+            )
+        if manifest.get("specHash") != training_hash(spec):
+            raise SpecError(
+                f"spec: checkpoint {setup.store.uri}/{prefix} was written by a different spec "
+                f"(training fields changed); use another checkpoint URI or job name to start over"
             )
         state = ckpt.load_object(setup.store, prefix, "model.pt")
         what = f"checkpoint {prefix}"
@@ -400,9 +561,30 @@ def build_setup(job: FineTuneJob, env: DistEnv, progress: Progress, first_stage:
     model.to(env.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    store = open_store(spec.checkpoint.uri, job.metadata.name)
+    store = open_store(spec.checkpoint, job.metadata.name, write=env.is_main)
+    metrics = None
+    if spec.metrics.enabled:
+        metrics = TrainerMetrics(job.metadata.name, env.rank)
+        metrics.serve(spec.metrics.port + env.local_rank)
+        if env.is_main:
+            metrics.job_plan([s.epochs for s in stages], env.world)
+    cs = spec.checkpoint
+    writer = CheckpointWriter(store, cs.asynchronous, cs.max_pending, cs.upload_timeout_seconds, metrics)
     return Setup(
-        job, env, model, built.mean, built.std, groups, group_of, stages, store, progress, autocast_dtype, channels_last
+        job,
+        env,
+        model,
+        built.mean,
+        built.std,
+        groups,
+        group_of,
+        stages,
+        store,
+        progress,
+        autocast_dtype,
+        channels_last,
+        writer,
+        metrics,
     )
 
 
@@ -431,7 +613,7 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
     if first > 0 and only_stage is None:
         progress.message(f"resuming at stage {first} ({pending[0].name}); stages before it are finished")
     _load_start(setup, first)
-    data = build_datasets(job.spec.data, job.spec.model.num_classes, job.spec.seed)
+    data = build_datasets(local_data(job.spec.data, env), job.spec.model.num_classes, job.spec.seed)
     results = []
     for stage in pending:
         progress.message(
@@ -444,5 +626,29 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
                 }
             )
         )
-        results.append(run_stage(setup, stage, data))
+        try:
+            results.append(run_stage(setup, stage, data))
+        except Terminated:  # what is queued still commits
+            progress.message("SIGTERM: waiting for pending checkpoint uploads")
+            setup.writer.flush()
+            raise
+    setup.writer.close()
     return results
+
+
+def local_data(spec: DataSpec, env: DistEnv) -> DataSpec:
+    """An s3:// source mirrored into the node's cache (local rank 0 syncs, the rest wait)."""
+    if not spec.source.startswith("s3://"):
+        return spec
+    from trainer.datasync import cache_path, sync_prefix
+
+    dest = cache_path(spec.cache_dir, spec.source)
+    if env.local_rank == 0:
+        try:
+            n = sync_prefix(spec.source, dest, spec.endpoint)
+        except StoreError as err:
+            raise SpecError(f"spec.data.source: {err}") from None
+        if env.is_main:
+            print(f"data: {spec.source} -> {dest} ({n} objects downloaded)", flush=True)
+    barrier(env)
+    return spec.model_copy(update={"source": f"file://{dest}"})

@@ -8,6 +8,8 @@ Checks that need the model's layer groups (module globs, `top` ranges) happen in
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -87,7 +89,11 @@ class AugmentationSpec(_Model):
 class DataSpec(_Model):
     """Images in, labels out. Splits are fixed by the job seed."""
 
-    source: str = Field(description="fashion-mnist | digits | file:///path/to/ImageFolder")
+    source: str = Field(
+        description="fashion-mnist | digits | file:///path/to/ImageFolder | s3://bucket/prefix (ImageFolder, "
+        "downloaded once per node into cacheDir)"
+    )
+    endpoint: str | None = Field(None, description="S3 endpoint URL for an s3:// source; default AWS_ENDPOINT_URL")
     image_size: int = Field(224, ge=16, le=1024)
     train_per_class: int | None = Field(None, gt=0, description="few-shot subset of the training set")
     val_per_class: int = Field(50, gt=0, description="held-out validation images per class, taken from train")
@@ -105,8 +111,11 @@ class DataSpec(_Model):
         if v in NAMED_DATASETS or v.startswith("file://"):
             return v
         if v.startswith("s3://"):
-            raise ValueError("s3:// data sources are not supported yet; use file:// or a named dataset")
-        raise ValueError(f"unknown data source {v!r}; use {' | '.join(NAMED_DATASETS)} | file:///path")
+            _bucket_of(v)
+            return v
+        raise ValueError(
+            f"unknown data source {v!r}; use {' | '.join(NAMED_DATASETS)} | file:///path | s3://bucket/prefix"
+        )
 
 
 class OptimizerSpec(_Model):
@@ -228,16 +237,46 @@ class SpeedSpec(_Model):
     threads: int | None = Field(None, gt=0, description="torch threads per rank; default cores / local ranks")
 
 
+def _bucket_of(uri: str) -> str:
+    """The bucket of an s3:// URI, checked against S3's naming rules."""
+    bucket = uri.removeprefix("s3://").split("/", 1)[0]
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        raise ValueError(f"{uri!r} does not name a valid S3 bucket (3-63 of a-z 0-9 . -)")
+    return bucket
+
+
 class CheckpointSpec(_Model):
-    uri: str = Field("file://./runs", description="file:// directory (s3:// arrives with the storage backend)")
-    keep_last: int = Field(2, gt=0, description="epoch checkpoints kept per stage besides the final one")
+    """Where checkpoints go. Credentials never appear here: they come from the environment
+    (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or any source in boto3's chain)."""
+
+    uri: str = Field("file://./runs", description="file:///dir or s3://bucket/prefix; the job's name is appended")
+    endpoint: str | None = Field(None, description="S3 endpoint URL (SeaweedFS, MinIO); default AWS_ENDPOINT_URL")
+    region: str | None = Field(None, description="S3 region; default AWS_REGION or us-east-1")
+    path_style: bool = Field(True, description="path-style addressing (most self-hosted S3 servers need it)")
+    keep_last: int = Field(2, gt=0, description="newest epoch checkpoints kept per stage")
+    keep_best: bool = Field(True, description="also keep each stage's best epoch (by the early-stopping metric)")
+    asynchronous: bool = Field(True, description="upload in the background; training waits only for a host copy")
+    max_pending: int = Field(2, gt=0, description="host copies waiting for upload before training waits")
+    upload_timeout_seconds: float = Field(
+        600, gt=0, description="how long one checkpoint's upload is retried (backoff) before it counts as failed"
+    )
 
     @field_validator("uri")
     @classmethod
-    def _file_uri(cls, v: str) -> str:
+    def _known_scheme(cls, v: str) -> str:
+        if v.startswith("s3://"):
+            _bucket_of(v)
+            return v.rstrip("/")
         if not v.startswith("file://"):
-            raise ValueError(f"must start with file:// (got {v!r})")
+            raise ValueError(f"must start with file:// or s3:// (got {v!r})")
         return v
+
+
+class MetricsSpec(_Model):
+    """Prometheus endpoint served by every rank (port + local rank)."""
+
+    enabled: bool = True
+    port: int = Field(9400, ge=1024, le=65535, description="first rank's port; local rank r serves port + r")
 
 
 class FineTuneJobSpec(_Model):
@@ -253,6 +292,7 @@ class FineTuneJobSpec(_Model):
     deterministic: bool = Field(False, description="deterministic kernels (slower; exact reruns)")
     speed: SpeedSpec = SpeedSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    metrics: MetricsSpec = MetricsSpec()
     # Cluster-only fields: the trainer ignores them; the operator (issue 5) reads them.
     image: str | None = None
     nodes: int = Field(1, gt=0)
@@ -293,6 +333,28 @@ class FineTuneJob(BaseModel):
     kind: Literal["FineTuneJob"]
     metadata: Metadata
     spec: FineTuneJobSpec
+
+
+# Fields that change what a stage computes. A checkpoint written under other values of these is
+# not resumed from; the rest (image, nodes, workers, metrics, suspend...) may change freely.
+_TRAINING_FIELDS = {
+    "model": True,
+    "data": {"source", "image_size", "train_per_class", "val_per_class", "test_limit", "augmentation", "batch_size"},
+    "stages": True,
+    "gradual": True,
+    "optimizer": True,
+    "schedule": True,
+    "early_stopping": True,
+    "seed": True,
+    "gradient_accumulation": True,
+    "deterministic": True,
+}
+
+
+def training_hash(spec: FineTuneJobSpec) -> str:
+    """Digest of the training-relevant part of a spec, stored in every checkpoint manifest."""
+    dumped = spec.model_dump(mode="json", include=_TRAINING_FIELDS)
+    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _path(loc: tuple[Any, ...]) -> str:

@@ -46,3 +46,21 @@ def small_job():
         },
         seed=7,
     )
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """One SeaweedFS per session, fresh data dir; tests that stop it start it again."""
+    from tests.services.seaweedfs import SeaweedFS
+
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), buckets=("thaw", "data")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(seaweed, monkeypatch):
+    """Admin credentials and the endpoint in this process' environment (boto3's standard chain)."""
+    for k, v in seaweed.env().items():
+        monkeypatch.setenv(k, v)
+    return seaweed.env()

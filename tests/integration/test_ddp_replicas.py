@@ -31,7 +31,7 @@ def test_replicas_stay_identical_and_frozen_weights_untouched(tmp_path, small_jo
 
     job = load_job(path)
     pretrained = build_model(job.spec.model).model.state_dict()
-    store = open_store(job.spec.checkpoint.uri, job.metadata.name)
+    store = open_store(job.spec.checkpoint, job.metadata.name)
     after0 = load_object(store, read_final(store, 0, "head")[0], "model.pt")
     after1 = load_object(store, read_final(store, 1, "top3")[0], "model.pt")
     below_head = [k for k in pretrained if not k.startswith("classifier")]

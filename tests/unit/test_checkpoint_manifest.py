@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer.spec import SpecError
+from trainer.spec import CheckpointSpec, SpecError
 from trainer.storage import LocalStore, open_store
 
 
@@ -51,7 +51,7 @@ def test_final_pointer_names_a_verified_checkpoint(tmp_path):
     store = LocalStore(tmp_path)
     assert ckpt.read_final(store, 0, "head") is None
     prefix, manifest = _save(store, 2)
-    ckpt.mark_final(store, 0, "head", prefix, manifest)
+    ckpt.mark_final(store, 0, "head", prefix, manifest, {"test_accuracy": 0.5})
     found_prefix, found = ckpt.read_final(store, 0, "head")
     assert found_prefix == prefix and found["epoch"] == 2
     torch.testing.assert_close(ckpt.load_object(store, prefix, "model.pt")["w"], torch.full((3,), 2.0))
@@ -79,4 +79,4 @@ def test_unwritable_checkpoint_uri_is_one_clear_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(SpecError, match=r"spec.checkpoint.uri: cannot create .*file/job"):
-        open_store(f"file://{blocker}", "job")
+        open_store(CheckpointSpec(uri=f"file://{blocker}"), "job")

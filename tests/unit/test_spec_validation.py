@@ -61,9 +61,9 @@ BAD_SPECS = [
         "spec.data.source: unknown data source 'cifar10'",
     ),
     (
-        "s3 data source",
-        with_path(job_doc(), "spec.data.source", "s3://b/p"),
-        "spec.data.source: s3:// data sources are not supported yet",
+        "s3 data source with an invalid bucket",
+        with_path(job_doc(), "spec.data.source", "s3://B_ad/p"),
+        "spec.data.source: 's3://B_ad/p' does not name a valid S3 bucket",
     ),
     (
         "tiny images",
@@ -174,6 +174,15 @@ BAD_SPECS = [
         "spec.speed.amp: must be 'auto', 'off', 'bf16' or 'fp16' (got 'fp8')",
     ),
     ("checkpoint scheme", job_doc(checkpoint={"uri": "gs://bucket/x"}), "spec.checkpoint.uri: must start with file://"),
+    ("checkpoint bucket", job_doc(checkpoint={"uri": "s3://x"}), "spec.checkpoint.uri: 's3://x' does not name a valid"),
+    ("checkpoint keepLast", job_doc(checkpoint={"keepLast": 0}), "spec.checkpoint.keepLast: must be greater than 0"),
+    (
+        "checkpoint upload timeout",
+        job_doc(checkpoint={"uploadTimeoutSeconds": -1}),
+        "spec.checkpoint.uploadTimeoutSeconds: must be greater than 0",
+    ),
+    ("metrics port", job_doc(metrics={"port": 80}), "spec.metrics.port: must be greater than or equal"),
+    ("metrics unknown field", job_doc(metrics={"path": "/m"}), "spec.metrics.path: is not a known field"),
     (
         "gradual zero stages",
         with_path(job_doc(gradual={"stages": 0, "epochsPerStage": 1, "lr": 0.1}), "spec.stages", "DELETE"),

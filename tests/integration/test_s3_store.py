@@ -1,0 +1,133 @@
+"""The s3:// store, checkpoints and uploads against a real SeaweedFS."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+import torch
+
+from tests.services.seaweedfs import ADMIN, READER
+from trainer import checkpoint as ckpt
+from trainer.datasync import sync_prefix
+from trainer.spec import CheckpointSpec, SpecError
+from trainer.storage import MissingObject, S3Store, open_store
+from trainer.uploader import CheckpointWriter
+
+pytestmark = pytest.mark.integration
+
+
+def _store(s3_env, name: str) -> S3Store:
+    return open_store(CheckpointSpec(uri="s3://thaw/tests"), name)
+
+
+def test_objects_round_trip_multipart_list_and_delete(s3_env, seaweed):
+    store = _store(s3_env, "roundtrip")
+    big = os.urandom(40 * 1024 * 1024 + 123)  # above the 16 MiB multipart threshold: 3 parts
+    store.put("a/big.bin", big)
+    store.put("a/b/small", b"x")
+    assert store.get("a/big.bin") == big
+    assert store.list("a") == ["a/b/small", "a/big.bin"]
+    assert store.exists("a/b/small") and not store.exists("a/none")
+    with pytest.raises(MissingObject, match="s3://thaw/tests/roundtrip/a/none: no such object"):
+        store.get("a/none")
+    store.delete(["a/big.bin", "a/b/small"])
+    assert store.list("a") == []
+
+
+@pytest.mark.parametrize(
+    "case,uri,identity,expected",
+    [
+        (
+            "missing bucket",
+            "s3://no-such-bucket/x",
+            ADMIN,
+            "cannot open bucket: bucket 'no-such-bucket' does not exist",
+        ),
+        ("wrong secret", "s3://thaw/x", (ADMIN[0], "wrong"), "credentials rejected"),
+        ("unknown key", "s3://thaw/x", ("nobody", "wrong"), "credentials rejected"),
+        ("read-only credentials", "s3://thaw/x", READER, "cannot write: access denied"),
+    ],
+)
+def test_store_problems_are_one_line_naming_the_field(seaweed, monkeypatch, case, uri, identity, expected):
+    sentinel = S3Store("s3://thaw/x/job", seaweed.client())
+    sentinel.put("keep/me", b"precious")
+    for k, v in seaweed.env(identity).items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SpecError) as err:
+        open_store(CheckpointSpec(uri=uri), "job")
+    message = str(err.value)
+    assert message.startswith("spec.checkpoint.uri: s3://") and expected in message, message
+    assert "\n" not in message and identity[1] not in message
+    assert sentinel.get("keep/me") == b"precious"  # nothing existing touched
+
+
+def _commit_epochs(store, n):
+    for e in range(n):
+        ckpt.save_checkpoint(
+            store, ckpt.epoch_prefix(0, "head", e), {"model.pt": {"w": torch.full((4,), float(e))}}, {"epoch": e}
+        )
+
+
+def test_readers_skip_damaged_checkpoints_and_take_the_newest_valid(s3_env, seaweed, caplog):
+    store = _store(s3_env, "damage")
+    _commit_epochs(store, 3)
+    client, key = seaweed.client(), "tests/damage/stage-00-head/epoch-0002/model.pt"
+    client.put_object(Bucket="thaw", Key=key, Body=b"corrupt")  # same name, other bytes
+    with caplog.at_level(logging.WARNING):
+        prefix, manifest = ckpt.latest_valid(store, 0, "head")
+    assert prefix.endswith("epoch-0001") and manifest["epoch"] == 1
+    assert "stage-00-head/epoch-0002" in caplog.text
+    client.delete_object(Bucket="thaw", Key="tests/damage/stage-00-head/epoch-0001/manifest.json")
+    assert ckpt.latest_valid(store, 0, "head")[0].endswith("epoch-0000")
+    # Retention counts only checkpoints that verify: the two damaged ones never push out epoch 0.
+    assert ckpt.prune(store, 0, "head", keep_last=1, keep=set()) == []
+    assert ckpt.latest_valid(store, 0, "head")[0].endswith("epoch-0000")
+
+
+def test_uploads_retry_while_the_server_is_down_and_commit_when_it_returns(s3_env, seaweed):
+    store = _store(s3_env, "outage")
+    writer = CheckpointWriter(store, asynchronous=True, timeout_seconds=120)
+    seaweed.stop()
+    try:
+        t0 = time.perf_counter()
+        blocked = writer.save("stage-00-head/epoch-0000", {"model.pt": {"w": torch.ones(1000)}}, {"epoch": 0})
+        assert blocked < 1.0 and time.perf_counter() - t0 < 1.0  # training goes on
+        time.sleep(3)
+        assert not writer.committed
+    finally:
+        seaweed.start()
+    writer.flush()
+    assert "stage-00-head/epoch-0000" in writer.committed and not writer.failed
+    assert ckpt.verify(store, "stage-00-head/epoch-0000")["epoch"] == 0
+    writer.close()
+
+
+def test_an_upload_that_cannot_commit_in_time_is_reported(s3_env, seaweed):
+    store = _store(s3_env, "giveup")
+    writer = CheckpointWriter(store, asynchronous=True, timeout_seconds=2)
+    seaweed.stop()
+    try:
+        writer.save("stage-00-head/epoch-0000", {"model.pt": {"w": torch.ones(10)}}, {"epoch": 0})
+        writer.flush()
+    finally:
+        seaweed.start()
+    assert "gave up after" in writer.failed["stage-00-head/epoch-0000"]
+    assert ckpt.latest_valid(store, 0, "head") is None
+
+
+def test_dataset_prefix_is_downloaded_once_and_kept_in_sync(s3_env, seaweed, tmp_path):
+    client = seaweed.client()
+    for i in range(3):
+        client.put_object(Bucket="data", Key=f"set/train/c{i}/img.png", Body=bytes([i]) * 100)
+    dest = tmp_path / "mirror"
+    assert sync_prefix("s3://data/set", dest) == 3
+    assert (dest / "train/c1/img.png").read_bytes() == bytes([1]) * 100
+    assert sync_prefix("s3://data/set", dest) == 0  # unchanged prefix: nothing downloaded
+    client.put_object(Bucket="data", Key="set/train/c1/img.png", Body=b"new")
+    client.delete_object(Bucket="data", Key="set/train/c2/img.png")
+    assert sync_prefix("s3://data/set", dest) == 1
+    assert (dest / "train/c1/img.png").read_bytes() == b"new"
+    assert not (dest / "train/c2/img.png").exists()

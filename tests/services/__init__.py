@@ -1,0 +1,1 @@
+"""Real servers the tests start themselves (SeaweedFS, Prometheus), on loopback, cleaned up after."""

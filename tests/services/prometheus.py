@@ -1,0 +1,73 @@
+"""A real Prometheus (Debian package `prometheus`) scraping loopback targets every second."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tests.services.net import free_port, get_json, http_get, wait_until
+
+
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus")
+    if not found:
+        raise RuntimeError("prometheus not found: apt-get install prometheus (make install does)")
+    return found
+
+
+@dataclass
+class Prometheus:
+    root: Path
+    targets: dict[str, list[str]]  # scrape job name -> ["127.0.0.1:port", ...]
+    rule_files: list[Path] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+
+    def __post_init__(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Prometheus:
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(p) for p in self.rule_files],
+            "scrape_configs": [
+                {"job_name": name, "static_configs": [{"targets": t}]} for name, t in self.targets.items()
+            ],
+        }
+        (self.root / "prometheus.yml").write_text(yaml.safe_dump(config))
+        cmd = [
+            prometheus_binary(),
+            f"--config.file={self.root / 'prometheus.yml'}",
+            f"--storage.tsdb.path={self.root / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+        ]
+        log = open(self.root / "prometheus.log", "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        wait_until(lambda: http_get(self.url + "/-/ready", timeout=1)[0] == 200, 60, "Prometheus")
+        return self
+
+    def query(self, expr: str) -> list[dict]:
+        out = get_json(self.url + "/api/v1/query", query=expr)
+        assert out["status"] == "success", out
+        return out["data"]["result"]
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None

@@ -1,0 +1,65 @@
+"""An s3:// dataset prefix mirrored once per node into the local data cache.
+
+Local rank 0 syncs, the others wait at a barrier. The mirror keeps an index of (key, size,
+ETag); a re-run against an unchanged prefix lists the bucket and downloads nothing, a changed
+object is fetched again, a removed one is deleted locally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from trainer.storage import S3Store, StoreError, s3_client, split_s3_uri
+
+INDEX = ".thaw-sync.json"
+
+
+def cache_path(cache_dir: str, uri: str) -> Path:
+    bucket, prefix = split_s3_uri(uri)
+    tag = hashlib.sha256(uri.encode()).hexdigest()[:8]
+    return Path(cache_dir).expanduser() / "s3" / f"{bucket}-{prefix.replace('/', '_')}-{tag}"
+
+
+def plan_sync(remote: dict[str, tuple[int, str]], local: dict[str, tuple[int, str]]) -> tuple[list[str], list[str]]:
+    """(keys to download, keys to delete) so that the mirror matches the listing."""
+    fetch = sorted(k for k, v in remote.items() if local.get(k) != v)
+    drop = sorted(k for k in local if k not in remote)
+    return fetch, drop
+
+
+def sync_prefix(uri: str, dest: Path, endpoint: str | None = None) -> int:
+    """Mirror uri into dest; returns the number of objects downloaded."""
+    client = s3_client(endpoint)
+    bucket, prefix = split_s3_uri(uri)
+    store = S3Store(uri, client)
+    listing: dict[str, tuple[int, str]] = {}
+    full = f"{prefix}/" if prefix else ""
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=full):
+            for o in page.get("Contents", []):
+                if not o["Key"].endswith("/"):
+                    listing[o["Key"][len(full) :]] = (o["Size"], o["ETag"].strip('"'))
+    except Exception as err:
+        from trainer.storage import s3_error
+
+        raise s3_error(err, uri, bucket, "list") from None
+    if not listing:
+        raise StoreError(f"{uri}: no objects under this prefix")
+    index_file = dest / INDEX
+    local = {k: tuple(v) for k, v in json.loads(index_file.read_text()).items()} if index_file.is_file() else {}
+    local = {k: v for k, v in local.items() if (dest / k).is_file()}  # files removed by hand are fetched again
+    fetch, drop = plan_sync(listing, local)
+    for key in fetch:
+        path = dest / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_bytes(store.get(key))
+        os.replace(tmp, path)
+    for key in drop:
+        (dest / key).unlink(missing_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    index_file.write_text(json.dumps(listing))
+    return len(fetch)

@@ -1,0 +1,162 @@
+"""Checkpoint writing off the training loop's critical path.
+
+`save` blocks only while the state is copied to host memory; one background thread encodes,
+uploads (objects, then the manifest) and retries with exponential backoff for as long as
+`upload_timeout_seconds`, so training goes on while the store is briefly unreachable. At
+most `max_pending` host copies wait; beyond that `save` waits (bounded memory). `flush`
+waits for everything queued; the runner then checks that the stage's final checkpoint
+committed and fails the process if not.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.storage import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+
+def backoff_seconds(attempt: int, base: float = 0.5, cap: float = 30.0, jitter: float = 0.1) -> float:
+    """Delay before retry `attempt` (1-based): base * 2^(attempt-1), capped, with +-jitter."""
+    delay = min(cap, base * 2 ** (attempt - 1))
+    return delay * (1 + random.uniform(-jitter, jitter))
+
+
+def retrying(fn, timeout_seconds: float, what: str, on_failure=None, sleep=time.sleep):
+    """fn() until it succeeds or retrying would pass the deadline; then the last StoreError, annotated."""
+    deadline = time.monotonic() + timeout_seconds
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except StoreError as err:
+            if on_failure is not None:
+                on_failure()
+            delay = backoff_seconds(attempt)
+            if time.monotonic() + delay > deadline:
+                raise StoreError(f"{err} (gave up after {attempt} attempts in {timeout_seconds:g}s)") from None
+            log.warning("%s: attempt %d failed: %s; retrying in %.1fs", what, attempt, err, delay)
+            sleep(delay)
+
+
+def to_host(obj: Any) -> Any:
+    """A deep copy in CPU memory: tensors cloned off the device, containers rebuilt."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_host(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(to_host(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@dataclass
+class _Job:
+    prefix: str
+    objects: dict[str, Any]
+    meta: dict
+    after_commit: Callable[[dict], None] | None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class CheckpointWriter:
+    def __init__(
+        self,
+        store: Store,
+        asynchronous: bool = True,
+        max_pending: int = 2,
+        timeout_seconds: float = 600,
+        metrics=None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.store = store
+        self.asynchronous = asynchronous
+        self.timeout_seconds = timeout_seconds
+        self.metrics = metrics
+        self.sleep = sleep
+        self.committed: dict[str, dict] = {}  # prefix -> manifest
+        self.failed: dict[str, str] = {}  # prefix -> last error
+        self.trusted: set[str] = set()  # prefixes known to verify (for retention), touched by one thread
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending)
+        self._thread: threading.Thread | None = None
+
+    def save(self, prefix: str, objects: dict[str, Any], meta: dict, after_commit=None) -> float:
+        """Snapshot and hand over; returns the seconds the caller was blocked."""
+        t0 = time.perf_counter()
+        job = _Job(prefix, to_host(objects) if self.asynchronous else objects, meta, after_commit)
+        if self.asynchronous:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+                self._thread.start()
+            self._queue.put(job)
+        else:
+            self._write(job)
+        blocked = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.checkpoint_blocked(blocked)
+        return blocked
+
+    def flush(self) -> None:
+        if self._thread is not None:
+            self._queue.join()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                self._write(job)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, job: _Job) -> None:
+        t0 = time.perf_counter()
+        blobs = ckpt.encode(job.objects)
+        job.objects = {}  # the host copy is no longer needed
+        size = sum(len(b) for b in blobs.values())
+        on_failure = self.metrics.upload_failed if self.metrics is not None else None
+        try:
+            manifest = retrying(
+                lambda: ckpt.commit(self.store, job.prefix, blobs, job.meta),
+                self.timeout_seconds,
+                f"checkpoint {job.prefix}",
+                on_failure,
+                self.sleep,
+            )
+        except StoreError as err:
+            self.failed[job.prefix] = str(err)
+            log.error("checkpoint %s not committed: %s", job.prefix, err)
+            job.done.set()
+            return
+        self.committed[job.prefix] = manifest
+        self.trusted.add(job.prefix)
+        if self.metrics is not None:
+            self.metrics.upload_done(time.perf_counter() - t0, size)
+        if job.after_commit is not None:
+            try:
+                job.after_commit(manifest)
+            except StoreError as err:  # retention is best effort; the checkpoint itself is safe
+                log.warning("after committing %s: %s", job.prefix, err)
+        job.done.set()
