@@ -22,6 +22,7 @@ SAVE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 class TrainerMetrics:
     def __init__(self, job: str, rank: int, registry: CollectorRegistry | None = None):
         self.job, self.rank = job, str(rank)
+        self.is_main = rank == 0  # job-level series come from rank 0 only
         self.stage_name = ""
         r = self.registry = registry or CollectorRegistry()
         g = lambda name, doc, labels=L: Gauge(name, doc, labels, registry=r)
@@ -84,12 +85,15 @@ class TrainerMetrics:
         self.params.labels(**lab).set(total)
         self.epochs_g.labels(**lab).set(epochs)
         self.steps_g.labels(**lab).set(epochs * steps)
-        self.job_stage.labels(self.job).set(index)
+        if self.is_main:
+            self.job_stage.labels(self.job).set(index)
         self._epochs_before = sum(getattr(self, "_stage_epochs", [])[:index])
         self._step = 0
 
-    def step(self, seconds: float, wait: float, images: int) -> None:
+    def step(self, seconds: float, wait: float, images: int, lrs: dict[str, float] | None = None) -> None:
         lab = self._l()
+        for group, lr in (lrs or {}).items():
+            self.lr.labels(**lab, group=group).set(lr)
         self.step_time.labels(**lab).observe(seconds)
         self.data_wait.labels(**lab).observe(wait)
         self.images.labels(**lab).inc(images)
@@ -109,7 +113,8 @@ class TrainerMetrics:
         self.step_g.labels(**lab).set(step)
         for group, lr in lrs.items():
             self.lr.labels(**lab, group=group).set(lr)
-        self.job_progress.labels(self.job).set((self._epochs_before + row["epoch"] + 1) / self._epochs_total)
+        if self.is_main:
+            self.job_progress.labels(self.job).set((self._epochs_before + row["epoch"] + 1) / self._epochs_total)
 
     def end_stage(self, epochs_run: int) -> None:
         """Early stopping: the stage is done even if epochs remained."""

@@ -244,7 +244,8 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     t_start = time.perf_counter()
     seed = spec.seed + 1000 * stage.index
     seed_everything(seed + env.rank)
-    resume = find_resume(setup, stage)
+    # A store that is briefly unreachable at start is waited for, like one that fails mid-stage.
+    resume = retrying(lambda: find_resume(setup, stage), spec.checkpoint.upload_timeout_seconds, "resume lookup")
     if resume is not None:
         model.load_state_dict(resume.model_state)
         setup.progress.message(
@@ -332,7 +333,11 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         train_loader.sampler.set_epoch(epoch)
         train_loader.generator.manual_seed(seed + epoch)  # worker seeds: a function of the epoch alone
         setup.progress.start_epoch(stage.name, epoch, stage.epochs, len(train_loader))
-        on_step = metrics.step if metrics is not None else None
+        on_step = None
+        if metrics is not None:
+            on_step = lambda t, w, n: metrics.step(
+                t, w, n, {g["name"].split("/")[0]: g["lr"] for g in optimizer.param_groups}
+            )
         m = train_epoch(
             wrapped, train_loader, optimizer, scheduler, ctx, setup.progress, trainable if epoch == 0 else None, on_step
         )
@@ -633,6 +638,8 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
             setup.writer.flush()
             raise
     setup.writer.close()
+    if setup.metrics is not None and job.spec.metrics.linger_seconds:
+        time.sleep(job.spec.metrics.linger_seconds)
     return results
 
 

@@ -277,6 +277,9 @@ class MetricsSpec(_Model):
 
     enabled: bool = True
     port: int = Field(9400, ge=1024, le=65535, description="first rank's port; local rank r serves port + r")
+    linger_seconds: float = Field(
+        0, ge=0, le=600, description="keep serving after the job ends so the last values get scraped"
+    )
 
 
 class FineTuneJobSpec(_Model):
