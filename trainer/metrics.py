@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 log = logging.getLogger(__name__)
+disable_created_metrics()  # *_created series double the count and no dashboard uses them
 L = ("job", "stage", "rank")
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SAVE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -74,9 +75,10 @@ class TrainerMetrics:
 
     def job_plan(self, stage_epochs: list[int], world: int) -> None:
         self._epochs_total = max(1, sum(stage_epochs))
-        self.job_stages.labels(self.job).set(len(stage_epochs))
-        self.job_world.labels(self.job).set(world)
         self._stage_epochs = stage_epochs
+        if self.is_main:
+            self.job_stages.labels(self.job).set(len(stage_epochs))
+            self.job_world.labels(self.job).set(world)
 
     def start_stage(self, index: int, name: str, trainable: int, total: int, epochs: int, steps: int) -> None:
         self.stage_name = name

@@ -571,8 +571,7 @@ def build_setup(job: FineTuneJob, env: DistEnv, progress: Progress, first_stage:
     if spec.metrics.enabled:
         metrics = TrainerMetrics(job.metadata.name, env.rank)
         metrics.serve(spec.metrics.port + env.local_rank)
-        if env.is_main:
-            metrics.job_plan([s.epochs for s in stages], env.world)
+        metrics.job_plan([s.epochs for s in stages], env.world)
     cs = spec.checkpoint
     writer = CheckpointWriter(store, cs.asynchronous, cs.max_pending, cs.upload_timeout_seconds, metrics)
     return Setup(

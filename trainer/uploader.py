@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def backoff_seconds(attempt: int, base: float = 0.5, cap: float = 30.0, jitter: float = 0.1) -> float:
     """Delay before retry `attempt` (1-based): base * 2^(attempt-1), capped, with +-jitter."""
-    delay = min(cap, base * 2 ** (attempt - 1))
+    delay = min(cap, base * 2 ** min(attempt - 1, 32))
     return delay * (1 + random.uniform(-jitter, jitter))
 
 
@@ -128,6 +128,9 @@ class CheckpointWriter:
                 if job is None:
                     return
                 self._write(job)
+            except Exception as err:  # the thread must outlive any one checkpoint
+                log.exception("checkpoint %s: unexpected error", job.prefix)
+                self.failed[job.prefix] = f"unexpected error: {err}"
             finally:
                 self._queue.task_done()
 
