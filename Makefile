@@ -36,6 +36,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/bench_trainer.py --repeats 3 --out docs/benchmarks.md
+	$(PY) benchmarks/bench_checkpoint.py --repeats 5 --out docs/benchmarks.md
 
 constraints: install
 	$(PY) -m pip freeze --exclude-editable | grep -v '^thaw' > constraints.txt.new && \

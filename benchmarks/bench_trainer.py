@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import write_section  # benchmarks/ is the script's own directory
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {  # name -> (trainable, epochs)
     "head only": ({"top": 1}, 5),
@@ -187,7 +189,7 @@ def main() -> None:
     table = format_table(rows, args)
     print(table)
     if args.out:
-        args.out.write_text(table)
+        write_section(args.out, "trainer", table)
 
 
 def format_table(rows, args) -> str:
@@ -199,8 +201,6 @@ def format_table(rows, args) -> str:
     except (OSError, StopIteration):
         pass
     lines = [
-        "# Benchmarks",
-        "",
         "## Trainer throughput against the reference example's plain loop",
         "",
         "Command: `make bench` (= `python benchmarks/bench_trainer.py --repeats 3 --out docs/benchmarks.md`)",
