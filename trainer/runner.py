@@ -210,22 +210,29 @@ class Resume:
     best_state: dict | None
 
 
+def check_compatible(setup: Setup, prefix: str, manifest: dict) -> None:
+    """A checkpoint of another architecture or written under other training fields is refused."""
+    spec = setup.job.spec
+    where = f"{setup.store.uri}/{prefix}"
+    if manifest.get("architecture") != spec.model.architecture:
+        raise SpecError(
+            f"spec.model.architecture: checkpoint {where} holds a {manifest.get('architecture')}, the spec asks "
+            f"for {spec.model.architecture}; use another checkpoint URI or job name"
+        )
+    if manifest.get("specHash") != training_hash(spec):
+        raise SpecError(
+            f"spec: checkpoint {where} was written by a different spec (training fields changed); "
+            f"use another checkpoint URI or job name to start over"
+        )
+
+
 def find_resume(setup: Setup, stage: PlannedStage) -> Resume | None:
     found = ckpt.latest_valid(setup.store, stage.index, stage.name)
     if found is None:
         return None
     prefix, manifest = found
     spec = setup.job.spec
-    if manifest.get("architecture") != spec.model.architecture:
-        raise SpecError(
-            f"spec.model.architecture: checkpoint {setup.store.uri}/{prefix} holds a {manifest.get('architecture')}, "
-            f"the spec asks for {spec.model.architecture}; use another checkpoint URI or job name"
-        )
-    if manifest.get("specHash") != training_hash(spec):
-        raise SpecError(
-            f"spec: checkpoint {setup.store.uri}/{prefix} was written by a different spec "
-            f"(training fields changed); use another checkpoint URI or job name to start over"
-        )
+    check_compatible(setup, prefix, manifest)
     state = ckpt.load_object(setup.store, prefix, "train_state.pt")
     best = None
     if (
@@ -527,16 +534,7 @@ def _load_start(setup: Setup, first: int) -> None:
                 f"in {setup.store.uri}; run it first"
             )
         prefix, manifest = found
-        if manifest.get("architecture") != spec.model.architecture:
-            raise SpecError(
-                f"spec.model.architecture: checkpoint {setup.store.uri}/{prefix} holds a "
-                f"{manifest.get('architecture')}, the spec asks for {spec.model.architecture}"
-            )
-        if manifest.get("specHash") != training_hash(spec):
-            raise SpecError(
-                f"spec: checkpoint {setup.store.uri}/{prefix} was written by a different spec "
-                f"(training fields changed); use another checkpoint URI or job name to start over"
-            )
+        check_compatible(setup, prefix, manifest)
         state = ckpt.load_object(setup.store, prefix, "model.pt")
         what = f"checkpoint {prefix}"
     try:
@@ -609,6 +607,9 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
 
     # A finished stage is not run again: its committed checkpoint stands.
     done = {s.index: ckpt.read_final(setup.store, s.index, s.name) for s in todo}
+    for found in done.values():
+        if found is not None:
+            check_compatible(setup, *found)
     pending = [s for s in todo if done[s.index] is None]
     if not pending:
         progress.message(f"{job.metadata.name}: all requested stages already finished; nothing to do")
