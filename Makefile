@@ -12,7 +12,7 @@ install: $(STAMP)
 # Idempotent: re-runs only when the dependency files change.
 $(STAMP): pyproject.toml constraints.txt hack/install-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[trainer,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[trainer,operator,dev]'
 	./hack/install-deps.sh
 	touch $@
 

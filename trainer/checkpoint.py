@@ -17,8 +17,6 @@ import re
 import time
 from typing import Any
 
-import torch
-
 from trainer.storage import CheckpointError, Store, StoreError, delete_prefix
 
 log = logging.getLogger(__name__)
@@ -36,6 +34,8 @@ def epoch_prefix(index: int, name: str, epoch: int) -> str:
 
 
 def to_bytes(obj: Any) -> bytes:
+    import torch  # lazily: the operator verifies checkpoints without torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
@@ -100,6 +100,8 @@ def latest_valid(store: Store, index: int, name: str) -> tuple[str, dict] | None
 
 
 def load_object(store: Store, prefix: str, name: str) -> Any:
+    import torch
+
     return torch.load(io.BytesIO(store.get(f"{prefix}/{name}")), map_location="cpu", weights_only=False)
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from trainer.layers import LayerGroup
+if TYPE_CHECKING:  # the operator plans stage names without torch
+    from trainer.layers import LayerGroup
 from trainer.spec import FineTuneJobSpec, ScheduleSpec, SpecError, StageSpec
 
 
@@ -52,6 +54,11 @@ def expand_stages(spec: FineTuneJobSpec) -> list[tuple[str, StageSpec]]:
         )
         out.append(("spec.gradual", stage))
     return out
+
+
+def stage_names(spec: FineTuneJobSpec) -> list[str]:
+    """Each stage's name, as checkpoints and Kubernetes objects call it (no model needed)."""
+    return [stage.name or f"stage-{i}" for i, (_, stage) in enumerate(expand_stages(spec))]
 
 
 def _match(pattern: str, param: str, groups: list[LayerGroup], group_of: dict[str, int]) -> bool:
@@ -97,6 +104,7 @@ def resolve_stages(
 ) -> list[PlannedStage]:
     """Decide every stage against the model's groups; raise SpecError on the first bad one."""
     planned = []
+    names_of = stage_names(spec)
     for index, (field, stage) in enumerate(expand_stages(spec)):
         params = _selected_params(field, stage, groups, group_of, module_names or [])
         trainable = tuple(sorted({group_of[p] for p in params}, reverse=True))
@@ -113,7 +121,7 @@ def resolve_stages(
         planned.append(
             PlannedStage(
                 index=index,
-                name=stage.name or f"stage-{index}",
+                name=names_of[index],
                 epochs=stage.epochs,
                 batch_size=stage.batch_size or spec.data.batch_size,
                 schedule=stage.schedule or spec.schedule,

@@ -184,6 +184,8 @@ class StageSpec(_Model):
     freeze_bn_stats: bool = Field(
         False, description="keep every BatchNorm in eval mode, trainable ones too (small batches, domain shift)"
     )
+    nodes: int | None = Field(None, gt=0, description="cluster: overrides spec.nodes for this stage")
+    gpus_per_node: int | None = Field(None, ge=0, description="cluster: overrides spec.gpusPerNode for this stage")
 
     @field_validator("trainable", mode="before")
     @classmethod
@@ -260,6 +262,11 @@ class CheckpointSpec(_Model):
     upload_timeout_seconds: float = Field(
         600, gt=0, description="how long one checkpoint's upload is retried (backoff) before it counts as failed"
     )
+    credentials_secret: str | None = Field(
+        None,
+        description="cluster: Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, given to stage pods "
+        "(secretKeyRef) and read by the operator to verify checkpoints",
+    )
 
     @field_validator("uri")
     @classmethod
@@ -270,6 +277,37 @@ class CheckpointSpec(_Model):
         if not v.startswith("file://"):
             raise ValueError(f"must start with file:// or s3:// (got {v!r})")
         return v
+
+
+class ResourcesSpec(_Model):
+    """Per pod. GPUs come from gpusPerNode."""
+
+    cpu: str | None = Field(None, description="requests and limits, e.g. '4' or '3500m'")
+    memory: str | None = Field(None, description="requests and limits, e.g. '16Gi'")
+    shm_size: str = Field("1Gi", description="memory-backed /dev/shm for DataLoader workers")
+
+    @field_validator("cpu", "memory", "shm_size")
+    @classmethod
+    def _quantity(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?", v):
+            raise ValueError(f"must be a Kubernetes quantity such as 2, 500m or 8Gi (got {v!r})")
+        return v
+
+
+class Toleration(_Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class RunPolicy(_Model):
+    retries_per_stage: int = Field(2, ge=0, le=20, description="fresh Jobs per stage after the first fails")
+    active_deadline_seconds: int | None = Field(None, gt=0, description="per stage Job")
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="delete the stage Jobs this long after the FineTuneJob finished"
+    )
 
 
 class MetricsSpec(_Model):
@@ -296,11 +334,21 @@ class FineTuneJobSpec(_Model):
     speed: SpeedSpec = SpeedSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     metrics: MetricsSpec = MetricsSpec()
-    # Cluster-only fields: the trainer ignores them; the operator (issue 5) reads them.
-    image: str | None = None
-    nodes: int = Field(1, gt=0)
-    gpus_per_node: int = Field(0, ge=0)
-    suspend: bool = False
+    # Cluster-only fields: the trainer ignores them; the operator reads them.
+    image: str | None = Field(None, description="trainer image; default: the operator's --trainer-image")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Secret names for pulling the image")
+    nodes: int = Field(1, gt=0, description="pods per stage (torchrun nodes)")
+    gpus_per_node: int = Field(0, ge=0, description="nvidia.com/gpu per pod; 0 trains on CPU, one process per pod")
+    resources: ResourcesSpec = Field(default_factory=lambda: ResourcesSpec())
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = Field(None, description="a core/v1 Affinity, passed to every stage pod")
+    priority_class_name: str | None = None
+    service_account_name: str | None = Field(None, description="ServiceAccount of the stage pods")
+    pod_annotations: dict[str, str] = Field(default_factory=dict, description="added to every stage pod")
+    run_policy: RunPolicy = Field(default_factory=lambda: RunPolicy())
+    suspend: bool = Field(False, description="true stops running stage pods (after a checkpoint); false resumes")
 
     @model_validator(mode="after")
     def _stages_xor_gradual(self) -> FineTuneJobSpec:

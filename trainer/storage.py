@@ -107,7 +107,14 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def s3_client(endpoint: str | None = None, region: str | None = None, path_style: bool = True):
+def s3_client(
+    endpoint: str | None = None,
+    region: str | None = None,
+    path_style: bool = True,
+    credentials: tuple[str, str] | None = None,
+):
+    """A client with explicit settings; credentials from boto3's chain unless given (the operator
+    passes the ones it read from the job's Secret)."""
     import boto3
     from botocore.config import Config
 
@@ -118,8 +125,10 @@ def s3_client(endpoint: str | None = None, region: str | None = None, path_style
         retries={"mode": "standard", "max_attempts": 3},
     )
     # A fresh session: boto3's default one caches the credentials it found first.
+    keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]} if credentials else {}
     return boto3.session.Session().client(
         "s3",
+        **keys,
         endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
         region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         config=config,
@@ -230,14 +239,17 @@ class S3Store:
             self.put(".thaw-write-check", b"ok")
 
 
-def open_store(spec: CheckpointSpec, job_name: str, write: bool = True) -> Store:
+def open_store(
+    spec: CheckpointSpec, job_name: str, write: bool = True, credentials: tuple[str, str] | None = None
+) -> Store:
     """The job's own folder under the spec's checkpoint URI, checked for access.
 
     A problem the user must fix (no permission, missing bucket, bad credentials) is a SpecError
     naming spec.checkpoint.uri; an unreachable server too, since training could not commit."""
     uri = spec.uri
     if uri.startswith("s3://"):
-        store = S3Store(f"{uri}/{job_name}", s3_client(spec.endpoint, spec.region, spec.path_style))
+        client = s3_client(spec.endpoint, spec.region, spec.path_style, credentials)
+        store = S3Store(f"{uri}/{job_name}", client)
         try:
             store.check(write)
         except StoreError as err:

@@ -12,7 +12,10 @@ def _run(code: str) -> str:
 
 
 def test_spec_and_plan_import_without_torch():
-    out = _run("import sys, trainer.spec, trainer.catalog; print('torch' in sys.modules)")
+    out = _run(
+        "import sys, trainer.spec, trainer.catalog, trainer.plan, trainer.checkpoint, trainer.storage, "
+        "thaw_operator.planner, thaw_operator.crd; print('torch' in sys.modules)"
+    )
     assert out == "False"
 
 

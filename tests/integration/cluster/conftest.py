@@ -2,12 +2,16 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from tests.cluster.control_plane import ControlPlane
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="session")
@@ -78,3 +82,66 @@ def wait_for(fn, timeout: float = 60, interval: float = 0.3, what: str = "condit
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def crd(cluster):
+    """The FineTuneJob CRD from manifests/, established."""
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "manifests" / "crd"))
+    cluster.kubectl("wait", "--for", "condition=established", "crd/finetunejobs.thaw.dev", "--timeout=60s")
+    return "finetunejobs.thaw.dev"
+
+
+class OperatorProcess:
+    """`python -m thaw_operator` as a separate process, as it runs in its Deployment."""
+
+    def __init__(self, kubeconfig, log_path, extra=()):
+        from tests.services.net import free_port
+
+        self.kubeconfig, self.log_path, self.extra = kubeconfig, log_path, list(extra)
+        self.metrics_port, self.health_port = free_port(), free_port()
+        self.proc = None
+
+    def start(self):
+        cmd = [
+            sys.executable,
+            "-m",
+            "thaw_operator",
+            "--standalone",
+            "--log-format",
+            "plain",
+            f"--metrics-port={self.metrics_port}",
+            f"--health-port={self.health_port}",
+            "--resync-seconds=5",
+            "--trainer-image=thaw-trainer:test",
+            *self.extra,
+        ]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        )
+        log.close()
+        from tests.services.net import http_get, wait_until
+
+        wait_until(lambda: http_get(f"http://127.0.0.1:{self.health_port}/healthz", 1)[0] == 200, 60, "operator")
+        return self
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def operator(cluster, crd, tmp_path):
+    op = OperatorProcess(cluster.kubeconfig_path, tmp_path / "operator.log").start()
+    yield op
+    op.stop()

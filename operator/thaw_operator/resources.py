@@ -1,0 +1,238 @@
+"""The Kubernetes objects of a FineTuneJob, as plain dicts (pure: no API calls).
+
+Per FineTuneJob: a ConfigMap holding the job file every stage pod runs. Per stage: a headless
+Service (stable DNS for torchrun's rendezvous) and, per attempt, an Indexed Job with one pod
+per node. Names are deterministic, so creating them again is a no-op (409), never a duplicate.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from trainer.spec import API_VERSION, KIND, FineTuneJobSpec, StageSpec
+
+LABEL_JOB = "thaw.dev/finetunejob"
+LABEL_STAGE = "thaw.dev/stage"
+LABEL_ATTEMPT = "thaw.dev/attempt"
+ANNOTATION_SUSPENDED = "thaw.dev/suspended-by-operator"
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+MASTER_PORT = 29500
+CONFIG_PATH = "/etc/thaw/job.yaml"
+DATA_CACHE = "/var/cache/thaw"
+EXIT_CONFIG_ERROR = 2  # the trainer's exit code for a bad spec: retrying cannot help
+SIGNAL_EXITS = list(range(129, 256))  # 128 + signal: killed (SIGKILL 137, SIGTERM 143), not broken
+
+
+def job_name(ftj: str, stage: int, attempt: int) -> str:
+    return f"{ftj}-{stage}-a{attempt}"
+
+
+def service_name(ftj: str, stage: int) -> str:
+    return f"{ftj}-{stage}"
+
+
+def config_map_name(ftj: str) -> str:
+    return f"{ftj}-job"
+
+
+def owner_reference(ftj: dict) -> dict:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": ftj["metadata"]["name"],
+        "uid": ftj["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(ftj: dict, name: str, labels: dict | None = None) -> dict:
+    return {
+        "name": name,
+        "namespace": ftj["metadata"]["namespace"],
+        "labels": {LABEL_JOB: ftj["metadata"]["name"], "app.kubernetes.io/managed-by": "thaw", **(labels or {})},
+        "ownerReferences": [owner_reference(ftj)],
+    }
+
+
+def config_map(ftj: dict) -> dict:
+    """The job file the trainer reads: the FineTuneJob itself, with the pod's data cache path."""
+    spec = dict(ftj["spec"])
+    spec["data"] = {**spec["data"], "cacheDir": DATA_CACHE}
+    doc = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": ftj["metadata"]["name"]}, "spec": spec}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(ftj, config_map_name(ftj["metadata"]["name"])),
+        "data": {"job.yaml": yaml.safe_dump(doc, sort_keys=False)},
+    }
+
+
+def headless_service(ftj: dict, stage: int) -> dict:
+    name = ftj["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(ftj, service_name(name, stage), {LABEL_STAGE: str(stage)}),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # rendezvous happens before anything is "ready"
+            "selector": {LABEL_JOB: name, LABEL_STAGE: str(stage)},
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT}],
+        },
+    }
+
+
+def stage_topology(spec: FineTuneJobSpec, stage: StageSpec) -> tuple[int, int]:
+    """(pods, GPUs per pod) for a stage: its own override or the job's."""
+    nodes = stage.nodes if stage.nodes is not None else spec.nodes
+    gpus = stage.gpus_per_node if stage.gpus_per_node is not None else spec.gpus_per_node
+    return nodes, gpus
+
+
+def _resources(spec: FineTuneJobSpec, gpus: int) -> dict:
+    amounts = {}
+    if spec.resources.cpu:
+        amounts["cpu"] = spec.resources.cpu
+    if spec.resources.memory:
+        amounts["memory"] = spec.resources.memory
+    limits = dict(amounts)
+    if gpus:
+        limits["nvidia.com/gpu"] = gpus
+    return {"requests": amounts, "limits": limits} if limits else {}
+
+
+def _env(ftj: dict, spec: FineTuneJobSpec, stage: int, jobname: str, nodes: int, gpus: int) -> list[dict]:
+    ns, name = ftj["metadata"]["namespace"], ftj["metadata"]["name"]
+    master = f"{jobname}-0.{service_name(name, stage)}.{ns}.svc.cluster.local"
+    env = [
+        {"name": "MASTER_ADDR", "value": master},
+        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": "NNODES", "value": str(nodes)},
+        {
+            "name": "NODE_RANK",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+            },
+        },
+        {"name": "NPROC_PER_NODE", "value": str(max(gpus, 1))},
+        {"name": "THAW_JOB", "value": name},
+        {"name": "THAW_STAGE", "value": str(stage)},
+        {"name": "THAW_CHECKPOINT_URI", "value": spec.checkpoint.uri},
+        {"name": "THAW_TERMINATION_LOG", "value": "/dev/termination-log"},
+        {"name": "HOME", "value": "/tmp"},  # read-only root filesystem: caches go to the /tmp emptyDir
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if spec.checkpoint.credentials_secret:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            ref = {"name": spec.checkpoint.credentials_secret, "key": key}
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def stage_job(
+    ftj: dict, spec: FineTuneJobSpec, stage: int, stage_spec: StageSpec, attempt: int, image: str, suspend: bool = False
+) -> dict:
+    name = ftj["metadata"]["name"]
+    jobname = job_name(name, stage, attempt)
+    nodes, gpus = stage_topology(spec, stage_spec)
+    labels = {LABEL_STAGE: str(stage), LABEL_ATTEMPT: str(attempt)}
+    queue = ftj["metadata"].get("labels", {}).get(KUEUE_QUEUE)
+    job_labels = {**labels, **({KUEUE_QUEUE: queue} if queue else {})}
+    container = {
+        "name": "trainer",
+        "image": image,
+        "command": ["torchrun"],
+        "args": [
+            "--nnodes=$(NNODES)",
+            "--node_rank=$(NODE_RANK)",
+            "--nproc_per_node=$(NPROC_PER_NODE)",
+            "--master_addr=$(MASTER_ADDR)",
+            "--master_port=$(MASTER_PORT)",
+            "-m",
+            "trainer",
+            "run",
+            CONFIG_PATH,
+            "--stage",
+            str(stage),
+        ],
+        "env": _env(ftj, spec, stage, jobname, nodes, gpus),
+        "ports": [{"name": "metrics", "containerPort": spec.metrics.port}],
+        "resources": _resources(spec, gpus),
+        "volumeMounts": [
+            {"name": "job", "mountPath": "/etc/thaw", "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "data-cache", "mountPath": DATA_CACHE},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    pod_spec = {
+        "restartPolicy": "Never",
+        "subdomain": service_name(name, stage),
+        # SIGTERM (suspend, preemption) lets the trainer commit queued checkpoints first.
+        "terminationGracePeriodSeconds": 120,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "job", "configMap": {"name": config_map_name(name)}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "data-cache", "emptyDir": {}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}},
+        ],
+    }
+    optional = {
+        "serviceAccountName": spec.service_account_name,
+        "priorityClassName": spec.priority_class_name,
+        "nodeSelector": spec.node_selector or None,
+        "affinity": spec.affinity,
+        "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations] or None,
+        "imagePullSecrets": [{"name": s} for s in spec.image_pull_secrets] or None,
+    }
+    pod_spec.update({k: v for k, v in optional.items() if v is not None})
+    rp = spec.run_policy
+    job_spec = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": 0,  # a DDP gang fails together; the operator retries with a fresh Job that resumes
+        "suspend": suspend,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [EXIT_CONFIG_ERROR]},
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {"containerName": "trainer", "operator": "In", "values": SIGNAL_EXITS},
+                },
+            ]
+        },
+        "template": {
+            "metadata": {"labels": {LABEL_JOB: name, **labels}, "annotations": dict(spec.pod_annotations)},
+            "spec": pod_spec,
+        },
+    }
+    if rp.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = rp.active_deadline_seconds
+    if rp.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = rp.ttl_seconds_after_finished
+    meta = _meta(ftj, jobname, job_labels)
+    if suspend:
+        meta["annotations"] = {ANNOTATION_SUSPENDED: "true"}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}

@@ -1,0 +1,221 @@
+"""The operator against the real API server: stages on kwok GPU nodes, checkpoints verified in
+a file:// store that this test writes the way the trainer would."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from thaw_operator.crd import GROUP, PLURAL, VERSION
+
+from tests.builders import job_doc
+from tests.cluster.control_plane import DELAY, EXIT_CODE
+from tests.integration.cluster.conftest import wait_for
+from trainer import checkpoint as ckpt
+from trainer.spec import CheckpointSpec, parse_job, training_hash
+from trainer.storage import open_store
+
+pytestmark = pytest.mark.cluster
+KWOK = {
+    "nodeSelector": {"type": "kwok"},
+    "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+}
+
+
+def ftj_doc(name: str, store_uri: str, stages: int = 3, **spec) -> dict:
+    doc = job_doc(nodes=2, checkpoint={"uri": store_uri}, **KWOK, **spec)
+    doc["spec"]["stages"] = [
+        {"name": n, "trainable": t, "epochs": 1, "lr": 0.01}
+        for n, t in [("head", {"top": 1}), ("top3", {"top": 3}), ("all", "all")][:stages]
+    ]
+    doc["metadata"] = {"name": name}
+    return doc
+
+
+def write_final(doc: dict, stage: int, accuracy: float) -> None:
+    """What the trainer commits at the end of a stage: objects, manifest, then the pointer."""
+    spec = parse_job(doc).spec
+    name = spec.stages[stage].name
+    store = open_store(CheckpointSpec(uri=spec.checkpoint.uri), doc["metadata"]["name"])
+    prefix = ckpt.epoch_prefix(stage, name, 0)
+    meta = {"stage": stage, "epoch": 0, "architecture": spec.model.architecture, "specHash": training_hash(spec)}
+    manifest = ckpt.save_checkpoint(store, prefix, {"model.pt": {"w": [stage]}}, meta)
+    ckpt.mark_final(
+        store,
+        stage,
+        name,
+        prefix,
+        manifest,
+        {"best_val_accuracy": accuracy, "test_accuracy": accuracy, "epochs_run": 1},
+    )
+
+
+class Api:
+    def __init__(self, api, ns):
+        self.ns = ns
+        self.custom, self.batch, self.core = client.CustomObjectsApi(api), client.BatchV1Api(api), client.CoreV1Api(api)
+
+    def create(self, doc):
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, doc)
+
+    def get(self, name):
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
+
+    def patch(self, name, spec):
+        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name, {"spec": spec})
+
+    def status(self, name):
+        return self.get(name).get("status") or {}
+
+    def jobs(self, name):
+        items = self.batch.list_namespaced_job(self.ns, label_selector=f"thaw.dev/finetunejob={name}").items
+        return {j.metadata.name: j for j in items}
+
+    def job_done(self, jobname):
+        try:
+            j = self.batch.read_namespaced_job(jobname, self.ns)
+        except ApiException:
+            return False
+        return any(c.type == "Complete" and c.status == "True" for c in j.status.conditions or [])
+
+    def events(self, name):
+        evs = self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}").items
+        return [(e.reason, e.message) for e in sorted(evs, key=lambda e: e.metadata.creation_timestamp)]
+
+    def phase(self, name, phase, timeout=60):
+        return wait_for(
+            lambda: self.status(name).get("phase") == phase and self.status(name),
+            timeout,
+            what=f"{name} phase {phase} (now {self.status(name).get('phase')})",
+        )
+
+
+def test_three_stages_succeed_each_waiting_for_a_verified_checkpoint(api, namespace, operator, tmp_path):
+    k = Api(api, namespace)
+    doc = ftj_doc("three", f"file://{tmp_path}/store")
+    k.create(doc)
+    for stage, acc in enumerate((0.71, 0.82, 0.93)):
+        jobname = f"three-{stage}-a1"
+        wait_for(lambda j=jobname: k.job_done(j), 60, what=f"{jobname} complete")
+        st = k.phase("three", "Verifying")  # Job done, no checkpoint: the next stage must not start
+        assert st["stageProgress"] == f"{stage}/3"
+        time.sleep(1.5)
+        assert f"three-{stage + 1}-a1" not in k.jobs("three")
+        write_final(doc, stage, acc)
+    st = k.phase("three", "Succeeded", 60)
+    assert st["stageProgress"] == "3/3" and st["valAccuracy"] == 0.93
+    assert [s["phase"] for s in st["stages"]] == ["Succeeded"] * 3
+    assert [s["result"]["valAccuracy"] for s in st["stages"]] == [0.71, 0.82, 0.93]
+    assert all(s["checkpoint"].startswith(f"file://{tmp_path}/store/three/stage-0") for s in st["stages"])
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Succeeded"]["status"] == "True" and conds["Failed"]["status"] == "False"
+    assert st["observedGeneration"] == 1
+    assert sorted(k.jobs("three")) == ["three-0-a1", "three-1-a1", "three-2-a1"]
+    reasons = [r for r, _ in k.events("three")]
+    assert reasons.count("StageStarted") == 3 and reasons.count("StageSucceeded") == 3 and "Succeeded" in reasons
+    # kubectl's view: the printer columns
+    job = k.jobs("three")["three-1-a1"]
+    assert job.spec.completions == 2 and job.spec.completion_mode == "Indexed"
+
+
+def test_stage_failing_twice_then_succeeding(api, namespace, operator, tmp_path):
+    k = Api(api, namespace)
+    doc = ftj_doc("flaky", f"file://{tmp_path}/store", stages=1, podAnnotations={EXIT_CODE: "1", DELAY: "1s"})
+    k.create(doc)
+    wait_for(lambda: "flaky-0-a2" in k.jobs("flaky"), 60, what="second attempt")
+    k.patch("flaky", {"podAnnotations": {EXIT_CODE: "0", DELAY: "1s"}})  # the third attempt will succeed
+    wait_for(lambda: k.job_done("flaky-0-a3"), 60, what="third attempt complete")
+    write_final(doc, 0, 0.5)
+    st = k.phase("flaky", "Succeeded")
+    assert st["stages"][0]["attempts"] == 3
+    assert sorted(k.jobs("flaky")) == ["flaky-0-a1", "flaky-0-a2", "flaky-0-a3"]
+    assert [r for r, _ in k.events("flaky")].count("StageRetrying") == 2
+
+
+def test_stage_exhausting_retries_fails_the_job(api, namespace, operator, tmp_path):
+    k = Api(api, namespace)
+    doc = ftj_doc(
+        "doomed",
+        f"file://{tmp_path}/store",
+        stages=2,
+        podAnnotations={EXIT_CODE: "1", DELAY: "500ms"},
+        runPolicy={"retriesPerStage": 1},
+    )
+    k.create(doc)
+    st = k.phase("doomed", "Failed", 90)
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "RetriesExhausted"
+    assert "stage 0 (head) failed 2 times" in failed["message"]
+    assert sorted(k.jobs("doomed")) == ["doomed-0-a1", "doomed-0-a2"]
+
+
+def test_configuration_error_fails_without_retry(api, namespace, operator, tmp_path):
+    k = Api(api, namespace)
+    k.create(ftj_doc("badcfg", f"file://{tmp_path}/store", stages=1, podAnnotations={EXIT_CODE: "2", DELAY: "500ms"}))
+    st = k.phase("badcfg", "Failed", 60)
+    assert next(c for c in st["conditions"] if c["type"] == "Failed")["reason"] == "InvalidConfiguration"
+    assert sorted(k.jobs("badcfg")) == ["badcfg-0-a1"]
+
+
+def test_operator_killed_mid_stage_converges_without_duplicates(api, namespace, operator, tmp_path):
+    k = Api(api, namespace)
+    doc = ftj_doc("restart", f"file://{tmp_path}/store", stages=2, podAnnotations={EXIT_CODE: "0", DELAY: "4s"})
+    k.create(doc)
+    wait_for(lambda: "restart-0-a1" in k.jobs("restart"), 30, what="stage 0 job")
+    operator.kill()  # SIGKILL: no cleanup, no goodbye
+    wait_for(lambda: k.job_done("restart-0-a1"), 60, what="stage 0 complete while the operator is down")
+    write_final(doc, 0, 0.6)
+    assert "restart-1-a1" not in k.jobs("restart")
+    operator.start()
+    wait_for(lambda: k.job_done("restart-1-a1"), 60, what="stage 1 complete")
+    operator.kill()
+    write_final(doc, 1, 0.7)
+    operator.start()
+    st = k.phase("restart", "Succeeded")
+    assert sorted(k.jobs("restart")) == ["restart-0-a1", "restart-1-a1"]
+    assert [s["attempts"] for s in st["stages"]] == [1, 1]
+
+
+def test_suspend_stops_pods_and_resume_continues(api, namespace, operator, tmp_path):
+    k = Api(api, namespace)
+    doc = ftj_doc("pause", f"file://{tmp_path}/store", stages=1, podAnnotations={EXIT_CODE: "0", DELAY: "8s"})
+    k.create(doc)
+    pods = lambda: k.core.list_namespaced_pod(namespace, label_selector="thaw.dev/finetunejob=pause").items
+    wait_for(lambda: len([p for p in pods() if p.status.phase == "Running"]) == 2, 30, what="2 running pods")
+    k.patch("pause", {"suspend": True})
+    st = k.phase("pause", "Suspended")
+    assert next(c for c in st["conditions"] if c["type"] == "Suspended")["status"] == "True"
+    wait_for(lambda: not pods(), 30, what="pods deleted on suspend")
+    assert k.jobs("pause")["pause-0-a1"].spec.suspend is True
+    k.patch("pause", {"suspend": False})
+    k.phase("pause", "Running")
+    wait_for(lambda: k.job_done("pause-0-a1"), 60, what="resumed stage completes")
+    write_final(doc, 0, 0.8)
+    st = k.phase("pause", "Succeeded")
+    assert st["stages"][0]["attempts"] == 1  # resumed, not retried
+    assert "Resumed" in [r for r, _ in k.events("pause")]
+
+
+def test_deleting_the_finetunejob_cascades_but_keeps_checkpoints(api, namespace, operator, tmp_path):
+    k = Api(api, namespace)
+    doc = ftj_doc("gone", f"file://{tmp_path}/store", stages=2, podAnnotations={EXIT_CODE: "0", DELAY: "30s"})
+    k.create(doc)
+    write_final(doc, 0, 0.5)
+    wait_for(lambda: "gone-0-a1" in k.jobs("gone"), 30, what="stage job")
+    k.custom.delete_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "gone", body={"propagationPolicy": "Foreground"}
+    )
+    wait_for(lambda: not k.jobs("gone"), 60, what="stage Jobs garbage-collected")
+    svcs = k.core.list_namespaced_service(namespace, label_selector="thaw.dev/finetunejob=gone").items
+    cms = k.core.list_namespaced_config_map(namespace, label_selector="thaw.dev/finetunejob=gone").items
+    wait_for(
+        lambda: (
+            not k.core.list_namespaced_service(namespace, label_selector="thaw.dev/finetunejob=gone").items
+            and not k.core.list_namespaced_config_map(namespace, label_selector="thaw.dev/finetunejob=gone").items
+        ),
+        60,
+        what=f"services {len(svcs)} and config maps {len(cms)} collected",
+    )
+    assert (tmp_path / "store" / "gone" / "stage-00-head" / "final.json").exists()

@@ -1,0 +1,210 @@
+"""The operator's planner as tables: observed state in, objects/status/events out."""
+
+from __future__ import annotations
+
+import pytest
+from thaw_operator import resources as res
+from thaw_operator.planner import FinalView, JobView, plan
+
+from tests.builders import job_doc
+from trainer.spec import parse_job
+
+NOW = "2026-11-28T00:00:00Z"
+IMAGE = "thaw-trainer:test"
+
+
+def ftj(status: dict | None = None, generation: int = 1, labels: dict | None = None, **spec) -> dict:
+    doc = job_doc(**spec)
+    doc["metadata"] = {"name": "ft", "namespace": "ns", "uid": "u-1", "generation": generation, "labels": labels or {}}
+    if status is not None:
+        doc["status"] = status
+    return doc
+
+
+def run(body: dict, jobs=(), finals=None):
+    spec = parse_job(body).spec
+    return plan(body, spec, None, list(jobs), finals or {}, NOW, IMAGE)
+
+
+def job(stage, attempt, **kw) -> JobView:
+    return JobView(name=res.job_name("ft", stage, attempt), stage=stage, attempt=attempt, **kw)
+
+
+def final(stage) -> FinalView:
+    return FinalView(
+        f"file:///s/ft/stage-0{stage}/epoch-0000",
+        {"best_val_accuracy": 0.5 + stage / 10, "test_accuracy": 0.4, "epochs_run": 1},
+    )
+
+
+def kinds(p):
+    return [(o["kind"], o["metadata"]["name"]) for o in p.create]
+
+
+def reasons(p):
+    return [r for _, r, _ in p.events]
+
+
+def cond(p, ctype):
+    return next(c for c in p.status["conditions"] if c["type"] == ctype)
+
+
+def test_new_job_creates_stage_zero_service_and_job():
+    p = run(ftj())
+    assert kinds(p) == [("Service", "ft-0"), ("Job", "ft-0-a1")]
+    assert p.status["phase"] == "Running" and p.status["stageProgress"] == "0/2"
+    assert [s["phase"] for s in p.status["stages"]] == ["Running", "Pending"]
+    assert cond(p, "Created")["status"] == "True" and cond(p, "Running")["status"] == "True"
+    assert "StageStarted" in reasons(p)
+
+
+def test_running_job_changes_nothing():
+    first = run(ftj())
+    p = run(ftj(first.status), [job(0, 1, active=1)])
+    assert p.create == [] and p.patch_jobs == [] and p.status["phase"] == "Running"
+    assert p.status["conditions"] == first.status["conditions"]  # transition times kept
+    assert reasons(p) == []
+
+
+@pytest.mark.parametrize(
+    "finals,phase,created,requeue",
+    [
+        ({}, "Verifying", [], 5.0),  # Job done, checkpoint not (yet) verified: wait, never start stage 1
+        ({0: final(0)}, "Running", [("Service", "ft-1"), ("Job", "ft-1-a1")], None),
+    ],
+)
+def test_next_stage_waits_for_a_verified_checkpoint(finals, phase, created, requeue):
+    status = run(ftj()).status
+    p = run(ftj(status), [job(0, 1, complete=True)], finals)
+    assert p.status["phase"] == phase and kinds(p) == created and p.requeue_after == requeue
+
+
+def test_all_stages_verified_is_success_with_metrics():
+    status = run(ftj()).status
+    p = run(ftj(status), [job(0, 1, complete=True)], {0: final(0)})
+    p = run(ftj(p.status), [job(0, 1, complete=True), job(1, 1, complete=True)], {1: final(1)})
+    assert p.status["phase"] == "Succeeded" and p.status["stageProgress"] == "2/2"
+    assert p.status["valAccuracy"] == 0.6
+    assert p.status["stages"][0]["result"] == {"valAccuracy": 0.5, "testAccuracy": 0.4, "epochs": 1}
+    assert p.status["stages"][1]["checkpoint"].endswith("stage-01/epoch-0000")
+    assert cond(p, "Succeeded")["status"] == "True" and cond(p, "Running")["status"] == "False"
+    assert "Succeeded" in reasons(p)
+    again = run(ftj(p.status), [])  # TTL removed the Jobs: the finished job stays finished
+    assert again.create == [] and again.status == p.status
+
+
+@pytest.mark.parametrize(
+    "attempts,retries,outcome,created",
+    [
+        (1, 2, "Running", ["ft-0-a2"]),
+        (2, 2, "Running", ["ft-0-a3"]),
+        (3, 2, "Failed", []),
+        (1, 0, "Failed", []),
+    ],
+)
+def test_failed_stage_is_retried_until_the_budget_is_spent(attempts, retries, outcome, created):
+    body = ftj(runPolicy={"retriesPerStage": retries})
+    status = run(body).status
+    jobs = [job(0, a, failed=True, failed_reason="BackoffLimitExceeded") for a in range(1, attempts + 1)]
+    p = run(ftj(status, runPolicy={"retriesPerStage": retries}), jobs)
+    assert p.status["phase"] == outcome
+    assert [n for k, n in kinds(p) if k == "Job"] == created
+    if outcome == "Failed":
+        assert cond(p, "Failed")["reason"] == "RetriesExhausted" and "retries exhausted" in p.status["message"]
+        assert "Failed" in reasons(p)
+    else:
+        assert "StageRetrying" in reasons(p) and p.status["stages"][0]["attempts"] == attempts + 1
+
+
+def test_configuration_error_fails_fast_without_retry():
+    status = run(ftj()).status
+    bad = job(0, 1, failed=True, failed_reason="PodFailurePolicy", failed_message="exit code 2")
+    p = run(ftj(status), [bad])
+    assert p.status["phase"] == "Failed" and cond(p, "Failed")["reason"] == "InvalidConfiguration"
+    assert p.create == []
+
+
+def test_terminal_state_is_sticky():
+    status = run(ftj()).status
+    failed = run(ftj(status, runPolicy={"retriesPerStage": 0}), [job(0, 1, failed=True)], {})
+    p = run(ftj(failed.status, runPolicy={"retriesPerStage": 0}), [])
+    assert p.create == [] and p.status == failed.status
+
+
+@pytest.mark.parametrize(
+    "observed,suspend,patch,phase",
+    [
+        (dict(active=2), True, {"suspend": True}, "Suspended"),  # suspend: stop the pods (SIGTERM)
+        (dict(suspended=True, suspended_by_operator=True), True, None, "Suspended"),
+        (dict(suspended=True, suspended_by_operator=True), False, {"suspend": False}, "Running"),  # resume
+        (dict(suspended=True), False, None, "Queued"),  # suspended by Kueue: queued, not failed
+    ],
+)
+def test_suspend_resume_and_queue(observed, suspend, patch, phase):
+    status = run(ftj()).status
+    p = run(ftj(status, suspend=suspend), [job(0, 1, **observed)])
+    assert p.status["phase"] == phase
+    assert [x[1]["spec"] for x in p.patch_jobs] == ([patch] if patch else [])
+    assert cond(p, "Suspended")["status"] == ("True" if phase == "Suspended" else "False")
+
+
+def test_suspended_before_start_creates_nothing():
+    p = run(ftj(suspend=True))
+    assert p.create == [] and p.status["phase"] == "Suspended"
+
+
+def test_spec_the_trainer_rejects_fails_with_the_message():
+    body = ftj()
+    p = plan(body, None, "spec.stages[0].trainable.top: must be greater than 0", [], {}, NOW, IMAGE)
+    assert p.status["phase"] == "Failed" and cond(p, "Failed")["reason"] == "InvalidSpec"
+    assert "spec.stages[0].trainable.top" in cond(p, "Failed")["message"]
+
+
+def test_stage_job_shape():
+    body = ftj(
+        nodes=2,
+        labels={res.KUEUE_QUEUE: "team-a"},
+        checkpoint={"uri": "s3://bucket/x", "credentialsSecret": "s3-creds"},
+    )
+    spec = parse_job(body).spec
+    j = res.stage_job(body, spec, 1, spec.stages[1], 3, IMAGE)
+    s = j["spec"]
+    assert (s["completionMode"], s["completions"], s["parallelism"], s["backoffLimit"]) == ("Indexed", 2, 2, 0)
+    assert j["metadata"]["labels"][res.KUEUE_QUEUE] == "team-a"
+    assert j["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    pod = s["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["subdomain"] == "ft-1"
+    assert (
+        pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    )
+    c = pod["containers"][0]
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MASTER_ADDR"]["value"] == "ft-1-a3-0.ft-1.ns.svc.cluster.local"
+    assert env["NNODES"]["value"] == "2" and env["NPROC_PER_NODE"]["value"] == "1"
+    assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-creds",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
+    assert c["args"][-2:] == ["--stage", "1"]
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert {"/tmp", "/dev/shm", res.DATA_CACHE, "/etc/thaw"} <= mounts
+    rules = s["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2]
+    assert 137 in rules[2]["onExitCodes"]["values"] and 143 in rules[2]["onExitCodes"]["values"]
+
+
+def test_stage_overrides_nodes_and_gpus():
+    body = ftj(nodes=4, gpusPerNode=8)
+    body["spec"]["stages"][0].update(nodes=1, gpusPerNode=2)
+    spec = parse_job(body).spec
+    head = res.stage_job(body, spec, 0, spec.stages[0], 1, IMAGE)
+    full = res.stage_job(body, spec, 1, spec.stages[1], 1, IMAGE)
+    assert head["spec"]["completions"] == 1 and full["spec"]["completions"] == 4
+    assert head["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert full["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
