@@ -16,7 +16,15 @@ import kopf
 from kubernetes import client, config
 from prometheus_client import start_http_server
 
-from thaw_operator import controller
+from thaw_operator import controller, metrics
+
+
+class CountingApiClient(client.ApiClient):
+    """Counts every request the reconciler sends (kopf's own watch streams are separate)."""
+
+    def request(self, method, url, *args, **kwargs):
+        metrics.API_REQUESTS.labels(method).inc()
+        return super().request(method, url, *args, **kwargs)
 
 
 def _load_kube_config() -> client.ApiClient:
@@ -24,7 +32,7 @@ def _load_kube_config() -> client.ApiClient:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    api = client.ApiClient()
+    api = CountingApiClient()
     api.configuration.retries = 3
     return api
 

@@ -22,6 +22,7 @@ STAGE_SECONDS = Histogram(
     "Wall time of succeeded stages, first start to completion",
     buckets=(10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400),
 )
+API_REQUESTS = Counter("thaw_operator_api_requests", "Requests the reconciler sent to the API server", ["verb"])
 PHASES = ("Pending", "Running", "Verifying", "Queued", "Suspended", "Succeeded", "Failed")
 FINETUNEJOBS = Gauge("thaw_operator_finetunejobs", "FineTuneJobs by phase", ["phase"])
 
