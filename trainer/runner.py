@@ -500,11 +500,36 @@ def _commit_stage(setup: Setup, stage: PlannedStage, final_dir: str, result: Sta
     manifest = setup.writer.committed.get(final_dir) or ckpt.verify(setup.store, final_dir)
     if manifest is None:
         raise ckpt.CheckpointError(f"stage {stage.name}: final checkpoint {where} does not verify")
-    retrying(
+    pointer = retrying(
         lambda: ckpt.mark_final(setup.store, stage.index, stage.name, final_dir, manifest, result_summary(result)),
         setup.job.spec.checkpoint.upload_timeout_seconds,
         f"stage {stage.name}: final pointer",
     )
+    write_termination_message(stage, f"{setup.store.uri}/{final_dir}", pointer["manifestSha256"], result)
+
+
+def write_termination_message(stage: PlannedStage, checkpoint: str, digest: str, result: StageResult) -> None:
+    """The stage result where Kubernetes shows it (the container's termination message, max 4 KiB)."""
+    path = os.environ.get("THAW_TERMINATION_LOG")
+    if not path:
+        return
+    message = {
+        "stage": stage.index,
+        "name": stage.name,
+        "checkpoint": checkpoint,
+        "manifestSha256": digest,
+        "metrics": {
+            "valAccuracy": result.best_val_accuracy,
+            "testAccuracy": result.test_accuracy,
+            "epochs": result.epochs_run,
+            "trainableParams": result.trainable_params,
+        },
+    }
+    try:
+        with open(path, "w") as f:
+            json.dump(message, f)
+    except OSError as err:  # outside a pod the path may not exist; the checkpoint is what counts
+        print(f"warning: termination message not written to {path}: {err.strerror}", flush=True)
 
 
 def result_summary(r: StageResult) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +33,13 @@ def test_other_spec_or_architecture_is_refused_and_nothing_changes(small_job, tm
     small_job["spec"]["stages"] = small_job["spec"]["stages"][:1]
     small_job["spec"]["metrics"] = {"enabled": False}
     job = write_job(tmp_path, small_job)
-    run([sys.executable, "-m", "trainer", "run", str(job)])
+    run([sys.executable, "-m", "trainer", "run", str(job)], THAW_TERMINATION_LOG=str(tmp_path / "termination"))
     before = _snapshot(tmp_path / "store")
+    # What `kubectl get pod -o yaml` would show as the container's termination message.
+    message = json.loads((tmp_path / "termination").read_text())
+    assert message["checkpoint"] == f"file://{tmp_path}/store/t/stage-00-head/epoch-0000"
+    assert message["name"] == "head" and 0 <= message["metrics"]["valAccuracy"] <= 1
+    assert len(message["manifestSha256"]) == 64
 
     doc = with_path(small_job, *change)
     if change[0] == "spec.model.architecture":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ROOT, torchrun, write_job
+from tests.integration.conftest import ROOT, run, torchrun, write_job
 from tests.services.net import free_ports, wait_until
 from tests.services.prometheus import Prometheus
 from trainer import checkpoint as ckpt
@@ -62,7 +62,13 @@ def test_sigkilled_stage_resumes_to_identical_weights_and_metrics(small_job, tmp
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "trainer", "run", str(job)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_until(lambda: store.exists("stage-01-top3/epoch-0001/manifest.json"), 300, "stage 1 epoch 1", 0.05)
+
+        def second_epoch_committed():
+            if proc.poll() is not None:  # died early: fail now, with its output
+                raise AssertionError(f"torchrun exited {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+            return store.exists("stage-01-top3/epoch-0001/manifest.json")
+
+        wait_until(second_epoch_committed, 300, "stage 1 epoch 1", 0.05)
         workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(workers) == 2, workers
         os.kill(int(max(workers, key=int)), signal.SIGKILL)  # the later-started worker: rank 1
@@ -157,3 +163,35 @@ def test_prometheus_scrapes_every_rank_with_sane_values(small_job, tmp_path, s3_
         assert _series(prom, "thaw_job_progress_ratio")[("", "")] == 1
     finally:
         prom.stop()
+
+
+def test_sigterm_commits_queued_checkpoints_then_exits_143_and_a_rerun_resumes(small_job, tmp_path, s3_env, seaweed):
+    small_job["spec"]["stages"] = [small_job["spec"]["stages"][1] | {"epochs": 6}]
+    small_job["spec"]["checkpoint"] = {"uri": "s3://thaw/sigterm"}
+    small_job["spec"]["metrics"] = {"enabled": False}
+    job = write_job(tmp_path, small_job)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "run", str(job)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in proc.stdout:
+            if '"event": "epoch"' in line:  # epoch 0 done, its checkpoint queued
+                proc.send_signal(signal.SIGTERM)
+                break
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated (SIGTERM)" in err
+    store = open_store(CheckpointSpec(uri="s3://thaw/sigterm"), "t")
+    prefix, manifest = ckpt.latest_valid(store, 0, "top3")
+    assert manifest["epoch"] >= 0 and ckpt.read_pointer(store, 0, "top3") is None
+    again = run([sys.executable, "-m", "trainer", "run", str(job)])
+    assert f"resuming after epoch {manifest['epoch'] + 1}" in again.stdout
+    assert ckpt.read_pointer(store, 0, "top3")["metrics"]["epochs_run"] == 6

@@ -58,6 +58,8 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.2):
             value = check()
             if value:
                 return value
+        except AssertionError:  # the check decided it can never become true
+            raise
         except Exception as err:  # noqa: BLE001 - polling until ready
             last = err
         time.sleep(interval)
