@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--health-port", type=int, default=8081)
     ap.add_argument("--resync-seconds", type=float, default=60.0)
     ap.add_argument("--standalone", action="store_true", help="no peering: assume this is the only replica")
-    ap.add_argument("--peering", default="thaw", help="kopf peering object name")
+    ap.add_argument(
+        "--peering", default=None, help="kopf peering object (its CRD must exist); default: kopf's own auto-detection"
+    )
     ap.add_argument("--log-format", choices=["plain", "json"], default="json")
     args = ap.parse_args(argv)
 
