@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-local test test-unit lint bench constraints clean k8s-binaries cluster-up cluster-down
+.PHONY: install demo demo-local test test-unit lint bench constraints clean k8s-binaries cluster-up cluster-down \
+	crd manifests helm-lint images kind-up kind-demo kind-down
 
 install: $(STAMP)
 
@@ -56,3 +57,42 @@ cluster-down: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+# --- Install artefacts -------------------------------------------------------------------
+HELM = $(shell ls ~/.cache/thaw/bin/current/helm 2>/dev/null || echo helm)
+REGISTRY ?= ghcr.io/thaw-dev
+TAG ?= 0.1.0
+
+# The CRD is generated from trainer/spec.py; the chart and manifests/ carry copies.
+crd: install
+	$(PY) -m thaw_operator.crd > manifests/crd/finetunejobs.thaw.dev.yaml
+	cp manifests/crd/finetunejobs.thaw.dev.yaml charts/thaw/crds/
+	cp charts/thaw/crds/kopf-peering.yaml manifests/crd/
+
+# Plain YAML of the default install (kustomize-friendly), rendered from the chart.
+manifests: crd k8s-binaries
+	$(HELM) template thaw charts/thaw --namespace thaw-system --kube-version 1.34.0 \
+	  | $(PY) hack/header.py "make manifests (helm template of charts/thaw)" > manifests/install/thaw.yaml
+
+helm-lint: k8s-binaries
+	$(HELM) lint --strict charts/thaw
+
+# Docker-based targets: for machines with a Docker engine (not the development machines).
+images:
+	docker build --target trainer -t $(REGISTRY)/thaw-trainer:$(TAG) .
+	docker build --target operator -t $(REGISTRY)/thaw-operator:$(TAG) .
+
+kind-up: images
+	kind create cluster --name thaw
+	kind load docker-image --name thaw $(REGISTRY)/thaw-trainer:$(TAG) $(REGISTRY)/thaw-operator:$(TAG)
+	$(HELM) install thaw charts/thaw -n thaw-system --create-namespace --wait \
+	  --set image.repository=$(REGISTRY)/thaw-operator --set image.tag=$(TAG) \
+	  --set trainerImage.repository=$(REGISTRY)/thaw-trainer --set trainerImage.tag=$(TAG)
+
+kind-demo:
+	kubectl apply -f examples/quickstart-cluster.yaml
+	kubectl wait ftj/quickstart --for=jsonpath='{.status.phase}'=Succeeded --timeout=30m
+	kubectl get ftj quickstart
+
+kind-down:
+	kind delete cluster --name thaw

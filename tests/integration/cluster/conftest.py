@@ -95,10 +95,11 @@ def crd(cluster):
 class OperatorProcess:
     """`python -m thaw_operator` as a separate process, as it runs in its Deployment."""
 
-    def __init__(self, kubeconfig, log_path, extra=()):
+    def __init__(self, kubeconfig, log_path, extra=(), standalone=True):
         from tests.services.net import free_port
 
-        self.kubeconfig, self.log_path, self.extra = kubeconfig, log_path, list(extra)
+        self.kubeconfig, self.log_path = kubeconfig, log_path
+        self.extra = (["--standalone"] if standalone else []) + list(extra)
         self.metrics_port, self.health_port = free_port(), free_port()
         self.proc = None
 

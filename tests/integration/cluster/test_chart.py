@@ -1,0 +1,194 @@
+"""The Helm chart and plain manifests against the real API server: lint, server-side dry runs
+for several value sets, and an install whose RBAC is enough for the operator and no more."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+
+import pytest
+import yaml
+from kubernetes import client
+
+from tests.integration.cluster.conftest import ROOT, OperatorProcess, wait_for
+from tests.integration.cluster.test_operator import Api, ftj_doc, write_final
+
+pytestmark = pytest.mark.cluster
+CHART = ROOT / "charts" / "thaw"
+
+VALUE_SETS = {
+    "defaults": [],
+    "namespaced with monitoring": [
+        "--set",
+        "watchNamespaces={thaw-a,thaw-b}",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.podMonitor.enabled=true",
+        "--set",
+        "metrics.prometheusRule.enabled=true",
+        "--set",
+        "extraLabels.team=ml",
+    ],
+    "no metrics, no peering, own service account": [
+        "--set",
+        "metrics.enabled=false",
+        "--set",
+        "metrics.dashboard.enabled=false",
+        "--set",
+        "peering.enabled=false",
+        "--set",
+        "serviceAccount.create=false",
+        "--set",
+        "serviceAccount.name=existing",
+        "--set",
+        "resources.limits.memory=512Mi",
+    ],
+}
+
+
+def helm(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [cluster._bin("helm"), f"--kubeconfig={cluster.kubeconfig_path}", *args],
+        capture_output=True,
+        text=True,
+        check=check,
+    )
+
+
+@pytest.fixture(scope="module")
+def chart_prereqs(cluster, crd):
+    """The chart's own CRDs (kopf peering) and stand-ins for prometheus-operator's."""
+    cluster.kubectl("apply", "--server-side", "-f", str(CHART / "crds"))
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "tests" / "fixtures" / "monitoring-crds.yaml"))
+    for name in (
+        "clusterkopfpeerings.kopf.dev",
+        "kopfpeerings.kopf.dev",
+        "prometheusrules.monitoring.coreos.com",
+        "servicemonitors.monitoring.coreos.com",
+        "podmonitors.monitoring.coreos.com",
+    ):
+        cluster.kubectl("wait", "--for", "condition=established", f"crd/{name}", "--timeout=60s")
+    for ns in ("thaw-a", "thaw-b", "thaw-dry"):
+        cluster.kubectl("create", "namespace", ns, check=False)
+
+
+def test_helm_lint_strict(cluster):
+    out = helm(cluster, "lint", "--strict", str(CHART))
+    assert "1 chart(s) linted, 0 chart(s) failed" in out.stdout
+
+
+def test_values_schema_rejects_bad_values(cluster):
+    out = helm(cluster, "template", "t", str(CHART), "--set", "replicaCount=9", "--set", "logFormat=xml", check=False)
+    assert out.returncode != 0
+    assert "/replicaCount" in out.stderr and "/logFormat" in out.stderr
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS), ids=list(VALUE_SETS))
+def test_rendered_chart_passes_server_side_dry_run(cluster, chart_prereqs, values):
+    rendered = helm(cluster, "template", "thaw", str(CHART), "--namespace", "thaw-dry", *VALUE_SETS[values]).stdout
+    kinds = {d["kind"] for d in yaml.safe_load_all(rendered) if d}
+    assert {"Deployment", "ClusterRole"} <= kinds
+    out = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered, check=False)
+    assert out.returncode == 0, out.stderr
+
+
+def test_plain_manifests_are_the_rendered_chart_and_apply(cluster, chart_prereqs):
+    rendered = helm(cluster, "template", "thaw", str(CHART), "--namespace", "thaw-system").stdout
+    committed = (ROOT / "manifests" / "install" / "thaw.yaml").read_text()
+    assert committed.split("\n", 1)[1] == rendered, "run: make manifests"
+    assert (CHART / "crds" / "finetunejobs.thaw.dev.yaml").read_text() == (
+        ROOT / "manifests" / "crd" / "finetunejobs.thaw.dev.yaml"
+    ).read_text(), "run: make crd"
+    out = cluster.kubectl("apply", "--dry-run=server", "-k", str(ROOT / "manifests" / "install"), check=False)
+    assert out.returncode == 0, out.stderr
+
+
+def _can(cluster, sa: str, verb: str, resource: str, namespace: str | None) -> bool:
+    args = ["auth", "can-i", verb, resource, f"--as=system:serviceaccount:{sa}"]
+    args += [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
+    return cluster.kubectl(*args, check=False).stdout.strip() == "yes"
+
+
+def _sa_kubeconfig(cluster, namespace: str, sa: str, path):
+    token = cluster.kubectl("create", "token", sa, "-n", namespace, "--duration=1h").stdout.strip()
+    admin = yaml.safe_load(cluster.kubeconfig_path.read_text())
+    admin["users"] = [{"name": "admin", "user": {"token": token}}]
+    path.write_text(yaml.safe_dump(admin))
+    return path
+
+
+def test_install_gives_the_operator_enough_rbac_and_no_more(cluster, api, chart_prereqs, tmp_path):
+    helm(cluster, "install", "thaw", str(CHART), "-n", "thaw-system", "--create-namespace", "--set", "replicaCount=0")
+    try:
+        sa = "thaw-system:thaw"
+        # What it needs ...
+        for verb, res, ns in [
+            ("watch", "finetunejobs.thaw.dev", "any"),
+            ("patch", "finetunejobs.thaw.dev/status", "x"),
+            ("create", "jobs.batch", "x"),
+            ("patch", "jobs.batch", "x"),
+            ("create", "services", "x"),
+            ("create", "configmaps", "x"),
+            ("get", "secrets", "x"),
+            ("create", "events", "x"),
+        ]:
+            assert _can(cluster, sa, verb, res, None if ns == "any" else ns), (verb, res)
+        # ... and nothing else.
+        for verb, res in [
+            ("list", "secrets"),
+            ("watch", "secrets"),
+            ("delete", "jobs.batch"),
+            ("create", "pods"),
+            ("delete", "finetunejobs.thaw.dev"),
+            ("patch", "finetunejobs.thaw.dev"),
+            ("get", "deployments.apps"),
+            ("delete", "services"),
+            ("update", "configmaps"),
+            ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
+        ]:
+            assert not _can(cluster, sa, verb, res, "x"), (verb, res)
+
+        # The operator as that ServiceAccount (with peering, as the chart runs it) drives a job to the end.
+        kubeconfig = _sa_kubeconfig(cluster, "thaw-system", "thaw", tmp_path / "sa.kubeconfig")
+        op = OperatorProcess(kubeconfig, tmp_path / "operator.log", extra=["--peering=thaw"], standalone=False).start()
+        ns = f"t-{uuid.uuid4().hex[:8]}"
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": ns}})
+        try:
+            k = Api(api, ns)
+            doc = ftj_doc("rbac", f"file://{tmp_path}/store", stages=2)
+            write_final(doc, 0, 0.6)
+            write_final(doc, 1, 0.7)
+            k.create(doc)
+            st = k.phase("rbac", "Succeeded", 90)
+            assert st["stageProgress"] == "2/2"
+            assert "Forbidden" not in (tmp_path / "operator.log").read_text()
+        finally:
+            op.stop()
+            client.CoreV1Api(api).delete_namespace(ns)
+    finally:
+        helm(cluster, "uninstall", "thaw", "-n", "thaw-system", check=False)
+
+
+def test_namespaced_install_cannot_reach_other_namespaces(cluster, chart_prereqs):
+    helm(
+        cluster,
+        "install",
+        "thaw-ns",
+        str(CHART),
+        "-n",
+        "thaw-ns-system",
+        "--create-namespace",
+        "--set",
+        "replicaCount=0",
+        "--set",
+        "watchNamespaces={thaw-a}",
+    )
+    try:
+        wait_for(lambda: _can(cluster, "thaw-ns-system:thaw-ns", "get", "secrets", "thaw-a"), 30, what="RBAC")
+        assert not _can(cluster, "thaw-ns-system:thaw-ns", "get", "secrets", "thaw-b")
+        assert not _can(cluster, "thaw-ns-system:thaw-ns", "create", "jobs.batch", "thaw-b")
+        assert not _can(cluster, "thaw-ns-system:thaw-ns", "list", "finetunejobs.thaw.dev", None)
+        assert _can(cluster, "thaw-ns-system:thaw-ns", "list", "finetunejobs.thaw.dev", "thaw-a")
+    finally:
+        helm(cluster, "uninstall", "thaw-ns", "-n", "thaw-ns-system", check=False)
