@@ -99,6 +99,17 @@ def latest_valid(store: Store, index: int, name: str) -> tuple[str, dict] | None
     return None
 
 
+def latest_manifest(store: Store, index: int, name: str) -> dict | None:
+    """The newest epoch manifest of a stage, unverified: progress for status and followers (cheap:
+    one listing and one small object), never a resume point."""
+    for prefix in reversed(epoch_dirs(store, index, name)):
+        try:
+            return json.loads(store.get(f"{prefix}/{MANIFEST}"))
+        except (FileNotFoundError, ValueError):
+            continue
+    return None
+
+
 def load_object(store: Store, prefix: str, name: str) -> Any:
     import torch
 

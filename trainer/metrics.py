@@ -1,7 +1,7 @@
 """Prometheus metrics of a training process (prometheus-client, one registry per process).
 
-Every rank serves its own endpoint (spec.metrics.port + local rank). Labels are job, stage
-and rank (the learning rate adds the layer-group name: a handful per model), so series per
+Every rank serves its own endpoint (spec.metrics.port + local rank). Labels are finetunejob,
+stage and rank (the learning rate adds the layer-group name: a handful per model), so series per
 job are bounded by stages x ranks. Rank 0 also exports the job-level `thaw_job_*` series.
 Names carry units and counters end in _total, as Prometheus' naming guide asks.
 """
@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 log = logging.getLogger(__name__)
 disable_created_metrics()  # *_created series double the count and no dashboard uses them
-L = ("job", "stage", "rank")
+L = ("finetunejob", "stage", "rank")  # not "job": Prometheus reserves that for the scrape job
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SAVE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -53,10 +53,12 @@ class TrainerMetrics:
         self.upload_bytes = c("thaw_checkpoint_upload_bytes", "Checkpoint bytes committed to the store")
         self.upload_failures = c("thaw_checkpoint_upload_failures", "Failed checkpoint upload attempts")
         # Job level (rank 0 only sets them).
-        self.job_stage = Gauge("thaw_job_stage_index", "Index of the stage running", ["job"], registry=r)
-        self.job_stages = Gauge("thaw_job_stages", "Stages in the job", ["job"], registry=r)
-        self.job_world = Gauge("thaw_job_world_size", "Training processes in the job", ["job"], registry=r)
-        self.job_progress = Gauge("thaw_job_progress_ratio", "Share of the job's epochs done", ["job"], registry=r)
+        self.job_stage = Gauge("thaw_job_stage_index", "Index of the stage running", ["finetunejob"], registry=r)
+        self.job_stages = Gauge("thaw_job_stages", "Stages in the job", ["finetunejob"], registry=r)
+        self.job_world = Gauge("thaw_job_world_size", "Training processes in the job", ["finetunejob"], registry=r)
+        self.job_progress = Gauge(
+            "thaw_job_progress_ratio", "Share of the job's epochs done", ["finetunejob"], registry=r
+        )
         self._epochs_before = 0
         self._epochs_total = 1
         self._step = 0
@@ -71,7 +73,7 @@ class TrainerMetrics:
         return server.server_port
 
     def _l(self) -> dict:
-        return {"job": self.job, "stage": self.stage_name, "rank": self.rank}
+        return {"finetunejob": self.job, "stage": self.stage_name, "rank": self.rank}
 
     def job_plan(self, stage_epochs: list[int], world: int) -> None:
         self._epochs_total = max(1, sum(stage_epochs))
@@ -89,6 +91,17 @@ class TrainerMetrics:
         self.steps_g.labels(**lab).set(epochs * steps)
         if self.is_main:
             self.job_stage.labels(self.job).set(index)
+        # Every per-stage series exists from the start (zeros), so rate() and alerts see it.
+        for metric in (
+            self.images,
+            self.upload_bytes,
+            self.upload_failures,
+            self.step_time,
+            self.data_wait,
+            self.save_blocked,
+            self.upload_time,
+        ):
+            metric.labels(**lab)
         self._epochs_before = sum(getattr(self, "_stage_epochs", [])[:index])
         self._step = 0
 

@@ -107,6 +107,31 @@ def verified_finals(namespace: str, name: str, spec: FineTuneJobSpec, stages: li
     return out
 
 
+def stage_progress(namespace: str, name: str, spec: FineTuneJobSpec, running: list[int]) -> dict[int, dict]:
+    """Epoch, validation accuracy and ETA of running stages, from their newest epoch manifest."""
+    if not running:
+        return {}
+    from trainer import checkpoint as ckpt
+    from trainer.storage import open_store
+
+    names = stage_names(spec)
+    out = {}
+    try:
+        store = open_store(spec.checkpoint, name, write=False, credentials=_credentials(namespace, spec))
+        for k in running:
+            manifest = ckpt.latest_manifest(store, k, names[k])
+            if manifest is not None:
+                row = manifest.get("metrics", {})
+                out[k] = {
+                    "epoch": manifest.get("epoch", 0) + 1,
+                    "valAccuracy": row.get("val_accuracy"),
+                    "etaSeconds": row.get("eta_seconds"),
+                }
+    except (SpecError, OSError, ApiException, KeyError) as err:
+        log.debug("%s/%s: no progress yet: %s", namespace, name, err)
+    return out
+
+
 def reconcile(namespace: str, name: str) -> Plan | None:
     key = (namespace, name)
     with _lock(key):
@@ -157,7 +182,11 @@ def _reconcile(namespace: str, name: str) -> Plan | None:
                 latest[j.stage] = j
         to_verify = sorted(k for k, j in latest.items() if j.complete and k not in done)
         finals = verified_finals(namespace, name, spec, to_verify)
-    result = plan(ftj, spec, error, jobs, finals, now(), CONFIG.trainer_image)
+        running = sorted(k for k, j in latest.items() if not (j.complete or j.failed) and k not in done)
+        progress = stage_progress(namespace, name, spec, running)
+    else:
+        progress = {}
+    result = plan(ftj, spec, error, jobs, finals, now(), CONFIG.trainer_image, progress)
     apply(ftj, result)
     return result
 
@@ -219,6 +248,8 @@ def apply(ftj: dict, p: Plan) -> None:
             GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": p.status}
         )
         _record_transitions(old, p.status)
+    if p.status.get("stages"):
+        metrics.set_attempts(meta["namespace"], meta["name"], p.status["stages"])
     for kind, reason, message in p.events:
         post_event(ftj, kind, reason, message)
         log.info("%s/%s %s: %s", meta["namespace"], meta["name"], reason, message)
@@ -276,8 +307,10 @@ def resync_forever(stop: threading.Event) -> None:
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def on_finetunejob(type, body, namespace, name, **_):  # noqa: A002 - kopf's argument name
-    if type != "DELETED":
-        reconcile(namespace, name)
+    if type == "DELETED":
+        metrics.forget(namespace, name, [s["name"] for s in (body.get("status") or {}).get("stages", [])])
+        return
+    reconcile(namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={res.LABEL_JOB: kopf.PRESENT})

@@ -23,6 +23,9 @@ STAGE_SECONDS = Histogram(
     buckets=(10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400),
 )
 API_REQUESTS = Counter("thaw_operator_api_requests", "Requests the reconciler sent to the API server", ["verb"])
+STAGE_ATTEMPTS = Gauge(
+    "thaw_operator_stage_attempts", "Attempts (Jobs) of each stage so far", ["namespace", "finetunejob", "stage"]
+)
 PHASES = ("Pending", "Running", "Verifying", "Queued", "Suspended", "Succeeded", "Failed")
 FINETUNEJOBS = Gauge("thaw_operator_finetunejobs", "FineTuneJobs by phase", ["phase"])
 
@@ -31,3 +34,17 @@ def set_phases(items: list[dict]) -> None:
     tally = Tally((o.get("status") or {}).get("phase") or "Pending" for o in items)
     for phase in PHASES:
         FINETUNEJOBS.labels(phase).set(tally.get(phase, 0))
+
+
+def set_attempts(namespace: str, name: str, stages: list[dict]) -> None:
+    for s in stages:
+        STAGE_ATTEMPTS.labels(namespace, name, s["name"]).set(s.get("attempts", 0))
+
+
+def forget(namespace: str, name: str, stage_names: list[str]) -> None:
+    """A deleted FineTuneJob's series go with it (bounded cardinality)."""
+    for stage in stage_names:
+        try:
+            STAGE_ATTEMPTS.remove(namespace, name, stage)
+        except KeyError:
+            pass

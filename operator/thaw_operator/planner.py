@@ -91,7 +91,9 @@ def plan(
     finals: dict[int, FinalView | None],
     now: str,
     image: str,
+    progress: dict[int, dict] | None = None,
 ) -> Plan:
+    """`progress`: the newest epoch manifest's numbers of a running stage, shown in its status."""
     meta, old = ftj["metadata"], ftj.get("status") or {}
     gen = meta.get("generation", 1)
     out = Plan()
@@ -149,7 +151,10 @@ def plan(
                 ),
             ],
         }
-        if last_ok:
+        live = [s["progress"] for s in stages if s["phase"] == RUNNING and "progress" in s]
+        if live and live[-1].get("valAccuracy") is not None:
+            out.status["valAccuracy"] = live[-1]["valAccuracy"]
+        elif last_ok:
             out.status["valAccuracy"] = last_ok[-1]["result"].get("valAccuracy")
         if old.get("phase") != phase:
             kind = "Warning" if phase == FAILED else "Normal"
@@ -292,6 +297,8 @@ def plan(
                 out.events.append(("Normal", "Queued", f"stage {k} ({st['name']}) is waiting for quota in its queue"))
             return finish(QUEUED, "Queued", f"stage {k} ({st['name']}) waiting for quota", stages, k)
         st["phase"] = RUNNING
+        if progress and k in progress:
+            st["progress"] = progress[k]
         return finish(RUNNING, "StageRunning", f"stage {k} ({st['name']}) running", stages, k)
 
     return finish(SUCCEEDED, "AllStagesSucceeded", f"all {len(stages)} stages succeeded", stages, len(stages) - 1)

@@ -7,9 +7,10 @@ node, its own UTS namespace (hostname) and mount namespace (volumes bind-mounted
 mountPath). The container "image" is assumed to be this repository's environment: the
 command runs with the repository's virtualenv first on PATH.
 
-Honoured: command/args, env (literal, fieldRef incl. annotations and status.podIP,
+Honoured: command/args (with Kubernetes' $(VAR) expansion), env (literal, fieldRef incl. annotations and status.podIP,
 secretKeyRef, configMapKeyRef, resourceFieldRef is not), envFrom, workingDir, emptyDir /
-configMap / secret / projected (service-account token) volumes, restartPolicy Never,
+configMap / secret / projected (service-account token) volumes, the termination message
+file (terminationMessagePath, reported in the terminated state), restartPolicy Never,
 deletion with SIGTERM then SIGKILL after the grace period. Not honoured: images, init
 containers, probes, resource limits, restarts.
 
@@ -24,6 +25,7 @@ import datetime as dt
 import ipaddress
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -45,6 +47,15 @@ log = logging.getLogger("node-agent")
 
 def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in command and args: defined variables are replaced,
+    undefined ones stay as written, and $$ escapes a dollar."""
+    return _VAR_REF.sub(lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), value)
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -475,7 +486,13 @@ class NodeAgent:
             if not c.command and not c.args:
                 self._finish(pod, run, {c.name: (128, "NoCommand")})
                 return
-            mounts = []
+            # A per-container file at terminationMessagePath, read back when the container ends.
+            term = run.dir / f"{c.name}.termination-log"
+            term.write_text("")
+            term_path = c.termination_message_path or "/dev/termination-log"
+            mounts = [
+                f"touch {shlex.quote(term_path)} && mount --bind {shlex.quote(str(term))} {shlex.quote(term_path)}"
+            ]
             for m in c.volume_mounts or []:
                 src = volumes[m.name] / (m.sub_path or "")
                 mounts.append(
@@ -508,8 +525,8 @@ class NodeAgent:
                 "-c",
                 script,
                 "sh",
-                *(c.command or []),
-                *(c.args or []),
+                *(expand(a, envs[c.name]) for a in (c.command or [])),
+                *(expand(a, envs[c.name]) for a in (c.args or [])),
             ]
             logf = open(run.dir / f"{c.name}.log", "ab")
             run.procs[c.name] = subprocess.Popen(
@@ -540,11 +557,11 @@ class NodeAgent:
             code, reason = codes.get(c.name, (0, None))
             reason = reason or ("Completed" if code == 0 else "Error")
             started = run.started.get(c.name, t)
-            containers.append(
-                self._container(
-                    c, {"terminated": {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": t}}
-                )
-            )
+            terminated = {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": t}
+            term = run.dir / f"{c.name}.termination-log"
+            if term.is_file() and term.stat().st_size:
+                terminated["message"] = term.read_text()[:4096]
+            containers.append(self._container(c, {"terminated": terminated}))
         phase = "Succeeded" if all(code == 0 for code, _ in codes.values()) else "Failed"
         self._status(pod, phase, containers, message=message, run=run)
         run.finished = True

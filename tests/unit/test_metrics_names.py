@@ -42,7 +42,7 @@ def test_names_have_units_counters_total_and_only_bounded_labels():
         if fam.type == "counter":
             assert all(s.name.endswith("_total") for s in fam.samples), name
         for s in fam.samples:
-            extra = set(s.labels) - {"job", "stage", "rank", "group", "le"}
+            extra = set(s.labels) - {"finetunejob", "stage", "rank", "group", "le"}
             assert not extra, (name, extra)
     assert {"thaw_step_duration_seconds", "thaw_data_wait_seconds", "thaw_checkpoint_upload_seconds"} <= set(fams)
     assert fams["thaw_checkpoint_upload_bytes"].type == "counter"
@@ -56,8 +56,8 @@ def test_values_per_stage_and_job_progress():
     assert value("thaw_train_images", stage="all", rank="0") == 3 * 4 * 32
     assert value("thaw_epoch", stage="head") == 2 and value("thaw_epoch", stage="all") == 3
     assert value("thaw_step", stage="all") == 12
-    assert value("thaw_job_progress_ratio", job="job-a") == 1.0
-    assert value("thaw_job_stages", job="job-a") == 2
+    assert value("thaw_job_progress_ratio", finetunejob="job-a") == 1.0
+    assert value("thaw_job_stages", finetunejob="job-a") == 2
     assert value("thaw_checkpoint_upload_bytes", stage="all") == 3000
 
 

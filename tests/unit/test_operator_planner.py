@@ -208,3 +208,21 @@ def test_stage_overrides_nodes_and_gpus():
     assert head["spec"]["completions"] == 1 and full["spec"]["completions"] == 4
     assert head["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert full["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+
+
+def test_running_stage_shows_epoch_progress_from_its_newest_manifest():
+    status = run(ftj()).status
+    body = ftj(status)
+    p = plan(
+        body,
+        parse_job(body).spec,
+        None,
+        [job(0, 1, active=2)],
+        {},
+        NOW,
+        IMAGE,
+        {0: {"epoch": 1, "valAccuracy": 0.61, "etaSeconds": 12.0}},
+    )
+    st = p.status["stages"][0]
+    assert st["progress"] == {"epoch": 1, "valAccuracy": 0.61, "etaSeconds": 12.0} and st["epochs"] == 1
+    assert p.status["valAccuracy"] == 0.61

@@ -213,6 +213,8 @@ def test_process_pod_gets_env_volumes_and_reports_exit_code(api, namespace, clus
         "print('FILE', pathlib.Path('/etc/cfg/a.txt').read_text(), pathlib.Path('/etc/creds/key').read_text())\n"
         "pathlib.Path('/scratch/x').write_text('ok'); print('EMPTYDIR', pathlib.Path('/scratch/x').read_text())\n"
         "print('CWD', os.getcwd(), 'HOST', socket.gethostname())\n"
+        "import sys; print('ARGS', *sys.argv[1:])\n"
+        "pathlib.Path('/dev/termination-log').write_text('last words')\n"
         "raise SystemExit(3)\n"
     )
     env = [
@@ -239,16 +241,18 @@ def test_process_pod_gets_env_volumes_and_reports_exit_code(api, namespace, clus
             script,
             hostname="probe-host",
             volumes=volumes,
-            c={"env": env, "volumeMounts": mounts, "workingDir": "/tmp"},
+            c={"env": env, "volumeMounts": mounts, "workingDir": "/tmp", "args": ["$(MODE)-arg", "$$(LIT)", "$(NOPE)"]},
         ),
     )
     pod = wait_for(lambda: _terminated(core, namespace, "probe"), timeout=60, what="probe pod to end")
     assert pod.status.phase == "Failed"
     term = pod.status.container_statuses[0].state.terminated
     assert term.exit_code == 3 and term.reason == "Error"
+    assert term.message == "last words"  # the container's own /dev/termination-log
     log = next((cluster.state / "nodes" / "process-0" / "pods").glob(f"{namespace}_probe_*/main.log")).read_text()
     assert f"ENV s3cret fast probe {namespace} plain" in log
     assert "FILE A s3cret" in log and "EMPTYDIR ok" in log and "CWD /tmp HOST probe-host" in log
+    assert "ARGS fast-arg $(LIT) $(NOPE)" in log  # $(VAR) expanded, $$ escaped, unknown kept
     assert not Path("/scratch/x").exists(), "the emptyDir was mounted in the pod's own mount namespace only"
 
 

@@ -1,0 +1,117 @@
+"""Every PromQL expression of the dashboard and the alerts, evaluated against a real Prometheus
+that scraped a real 2-process training run and the operator driving a FineTuneJob, returns data."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.cluster.conftest import ROOT
+from tests.integration.cluster.test_operator import Api, ftj_doc, write_final
+from tests.integration.test_monitoring_rules import rendered_rules
+from tests.services.net import free_ports, wait_until
+from tests.services.prometheus import Prometheus
+
+pytestmark = pytest.mark.cluster
+DASHBOARD = ROOT / "charts" / "thaw" / "files" / "dashboard.json"
+CUDA_ONLY = ("thaw_gpu_memory_",)  # exported only by ranks on a CUDA device
+SELECTOR = re.compile(r"\b((?:thaw_[a-z_]+|up)(?:\{[^}]*\})?)")
+
+
+def dashboard_queries() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [a["expr"] for a in dash["annotations"]["list"] if a.get("expr")]
+    # Grafana's macros, as Grafana would substitute them for "All" and a 1 s scrape interval.
+    return [e.replace("$finetunejob", ".*").replace("$__rate_interval", "1m") for e in exprs]
+
+
+def test_dashboard_and_alert_queries_return_data(api, namespace, operator, tmp_path):
+    trainer_port = free_ports(1, offset=1)[0]
+    prom = Prometheus(
+        tmp_path / "prom",
+        {
+            "thaw-trainer": [f"127.0.0.1:{trainer_port}", f"127.0.0.1:{trainer_port + 1}"],
+            "t-thaw-metrics": [f"127.0.0.1:{operator.metrics_port}"],  # the alerts' operator job for release "t"
+        },
+    ).start()
+    try:
+        # The operator drives a FineTuneJob (kwok) ...
+        k = Api(api, namespace)
+        doc = ftj_doc("watched", f"file://{tmp_path}/store", stages=2)
+        write_final(doc, 0, 0.5)
+        write_final(doc, 1, 0.6)
+        k.create(doc)
+        k.phase("watched", "Succeeded", 60)
+        # ... while a real training run serves its metrics, lingering after it ends.
+        from tests.builders import job_doc
+
+        job = job_doc(
+            data={
+                "source": "digits",
+                "imageSize": 32,
+                "trainPerClass": 20,
+                "valPerClass": 5,
+                "testLimit": 100,
+                "batchSize": 24,
+            },
+            checkpoint={"uri": f"file://{tmp_path}/train-store"},
+            metrics={"port": trainer_port, "lingerSeconds": 120},
+        )
+        job["metadata"]["name"] = "mon"
+        job["spec"]["stages"][1]["epochs"] = 4
+        path = tmp_path / "mon.yaml"
+        path.write_text(yaml.safe_dump(job))
+        proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "torchrun"),
+                "--standalone",
+                "--nproc_per_node=2",
+                "-m",
+                "trainer",
+                "run",
+                str(path),
+            ],
+            cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+
+            def trained():
+                if proc.poll() is not None:
+                    raise AssertionError(f"training exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
+                return prom.query('thaw_job_progress_ratio{finetunejob="mon"} == 1')
+
+            wait_until(trained, 300, "training to finish (progress 1)", 1)
+            time.sleep(3)  # a few more scrapes of the final values
+
+            empty = []
+            for expr in dashboard_queries():
+                if any(c in expr for c in CUDA_ONLY):
+                    continue
+                if not prom.query(expr):
+                    empty.append(expr)
+            assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+
+            rules = yaml.safe_load(rendered_rules(tmp_path).read_text())
+            for group in rules["groups"]:
+                for rule in group["rules"]:
+                    prom.query(rule["expr"])  # valid PromQL (raises on an error status)
+                    for selector in SELECTOR.findall(rule["expr"]):
+                        assert prom.query(f"count({selector})"), (rule["alert"], selector)
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        prom.stop()
