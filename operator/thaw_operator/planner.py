@@ -180,6 +180,7 @@ def plan(
                 "index": k,
                 "name": name,
                 "phase": prev.get("phase", PENDING),
+                "epochs": stage_specs[k].epochs,
                 "attempts": prev.get("attempts", 0),
                 **{key: prev[key] for key in ("startTime", "completionTime", "checkpoint", "result") if key in prev},
             }
