@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo demo-local test test-unit lint bench constraints clean k8s-binaries cluster-up cluster-down \
-	crd manifests helm-lint images kind-up kind-demo kind-down
+	crd manifests helm-lint images kind-up kind-demo kind-down demo-down
 
 install: $(STAMP)
 
@@ -18,11 +18,18 @@ $(STAMP): pyproject.toml constraints.txt hack/install-deps.sh
 	touch $@
 
 # The quickstart under torchrun: 2 processes, gloo, on this machine's CPUs.
-demo: install
+# The quickstart through the real Kubernetes path: local cluster, SeaweedFS, Prometheus, the
+# chart, the operator; stage pods train in DDP on the process node. Left running (demo-down).
+demo: install k8s-binaries
+	$(PY) -m tests.cluster.demo up
+
+demo-down:
+	$(PY) -m tests.cluster.demo down
+
+# The same training without a cluster: torchrun on this machine.
+demo-local: install
 	rm -rf runs/quickstart
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m trainer run examples/quickstart.yaml
-
-demo-local: demo
 
 # The Kubernetes binaries are built first (cached; cold ~15 min) so CI shows the build's progress.
 test: install k8s-binaries

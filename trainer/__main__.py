@@ -67,7 +67,7 @@ def _report(job) -> None:
     if isinstance(store, LocalStore):
         print(f"curves: {plot_curves(rows, store.root / 'curves.png')}")
         return
-    local = plot_curves(rows, Path(f"{job.metadata.name}-curves.png"))
+    local = plot_curves(rows, Path("runs") / f"{job.metadata.name}-curves.png")
     store.put("curves.png", local.read_bytes())
     print(f"curves: {store.uri}/curves.png (copy: {local})")
 

@@ -41,6 +41,8 @@ from kubernetes.client.rest import ApiException
 ROOT = Path(__file__).resolve().parents[2]
 BRIDGE = "thaw0"
 SUBNET = ipaddress.ip_network(os.environ.get("THAW_POD_SUBNET", "10.244.0.0/24"))
+# The bridge's own address: pods reach services on the host (SeaweedFS, say) there.
+GATEWAY = next(SUBNET.hosts())
 NS_PREFIX = "thaw-"
 log = logging.getLogger("node-agent")
 
@@ -65,6 +67,8 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def setup_bridge() -> None:
     if sh("ip", "link", "show", BRIDGE, check=False).returncode != 0:
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
+    if str(GATEWAY) not in sh("ip", "-o", "addr", "show", "dev", BRIDGE).stdout:
+        sh("ip", "addr", "add", f"{GATEWAY}/{SUBNET.prefixlen}", "dev", BRIDGE)
     sh("ip", "link", "set", BRIDGE, "up")
 
 

@@ -26,20 +26,24 @@ class Prometheus:
     root: Path
     targets: dict[str, list[str]]  # scrape job name -> ["127.0.0.1:port", ...]
     rule_files: list[Path] = field(default_factory=list)
+    extra_scrape_configs: list[dict] = field(default_factory=list)  # e.g. kubernetes_sd for pods
+    port: int | None = None
+    scrape_interval: str = "1s"
     proc: subprocess.Popen | None = None
 
     def __post_init__(self):
-        self.port = free_port()
+        self.port = self.port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Prometheus:
         self.root.mkdir(parents=True, exist_ok=True)
         config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.scrape_interval},
             "rule_files": [str(p) for p in self.rule_files],
             "scrape_configs": [
                 {"job_name": name, "static_configs": [{"targets": t}]} for name, t in self.targets.items()
-            ],
+            ]
+            + self.extra_scrape_configs,
         }
         (self.root / "prometheus.yml").write_text(yaml.safe_dump(config))
         cmd = [

@@ -36,13 +36,17 @@ def weed_binary() -> str:
 class SeaweedFS:
     root: Path
     buckets: tuple[str, ...] = ("thaw",)
+    ip: str = "127.0.0.1"  # the demo binds the pod bridge's address, so pods reach it
+    s3_port: int | None = None
     proc: subprocess.Popen | None = None
 
     def __post_init__(self):
         # master, volume, filer, s3 (+10000 each for gRPC), admin
         self.ports = free_ports(5, offset=10000)
+        if self.s3_port:
+            self.ports[3] = self.s3_port
         self.s3_port = self.ports[3]
-        self.endpoint = f"http://127.0.0.1:{self.s3_port}"
+        self.endpoint = f"http://{self.ip}:{self.s3_port}"
 
     def env(self, identity=ADMIN) -> dict[str, str]:
         return {
@@ -92,8 +96,8 @@ class SeaweedFS:
             weed_binary(),
             "mini",
             f"-dir={self.root / 'data'}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
+            f"-ip={self.ip}",
+            f"-ip.bind={self.ip}",
             f"-master.port={master}",
             f"-volume.port={volume}",
             f"-filer.port={filer}",
