@@ -96,8 +96,11 @@ kind-up: images
 	  --set image.repository=$(REGISTRY)/thaw-operator --set image.tag=$(TAG) \
 	  --set trainerImage.repository=$(REGISTRY)/thaw-trainer --set trainerImage.tag=$(TAG)
 
+# Needs an S3 endpoint reachable from the pods (S3_ENDPOINT) and a Secret thaw-s3 with its keys.
+S3_ENDPOINT ?= http://seaweedfs.default.svc:8333
 kind-demo:
-	kubectl apply -f examples/quickstart-cluster.yaml
+	sed -e 's#http://10.244.0.1:8333#$(S3_ENDPOINT)#' -e '/nodeSelector: {type: process}/d' \
+	  examples/quickstart-cluster.yaml | kubectl apply -f -
 	kubectl wait ftj/quickstart --for=jsonpath='{.status.phase}'=Succeeded --timeout=30m
 	kubectl get ftj quickstart
 

@@ -75,7 +75,7 @@ def main() -> None:
         cp.start()
         op = None
         try:
-            cp.kubectl("apply", "--server-side", "-f", str(ROOT / "manifests" / "crd"))
+            cp.kubectl("apply", "--server-side", "-k", str(ROOT / "manifests" / "crd"))
             cp.kubectl("wait", "--for", "condition=established", "crd/finetunejobs.thaw.dev", "--timeout=60s")
             api = config.new_client_from_config(str(cp.kubeconfig_path))
             docs = [doc(f"ft-{i:03d}", f"file://{tmp}/store", args.pods_per_stage) for i in range(args.jobs)]

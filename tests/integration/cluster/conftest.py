@@ -87,7 +87,7 @@ def wait_for(fn, timeout: float = 60, interval: float = 0.3, what: str = "condit
 @pytest.fixture(scope="session")
 def crd(cluster):
     """The FineTuneJob CRD from manifests/, established."""
-    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "manifests" / "crd"))
+    cluster.kubectl("apply", "--server-side", "-k", str(ROOT / "manifests" / "crd"))
     cluster.kubectl("wait", "--for", "condition=established", "crd/finetunejobs.thaw.dev", "--timeout=60s")
     return "finetunejobs.thaw.dev"
 

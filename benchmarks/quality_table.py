@@ -1,0 +1,196 @@
+"""The quality table: is staged unfreezing worth it, and when? (docs/results.md)
+
+    python benchmarks/quality_table.py --budgets 10 100 --seeds 0 1 2 --out docs/results.md
+
+Fashion-MNIST with the bundled ImageNet EfficientNet-Lite0 at 64 px, at several label
+budgets (training images per class, drawn by the seed; every method sees the same subset
+for a seed), the first 2,000 official test images. Methods, each neural one with the same
+total epoch budget: logistic regression on raw pixels; the network from scratch; head only
+(linear probe); full fine-tuning; gradual unfreezing (head -> top 3 groups -> all, one lr);
+gradual unfreezing with discriminative rates (lrDecay 1.5, the quickstart's recipe).
+Reported: test accuracy mean and standard deviation over seeds, wall time, and
+trainable-parameter-epochs (sum over stages of trainable parameters x epochs run).
+Each run is one process (`python -m trainer run`) with 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from report import write_section  # noqa: E402
+
+EPOCHS = 12  # every neural method's total
+
+
+def base(per_class: int, seed: int, store: str) -> dict:
+    return {
+        "apiVersion": "thaw.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "q"},
+        "spec": {
+            "model": {"architecture": "efficientnet_lite0", "weights": "BUNDLED", "numClasses": 10},
+            "data": {
+                "source": "fashion-mnist",
+                "imageSize": 64,
+                "trainPerClass": per_class,
+                "valPerClass": 30,
+                "testLimit": 2000,
+                "batchSize": min(50, per_class * 5),
+            },
+            "optimizer": {"name": "sgd", "momentum": 0.9, "weightDecay": 1.0e-4},
+            "schedule": {"name": "cosine"},
+            "seed": seed,
+            "speed": {"threads": 2},
+            "metrics": {"enabled": False},
+            "checkpoint": {"uri": store, "keepLast": 1},
+        },
+    }
+
+
+def stages(method: str) -> list[dict]:
+    third = EPOCHS // 3
+    if method == "scratch":
+        return [
+            {
+                "name": "all",
+                "trainable": "all",
+                "epochs": EPOCHS,
+                "lr": 0.02,
+                "schedule": {"name": "cosine", "warmupEpochs": 1},
+            }
+        ]
+    if method == "head":
+        return [{"name": "head", "trainable": {"top": 1}, "epochs": EPOCHS, "lr": 0.01}]
+    if method == "full":
+        return [{"name": "all", "trainable": "all", "epochs": EPOCHS, "lr": 0.01, "freezeBnStats": True}]
+    decay = 1.5 if method == "gradual-discriminative" else 1.0
+    return [
+        {"name": "head", "trainable": {"top": 1}, "epochs": third, "lr": 0.01},
+        {"name": "top3", "trainable": {"top": 3}, "epochs": third, "lr": 0.01, "lrDecay": decay, "freezeBnStats": True},
+        {
+            "name": "all",
+            "trainable": "all",
+            "epochs": EPOCHS - 2 * third,
+            "lr": 0.01,
+            "lrDecay": decay,
+            "freezeBnStats": True,
+        },
+    ]
+
+
+METHODS = {
+    "logreg": "logistic regression, raw pixels",
+    "scratch": "from scratch (random init), all layers",
+    "head": "head only (linear probe)",
+    "full": "full fine-tuning, one lr",
+    "gradual": "gradual unfreezing (head, top 3, all), one lr",
+    "gradual-discriminative": "gradual unfreezing + discriminative lr (decay 1.5)",
+}
+
+
+def logreg(doc: dict) -> tuple[float, float, int]:
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from trainer.data import load_source, split_train_val
+    from trainer.spec import parse_job
+
+    t0 = time.perf_counter()
+    spec = parse_job(doc).spec
+    src = load_source(spec.data)
+    idx, _ = split_train_val(src.train.labels, spec.data, spec.seed)
+    x = src.train.images[idx].reshape(len(idx), -1).numpy() / 255.0
+    n = spec.data.test_limit
+    xt = src.test.images[:n].reshape(n, -1).numpy() / 255.0
+    clf = LogisticRegression(max_iter=2000).fit(x, src.train.labels[idx].numpy())
+    acc = float(np.mean(clf.predict(xt) == src.test.labels[:n].numpy()))
+    return acc, time.perf_counter() - t0, x.shape[1] * 10 + 10
+
+
+def neural(doc: dict, tmp: Path, name: str) -> tuple[float, float, int]:
+    doc["metadata"]["name"] = name
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer", "run", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"{name}: {out.stderr[-2000:]}")
+    store = Path(doc["spec"]["checkpoint"]["uri"].removeprefix("file://")) / name
+    finals = [json.loads(p.read_text())["metrics"] for p in sorted(store.glob("stage-*/final.json"))]
+    pe = sum(f["trainable_params"] * f["epochs_run"] for f in finals)
+    return finals[-1]["test_accuracy"], wall, pe
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", type=int, nargs="+", default=[10, 100])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    results: dict[tuple[int, str], list[tuple[float, float, int]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for budget in args.budgets:
+            for seed in args.seeds:
+                for method in args.methods:
+                    doc = base(budget, seed, f"file://{tmp}/store")
+                    if method == "logreg":
+                        r = logreg(doc)
+                    else:
+                        doc["spec"]["stages"] = stages(method)
+                        if method == "scratch":
+                            doc["spec"]["model"]["weights"] = None
+                        r = neural(doc, tmp, f"{method}-{budget}-{seed}")
+                    results.setdefault((budget, method), []).append(r)
+                    print(f"budget {budget} seed {seed} {method}: acc {r[0]:.4f} wall {r[1]:.0f}s", flush=True)
+    lines = [
+        "## Quality table: methods x label budgets",
+        "",
+        f"Command: `python benchmarks/quality_table.py --budgets {' '.join(map(str, args.budgets))} "
+        f"--seeds {' '.join(map(str, args.seeds))} --out docs/results.md`",
+        "",
+        f"Fashion-MNIST, bundled ImageNet EfficientNet-Lite0, 64 px, {EPOCHS} epochs for every neural method, "
+        f"test accuracy on the first 2,000 test images, mean ± std over seeds {args.seeds}; "
+        f"{os.cpu_count()} CPU cores, one process per run.",
+        "",
+        "| images/class | method | test accuracy | wall s (mean) | trainable-param-epochs |",
+        "|---|---|---|---|---|",
+    ]
+    for budget in args.budgets:
+        for method in args.methods:
+            rs = results[(budget, method)]
+            accs = [r[0] for r in rs]
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            lines.append(
+                f"| {budget} | {METHODS[method]} | {statistics.mean(accs):.4f} ± {std:.4f} | "
+                f"{statistics.mean(r[1] for r in rs):.0f} | {statistics.mean(r[2] for r in rs) / 1e6:.1f} M |"
+            )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        write_section(args.out, "quality", table)
+
+
+if __name__ == "__main__":
+    main()
