@@ -72,29 +72,21 @@ def _sa_kubeconfig(cp: ControlPlane, namespace: str, sa: str) -> Path:
 
 
 def _pod_scrape_config(cp: ControlPlane) -> dict:
-    """Prometheus discovers every training rank the way a PodMonitor would: pods labelled
-    thaw.dev/finetunejob, container port named `metrics`."""
-    config = yaml.safe_load(cp.kubeconfig_path.read_text())
-    token = cp.state / "prometheus.token"
-    token.write_text(config["users"][0]["user"]["token"])
-    token.chmod(0o600)
-    return {
-        "job_name": "thaw-trainer",
-        "kubernetes_sd_configs": [
-            {
-                "role": "pod",
-                "api_server": config["clusters"][0]["cluster"]["server"],
-                "tls_config": {"ca_file": str(cp.state / "pki" / "ca.crt")},
-                "authorization": {"credentials_file": str(token)},
-            }
-        ],
-        "relabel_configs": [
-            {"source_labels": ["__meta_kubernetes_pod_label_thaw_dev_finetunejob"], "regex": ".+", "action": "keep"},
-            {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "metrics", "action": "keep"},
-            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-        ],
-    }
+    """Prometheus scrapes every training rank the way a PodMonitor would: pods labelled
+    thaw.dev/finetunejob, container port named `metrics` (found by tests/cluster/pod_sd.py)."""
+    log = open(cp.state / "logs" / "pod-sd.log", "ab")  # noqa: SIM115 - owned by the process
+    targets = cp.state / "pod-targets.json"
+    targets.write_text("[]")
+    sd = subprocess.Popen(
+        [sys.executable, "-m", "tests.cluster.pod_sd", f"--kubeconfig={cp.kubeconfig_path}", f"--out={targets}"],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    _record(cp.state, "pod-sd", sd.pid)
+    return {"job_name": "thaw-trainer", "file_sd_configs": [{"files": [str(targets)], "refresh_interval": "2s"}]}
 
 
 def start(state: Path = STATE, s3_port: int = S3_PORT, prometheus_port: int = PROMETHEUS_PORT) -> Demo:

@@ -497,7 +497,10 @@ class NodeAgent:
             mounts = [
                 f"touch {shlex.quote(term_path)} && mount --bind {shlex.quote(str(term))} {shlex.quote(term_path)}"
             ]
-            for m in c.volume_mounts or []:
+            # A mount over an ancestor of the agent's state dir (/tmp, say) would hide the
+            # sources of the mounts after it: those go last.
+            shadows = lambda m: run.dir.is_relative_to(m.mount_path)
+            for m in sorted(c.volume_mounts or [], key=shadows):
                 src = volumes[m.name] / (m.sub_path or "")
                 mounts.append(
                     f"mkdir -p {shlex.quote(m.mount_path)} && mount --bind {shlex.quote(str(src))} "

@@ -27,9 +27,8 @@ def demo(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.fail("the demo needs root (network namespaces for the process node)")
     state = tmp_path_factory.mktemp("demo")
-    d = demo_mod.start(state, s3_port=demo_mod.S3_PORT, prometheus_port=free_port())
     try:
-        yield d
+        yield demo_mod.start(state, s3_port=demo_mod.S3_PORT, prometheus_port=free_port())
     finally:
         demo_mod.stop(state, quiet=True)
 
