@@ -1,4 +1,4 @@
-"""The demo job, exactly as `make demo` runs it (torchrun, 2 gloo processes), and the claim
+"""The demo job, exactly as `make demo-local` runs it (torchrun, 2 gloo processes), and the claim
 it exists to show: staged fine-tuning from ImageNet weights beats the same network from
 random init under the same epoch budget, and a logistic regression on raw pixels of the
 same few-shot subset."""
