@@ -155,10 +155,10 @@ def main() -> None:
             for seed in args.seeds:
                 for method in args.methods:
                     doc = base(budget, seed, f"file://{tmp}/store")
+                    doc["spec"]["stages"] = stages("head" if method == "logreg" else method)
                     if method == "logreg":
                         r = logreg(doc)
                     else:
-                        doc["spec"]["stages"] = stages(method)
                         if method == "scratch":
                             doc["spec"]["model"]["weights"] = None
                         r = neural(doc, tmp, f"{method}-{budget}-{seed}")
@@ -168,7 +168,9 @@ def main() -> None:
         "## Quality table: methods x label budgets",
         "",
         f"Command: `python benchmarks/quality_table.py --budgets {' '.join(map(str, args.budgets))} "
-        f"--seeds {' '.join(map(str, args.seeds))} --out docs/results.md`",
+        f"--seeds {' '.join(map(str, args.seeds))}"
+        + (f" --methods {' '.join(args.methods)}" if args.methods != list(METHODS) else "")
+        + " --out docs/results.md`",
         "",
         f"Fashion-MNIST, bundled ImageNet EfficientNet-Lite0, 64 px, {EPOCHS} epochs for every neural method, "
         f"test accuracy on the first 2,000 test images, mean ± std over seeds {args.seeds}; "
@@ -182,9 +184,10 @@ def main() -> None:
             rs = results[(budget, method)]
             accs = [r[0] for r in rs]
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            pe = "n/a (no epochs)" if method == "logreg" else f"{statistics.mean(r[2] for r in rs) / 1e6:.1f} M"
             lines.append(
                 f"| {budget} | {METHODS[method]} | {statistics.mean(accs):.4f} ± {std:.4f} | "
-                f"{statistics.mean(r[1] for r in rs):.0f} | {statistics.mean(r[2] for r in rs) / 1e6:.1f} M |"
+                f"{statistics.mean(r[1] for r in rs):.0f} | {pe} |"
             )
     table = "\n".join(lines)
     print(table)
