@@ -41,6 +41,8 @@ from kubernetes.client.rest import ApiException
 ROOT = Path(__file__).resolve().parents[2]
 BRIDGE = "thaw0"
 SUBNET = ipaddress.ip_network(os.environ.get("THAW_POD_SUBNET", "10.244.0.0/24"))
+# Where a pod's mount namespace keeps paths that one of its volumes would hide (see start_pod).
+KEEP_DIR = Path("/run/thaw-keep")
 # The bridge's own address: pods reach services on the host (SeaweedFS, say) there.
 GATEWAY = next(SUBNET.hosts())
 NS_PREFIX = "thaw-"
@@ -80,6 +82,14 @@ def teardown_network() -> None:
             sh("ip", "netns", "delete", name, check=False)
             sh("rm", "-rf", f"/etc/netns/{name}", check=False)
     sh("ip", "link", "delete", BRIDGE, check=False)
+    # Keep-out mount points are mounted only inside pods' namespaces: here they are empty
+    # directories. rmdir (never rm -r) removes nothing else even if that were not so.
+    if KEEP_DIR.is_dir():
+        for d in sorted(KEEP_DIR.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [KEEP_DIR]:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
 
 
 @dataclass
@@ -497,17 +507,28 @@ class NodeAgent:
             mounts = [
                 f"touch {shlex.quote(term_path)} && mount --bind {shlex.quote(str(term))} {shlex.quote(term_path)}"
             ]
-            # A mount over an ancestor of the agent's state dir (/tmp, say) would hide the
-            # sources of the mounts after it: those go last.
-            shadows = lambda m: run.dir.is_relative_to(m.mount_path)
-            for m in sorted(c.volume_mounts or [], key=shadows):
+            # A mount over an ancestor of this repository or of the agent's state dir (an
+            # emptyDir at /tmp while both live under /tmp, say) would hide the pod's program
+            # and the other volumes' sources. Those two are first bound to a keep-out place
+            # and bound back inside the new mount; such mounts go last.
+            keep = [Path(ROOT), self.state]
+            hides = lambda m, keep=keep: any(k.is_relative_to(m.mount_path) for k in keep)
+            held = KEEP_DIR / run.uid[:8]
+            if any(hides(m) for m in c.volume_mounts or []):
+                for i, k in enumerate(keep):
+                    mounts.append(f"mkdir -p {held}/{i} && mount --bind {shlex.quote(str(k))} {held}/{i}")
+            for m in sorted(c.volume_mounts or [], key=hides):
                 src = volumes[m.name] / (m.sub_path or "")
-                mounts.append(
-                    f"mkdir -p {shlex.quote(m.mount_path)} && mount --bind {shlex.quote(str(src))} "
-                    f"{shlex.quote(m.mount_path)}"
-                )
+                target = shlex.quote(m.mount_path)
+                mounts.append(f"mkdir -p {target} && mount --bind {shlex.quote(str(src))} {target}")
                 if m.read_only:
-                    mounts.append(f"mount -o remount,bind,ro {shlex.quote(m.mount_path)}")
+                    mounts.append(f"mount -o remount,bind,ro {target}")
+                if hides(m):
+                    for i, k in enumerate(keep):
+                        if k.is_relative_to(m.mount_path):
+                            mounts.append(
+                                f"mkdir -p {shlex.quote(str(k))} && mount --bind {held}/{i} {shlex.quote(str(k))}"
+                            )
             script = "; ".join(
                 [
                     "set -e",
