@@ -131,3 +131,64 @@ def test_dataset_prefix_is_downloaded_once_and_kept_in_sync(s3_env, seaweed, tmp
     assert sync_prefix("s3://data/set", dest) == 1
     assert (dest / "train/c1/img.png").read_bytes() == b"new"
     assert not (dest / "train/c2/img.png").exists()
+
+
+def test_training_reads_an_s3_image_folder_downloaded_once_per_node(s3_env, seaweed, tmp_path):
+    """data.source s3://...: the trainer mirrors the prefix into its cache, then a rerun downloads nothing."""
+    import subprocess
+    import sys
+
+    import yaml
+    from torchvision.io import encode_png
+
+    from tests.builders import job_doc
+    from tests.integration.conftest import ROOT
+
+    client = seaweed.client()
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for label in ("dark", "light"):
+            for i in range(n):
+                base = 40 if label == "dark" else 200
+                img = (torch.full((3, 16, 16), base) + torch.randint(0, 30, (3, 16, 16), generator=g)).to(torch.uint8)
+                client.put_object(
+                    Bucket="data", Key=f"imgs/{split}/{label}/{i}.png", Body=encode_png(img).numpy().tobytes()
+                )
+    doc = job_doc(
+        data={
+            "source": "s3://data/imgs",
+            "imageSize": 32,
+            "valPerClass": 2,
+            "batchSize": 8,
+            "cacheDir": str(tmp_path / "cache"),
+        },
+        model={"architecture": "efficientnet_lite0", "weights": "BUNDLED", "numClasses": 2},
+        checkpoint={"uri": f"file://{tmp_path}/store"},
+        metrics={"enabled": False},
+    )
+    doc["spec"]["stages"] = doc["spec"]["stages"][:1]
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(
+        [sys.executable, "-m", "trainer", "run", str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "data: s3://data/imgs ->" in first.stdout and "(32 objects downloaded)" in first.stdout
+    doc["metadata"]["name"] = "again"
+    path.write_text(yaml.safe_dump(doc))
+    second = subprocess.run(
+        [sys.executable, "-m", "trainer", "run", str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "(0 objects downloaded)" in second.stdout
