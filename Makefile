@@ -40,7 +40,7 @@ test-unit: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check trainer tests benchmarks
+	$(VENV)/bin/ruff format --check trainer operator tests benchmarks hack
 
 bench: install
 	$(PY) benchmarks/bench_trainer.py --repeats 3 --out docs/benchmarks.md
