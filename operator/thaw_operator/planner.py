@@ -165,6 +165,7 @@ def plan(
         return finish(FAILED, "InvalidSpec", spec_error or "invalid spec", [], 0)
     names = stage_names(spec)
     stage_specs = [s for _, s in expand_stages(spec)]
+    image = spec.image or image  # the job's own image wins over the operator's default
     if old.get("phase") in TERMINAL and old.get("observedGeneration") == gen:
         out.status = old
         return out

@@ -226,3 +226,10 @@ def test_running_stage_shows_epoch_progress_from_its_newest_manifest():
     st = p.status["stages"][0]
     assert st["progress"] == {"epoch": 1, "valAccuracy": 0.61, "etaSeconds": 12.0} and st["epochs"] == 1
     assert p.status["valAccuracy"] == 0.61
+
+
+def test_the_jobs_image_overrides_the_operators_default():
+    p = run(ftj())
+    assert p.create[1]["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE
+    p = run(ftj(image="registry.example/thaw-trainer:cu13"))
+    assert p.create[1]["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/thaw-trainer:cu13"
