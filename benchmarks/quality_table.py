@@ -102,22 +102,11 @@ METHODS = {
 
 
 def logreg(doc: dict) -> tuple[float, float, int]:
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-
-    from trainer.data import load_source, split_train_val
-    from trainer.spec import parse_job
+    from tests.baselines import logistic_regression_accuracy
 
     t0 = time.perf_counter()
-    spec = parse_job(doc).spec
-    src = load_source(spec.data)
-    idx, _ = split_train_val(src.train.labels, spec.data, spec.seed)
-    x = src.train.images[idx].reshape(len(idx), -1).numpy() / 255.0
-    n = spec.data.test_limit
-    xt = src.test.images[:n].reshape(n, -1).numpy() / 255.0
-    clf = LogisticRegression(max_iter=2000).fit(x, src.train.labels[idx].numpy())
-    acc = float(np.mean(clf.predict(xt) == src.test.labels[:n].numpy()))
-    return acc, time.perf_counter() - t0, x.shape[1] * 10 + 10
+    acc = logistic_regression_accuracy(doc)
+    return acc, time.perf_counter() - t0, 28 * 28 * 10 + 10
 
 
 def neural(doc: dict, tmp: Path, name: str) -> tuple[float, float, int]:

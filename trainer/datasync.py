@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from trainer.storage import S3Store, StoreError, s3_client, split_s3_uri
+from trainer.storage import S3Store, StoreError, s3_client, s3_error, split_s3_uri
 
 INDEX = ".thaw-sync.json"
 
@@ -43,8 +43,6 @@ def sync_prefix(uri: str, dest: Path, endpoint: str | None = None) -> int:
                 if not o["Key"].endswith("/"):
                     listing[o["Key"][len(full) :]] = (o["Size"], o["ETag"].strip('"'))
     except Exception as err:
-        from trainer.storage import s3_error
-
         raise s3_error(err, uri, bucket, "list") from None
     if not listing:
         raise StoreError(f"{uri}: no objects under this prefix")

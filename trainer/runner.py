@@ -375,23 +375,20 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         # Every rank's RNG goes into the checkpoint: resuming restores each rank's own.
         rngs = all_gather_objects(rng_state(), env)
         if env.is_main:
-            _save_epoch(
-                setup,
-                stage,
-                epoch,
-                epoch_dir,
-                row,
-                steps_per_epoch,
-                model,
-                optimizer,
-                scheduler,
-                scaler,
-                tracker,
-                history,
-                best_dir,
-                train_seconds,
-                rngs,
-            )
+            train_state = {
+                "epoch": epoch,
+                "sampler_epoch": epoch + 1,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "tracker": tracker.state_dict(),
+                "history": history,
+                "best_dir": best_dir,
+                "train_seconds": train_seconds,
+                "rng": rngs,
+                "spec_hash": training_hash(spec),
+            }
+            _save_epoch(setup, stage, epoch_dir, row, (epoch + 1) * steps_per_epoch, model, train_state)
         if metrics is not None:
             metrics.end_epoch(row, row["lr"], m["rank_images"] / max(m["seconds"], 1e-9), (epoch + 1) * steps_per_epoch)
             if env.device.type == "cuda":
@@ -440,48 +437,20 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
 
 
 def _save_epoch(
-    setup,
-    stage,
-    epoch,
-    epoch_dir,
-    row,
-    steps_per_epoch,
-    model,
-    optimizer,
-    scheduler,
-    scaler,
-    tracker,
-    history,
-    best_dir,
-    train_seconds,
-    rngs,
+    setup: Setup, stage: PlannedStage, epoch_dir: str, row: dict, global_step: int, model: nn.Module, train_state: dict
 ) -> None:
     spec = setup.job.spec
     meta = {
         "stage": stage.index,
         "stageName": stage.name,
-        "epoch": epoch,
-        "globalStep": (epoch + 1) * steps_per_epoch,
+        "epoch": train_state["epoch"],
+        "globalStep": global_step,
         "metrics": row,
         "architecture": spec.model.architecture,
-        "specHash": training_hash(spec),
+        "specHash": train_state["spec_hash"],
     }
-    objects = {
-        "model.pt": model.state_dict(),
-        "train_state.pt": {
-            "epoch": epoch,
-            "sampler_epoch": epoch + 1,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "tracker": tracker.state_dict(),
-            "history": history,
-            "best_dir": best_dir,
-            "train_seconds": train_seconds,
-            "rng": rngs,
-            "spec_hash": training_hash(spec),
-        },
-    }
+    objects = {"model.pt": model.state_dict(), "train_state.pt": train_state}
+    best_dir = train_state["best_dir"]
     keep = {best_dir} if best_dir and (spec.checkpoint.keep_best or spec.early_stopping) else set()
     store, keep_last = setup.store, spec.checkpoint.keep_last
     trusted = setup.writer.trusted
@@ -536,8 +505,9 @@ def result_summary(r: StageResult) -> dict:
     return dataclasses.asdict(r)
 
 
-def _load_start(setup: Setup, first: int) -> None:
-    """Weights the first stage to run starts from: a user checkpoint or stage first-1's final."""
+def _load_start(setup: Setup, first: int, found: tuple[str, dict] | None = None) -> None:
+    """Weights the first stage to run starts from: a user checkpoint or stage first-1's final
+    (`found`: that final, when the caller has verified it already)."""
     spec = setup.job.spec
     if first == 0 and spec.model.checkpoint is None:
         return
@@ -552,7 +522,7 @@ def _load_start(setup: Setup, first: int) -> None:
         what = f"spec.model.checkpoint {uri}"
     else:
         prev = setup.stages[first - 1]
-        found = ckpt.read_final(setup.store, prev.index, prev.name)
+        found = found or ckpt.read_final(setup.store, prev.index, prev.name)
         if found is None:
             raise SpecError(
                 f"--stage {first}: stage {prev.index} ({prev.name}) has no final checkpoint "
@@ -642,7 +612,7 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
     first = pending[0].index
     if first > 0 and only_stage is None:
         progress.message(f"resuming at stage {first} ({pending[0].name}); stages before it are finished")
-    _load_start(setup, first)
+    _load_start(setup, first, done.get(first - 1))  # verified above when it was in todo
     data = build_datasets(local_data(job.spec.data, env), job.spec.model.num_classes, job.spec.seed)
     results = []
     for stage in pending:

@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -71,7 +71,6 @@ class _Job:
     objects: dict[str, Any]
     meta: dict
     after_commit: Callable[[dict], None] | None
-    done: threading.Event = field(default_factory=threading.Event)
 
 
 class CheckpointWriter:
@@ -151,7 +150,6 @@ class CheckpointWriter:
         except StoreError as err:
             self.failed[job.prefix] = str(err)
             log.error("checkpoint %s not committed: %s", job.prefix, err)
-            job.done.set()
             return
         self.committed[job.prefix] = manifest
         self.trusted.add(job.prefix)
@@ -162,4 +160,3 @@ class CheckpointWriter:
                 job.after_commit(manifest)
             except StoreError as err:  # retention is best effort; the checkpoint itself is safe
                 log.warning("after committing %s: %s", job.prefix, err)
-        job.done.set()

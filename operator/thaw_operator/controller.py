@@ -9,6 +9,7 @@ ownerReferences alone, even with the operator down.
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
@@ -79,8 +80,6 @@ def _credentials(namespace: str, spec: FineTuneJobSpec) -> tuple[str, str] | Non
     name = spec.checkpoint.credentials_secret
     if not name or not spec.checkpoint.uri.startswith("s3://"):
         return None
-    import base64
-
     secret = client.CoreV1Api(CONFIG.api).read_namespaced_secret(name, namespace)
     data = secret.data or {}
     return tuple(base64.b64decode(data[k]).decode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
@@ -98,10 +97,9 @@ def verified_finals(namespace: str, name: str, spec: FineTuneJobSpec, stages: li
     try:
         store = open_store(spec.checkpoint, name, write=False, credentials=_credentials(namespace, spec))
         for k in stages:
-            found = ckpt.read_final(store, k, names[k])
-            if found is not None:
-                pointer = ckpt.read_pointer(store, k, names[k])
-                out[k] = FinalView(f"{store.uri}/{found[0]}", pointer.get("metrics", {}))
+            pointer = ckpt.read_pointer(store, k, names[k])
+            if pointer is not None and ckpt.verify(store, pointer["checkpoint"]) is not None:
+                out[k] = FinalView(f"{store.uri}/{pointer['checkpoint']}", pointer.get("metrics", {}))
     except (SpecError, OSError, ckpt.CheckpointError, ApiException, KeyError) as err:
         log.warning("%s/%s: cannot verify checkpoints yet: %s", namespace, name, err)
     return out

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import sys
 
-import numpy as np
 import pytest
 import yaml
 
+from tests.baselines import logistic_regression_accuracy
 from tests.integration.conftest import ROOT, run, torchrun
 from trainer.checkpoint import FINAL, stage_prefix
-from trainer.data import load_source, split_train_val
 
 pytestmark = pytest.mark.e2e
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
@@ -58,20 +57,7 @@ def test_demo_runs_every_stage_and_reports(demo_run):
     assert all({"train_loss", "val_accuracy", "lr", "images_per_second"} <= e.keys() for e in epochs)
 
 
-def _logreg(doc: dict) -> float:
-    """Logistic regression on raw pixels of exactly the job's training subset and test images."""
-    from sklearn.linear_model import LogisticRegression
-
-    from trainer.spec import parse_job
-
-    spec = parse_job(doc).spec
-    src = load_source(spec.data)
-    train_idx, _ = split_train_val(src.train.labels, spec.data, spec.seed)
-    x = src.train.images[train_idx].reshape(len(train_idx), -1).numpy() / 255.0
-    n_test = spec.data.test_limit
-    xt = src.test.images[:n_test].reshape(n_test, -1).numpy() / 255.0
-    clf = LogisticRegression(max_iter=2000).fit(x, src.train.labels[train_idx].numpy())
-    return float(np.mean(clf.predict(xt) == src.test.labels[:n_test].numpy()))
+_logreg = logistic_regression_accuracy
 
 
 def _run_job(doc: dict, tmp_path, name: str, nproc: int) -> float:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -64,3 +67,17 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.2):
             last = err
         time.sleep(interval)
     raise TimeoutError(f"{what} not ready after {timeout}s (last error: {last})")
+
+
+def stop_group(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+    """Signal a server started with start_new_session=True (its whole group); SIGKILL if it lingers."""
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from tests.services.net import free_port, get_json, http_get, wait_until
+from tests.services.net import free_port, get_json, http_get, stop_group, wait_until
 
 
 def prometheus_binary() -> str:
@@ -64,14 +62,5 @@ class Prometheus:
         return out["data"]["result"]
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=15)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_group(self.proc)
         self.proc = None

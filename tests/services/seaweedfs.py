@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.services.net import free_ports, http_get, wait_until
+from tests.services.net import free_ports, http_get, stop_group, wait_until
 
 ADMIN = ("thaw-admin", "thaw-admin-secret")
 READER = ("thaw-reader", "thaw-reader-secret")
@@ -131,14 +131,5 @@ class SeaweedFS:
         return self
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGINT)  # weed shuts down in ~4 s on SIGINT, >15 s on SIGTERM
-            self.proc.wait(timeout=15)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_group(self.proc, signal.SIGINT)  # weed stops in ~4 s on SIGINT, >15 s on SIGTERM
         self.proc = None
