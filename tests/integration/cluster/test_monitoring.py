@@ -17,7 +17,7 @@ import yaml
 from tests.integration.cluster.conftest import ROOT
 from tests.integration.cluster.test_operator import Api, ftj_doc, write_final
 from tests.integration.test_monitoring_rules import rendered_rules
-from tests.services.net import free_ports, wait_until
+from tests.services.net import free_ports, stop_group, wait_until
 from tests.services.prometheus import Prometheus
 
 pytestmark = pytest.mark.cluster
@@ -69,34 +69,46 @@ def test_dashboard_and_alert_queries_return_data(api, namespace, operator, tmp_p
             metrics={"port": trainer_port, "lingerSeconds": 120},
         )
         job["metadata"]["name"] = "mon"
-        job["spec"]["stages"][0]["epochs"] = 8  # long enough for stage 0 to be scraped before stage 1
         job["spec"]["stages"][1]["epochs"] = 4
         path = tmp_path / "mon.yaml"
         path.write_text(yaml.safe_dump(job))
-        proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "torchrun"),
-                "--standalone",
-                "--nproc_per_node=2",
-                "-m",
-                "trainer",
-                "run",
-                str(path),
-            ],
-            cwd=ROOT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        try:
 
-            def trained():
+        def train_stage(index: int, done: str) -> subprocess.Popen:
+            """One process group per stage, as the operator runs them; it lingers, serving its final
+            values, until Prometheus has scraped `done` (a head stage on cached features ends in about
+            a second: without this wait the scrape could miss stage 0 on a loaded machine)."""
+            proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
+                + ["-m", "trainer", "run", str(path), "--stage", str(index)],
+                cwd=ROOT,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,  # SIGTERM to torchrun: it stops its workers (their own sessions)
+            )
+
+            def scraped():
                 if proc.poll() is not None:
-                    raise AssertionError(f"training exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
-                return prom.query('thaw_job_progress_ratio{finetunejob="mon"} == 1')
+                    raise AssertionError(f"stage {index} exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
+                return prom.query(done)
 
-            wait_until(trained, 300, "training to finish (progress 1)", 1)
+            try:
+                wait_until(scraped, 300, f"Prometheus to scrape the end of stage {index}", 1)
+            except BaseException:
+                stop_group(proc)
+                raise
+            return proc
+
+        # Stage 0 is 1 of the 5 epochs: its end is progress 0.2 while the stage index is still 0.
+        first = train_stage(
+            0,
+            'thaw_job_progress_ratio{finetunejob="mon"} == 0.2 '
+            'and on (finetunejob) thaw_job_stage_index{finetunejob="mon"} == 0',
+        )
+        stop_group(first)
+        proc = train_stage(1, 'thaw_job_progress_ratio{finetunejob="mon"} == 1')
+        try:
             time.sleep(3)  # a few more scrapes of the final values
 
             empty = []
@@ -114,7 +126,6 @@ def test_dashboard_and_alert_queries_return_data(api, namespace, operator, tmp_p
                     for selector in SELECTOR.findall(rule["expr"]):
                         assert prom.query(f"count({selector})"), (rule["alert"], selector)
         finally:
-            proc.kill()
-            proc.wait()
+            stop_group(proc)
     finally:
         prom.stop()
