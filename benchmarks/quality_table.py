@@ -1,7 +1,8 @@
 """The quality table: is staged unfreezing worth it, and when? (docs/results.md)
 
     python benchmarks/quality_table.py --budgets 10 100 --seeds 0 1 2 --out docs/results.md
-    python benchmarks/quality_table.py --budgets 1000 --parallel 3 --section quality-1000 --out docs/results.md
+    python benchmarks/quality_table.py --budgets 1000 --seeds 0 --parallel 6 \
+        --section quality-1000 --out docs/results.md
 
 Fashion-MNIST with the bundled ImageNet EfficientNet-Lite0 at 64 px, at several label
 budgets (training images per class, drawn by the seed; every method sees the same subset
