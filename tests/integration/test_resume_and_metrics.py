@@ -135,6 +135,8 @@ def test_prometheus_scrapes_every_rank_with_sane_values(small_job, tmp_path, s3_
         small_job["spec"]["stages"][1]["epochs"] = 4
         small_job["spec"]["metrics"] = {"port": port, "lingerSeconds": 3}  # > the 1 s scrape interval
         small_job["spec"]["checkpoint"] = {"uri": "s3://thaw/metrics"}
+        # A cosine floor at half the peak: each group's final rate is known and non-zero.
+        small_job["spec"]["schedule"] = {"minLrFactor": 0.5}
         job = write_job(tmp_path, small_job)
         t0 = time.time()
         torchrun(2, "-m", "trainer", "run", str(job))
@@ -151,10 +153,21 @@ def test_prometheus_scrapes_every_rank_with_sane_values(small_job, tmp_path, s3_
         assert all(v >= 0 for v in _series(prom, "thaw_data_wait_seconds_sum").values())
         trainable, total = _series(prom, "thaw_trainable_parameters"), _series(prom, "thaw_parameters")
         assert 0 < trainable[("head", "0")] < trainable[("top3", "0")] < total[("top3", "0")]
-        # Set every step; the schedule anneals to 0 by a stage's end, so look at the peak: near the base rate.
-        peak_lr = _series(prom, "thaw_learning_rate", "max by (stage, rank)", fn="max_over_time")
-        # (The 1-epoch head stage lasts under one scrape interval; only its final value is seen.)
-        assert 0.005 < peak_lr[("top3", "0")] <= 0.01 and 0.005 < peak_lr[("top3", "1")] <= 0.01, peak_lr
+        # Per layer group, the last value each rank exported (it lingers past a scrape) is the rate the
+        # trainer recorded for the stage's last epoch: timing-free, unlike a peak a scrape may miss.
+        lrs = {
+            (r["metric"]["stage"], r["metric"]["rank"], r["metric"]["group"]): float(r["value"][1])
+            for r in prom.query("last_over_time(thaw_learning_rate[10m])")
+        }
+        store = open_store(CheckpointSpec(uri="s3://thaw/metrics"), "t", write=False)
+        for index, stage, peak in ((0, "head", 0.05), (1, "top3", 0.01)):
+            recorded = ckpt.read_pointer(store, index, stage)["metrics"]["history"][-1]["lr"]
+            for rank in ("0", "1"):
+                got = {g: v for (s, r, g), v in lrs.items() if (s, r) == (stage, rank)}
+                assert got == pytest.approx(recorded), (stage, rank, got, recorded)
+            assert max(recorded.values()) == pytest.approx(0.5 * peak), recorded
+        top3 = sorted(v for (s, r, _), v in lrs.items() if (s, r) == ("top3", "0"))
+        assert len(top3) == 3 and top3 == pytest.approx([0.005 / 2.6**2, 0.005 / 2.6, 0.005]), top3  # lrDecay
         assert _series(prom, "thaw_epoch")[("top3", "1")] == 4
         assert _series(prom, "thaw_checkpoint_upload_bytes_total")[("top3", "0")] > 100_000
         assert t0 <= _series(prom, "thaw_checkpoint_last_success_timestamp_seconds")[("top3", "0")] <= time.time()
