@@ -434,6 +434,8 @@ def format_validation_error(err: ValidationError) -> str:
             msg = "must be" + msg.removeprefix("Input should be")
             if not isinstance(got, (dict, list)):
                 msg += f" (got {got!r})"
+            if isinstance(got, bool) and e["type"] == "literal_error":  # YAML 1.1: off, on, no, yes
+                msg += "; YAML reads an unquoted off/on/no/yes as a boolean: quote the word"
         lines.append(f"{path}: {msg}" if path else msg)
     # Union members repeat the same complaint; keep each line once, in order.
     return "\n".join(dict.fromkeys(lines))

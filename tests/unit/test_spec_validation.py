@@ -173,6 +173,12 @@ BAD_SPECS = [
         job_doc(speed={"amp": "fp8"}),
         "spec.speed.amp: must be 'auto', 'off', 'bf16' or 'fp16' (got 'fp8')",
     ),
+    (
+        "unquoted off in YAML",
+        job_doc(speed={"channelsLast": False}),
+        "spec.speed.channelsLast: must be 'auto', 'on' or 'off' (got False); YAML reads an unquoted off/on/no/yes "
+        "as a boolean: quote the word",
+    ),
     ("checkpoint scheme", job_doc(checkpoint={"uri": "gs://bucket/x"}), "spec.checkpoint.uri: must start with file://"),
     ("checkpoint bucket", job_doc(checkpoint={"uri": "s3://x"}), "spec.checkpoint.uri: 's3://x' does not name a valid"),
     ("checkpoint keepLast", job_doc(checkpoint={"keepLast": 0}), "spec.checkpoint.keepLast: must be greater than 0"),
