@@ -2,7 +2,10 @@
 # One prepared script for a lent GPU machine (its results: docs/results.md, "Reference"):
 # the CUDA paths the CPU machines cannot exercise, the full-data run and the 1,000-images/class
 # row of the quality table. Wheels the GPU image lacks travel in .whl/, Fashion-MNIST in .data/
-# (both ignored by git). Results land in $OUT. Each step has its own time cap (under 9.5 min in all).
+# (both ignored by git). Results land in $OUT. Each run has its own time cap: checks + quality fit one
+# 10-minute call (quality takes what is left of 570 s), bench needs about 5 minutes on its own.
+# Usage: bash benchmarks/gpu_check.sh [STEP...]   steps: checks quality bench (default: checks quality;
+# each has run once: docs/results.md "Reference", docs/benchmarks.md "on CUDA").
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -16,6 +19,7 @@ run() {  # name, timeout, args...
   echo "$name rc=$rc wall=$((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
   tail -6 "$OUT/$name.log"
 }
+checks() {
 # 1. The quickstart on one GPU under torchrun (bf16 autocast auto, NCCL process group of 1).
 run quickstart 75 torchrun --standalone --nproc_per_node 1 -m trainer run examples/quickstart.yaml
 # 2. Full Fashion-MNIST with the bundled model: the number to put beside the published table.
@@ -25,9 +29,25 @@ sed -e 's/name: quickstart/name: quickstart-fp16/' -e 's/^  seed: 0/  seed: 0\n 
   -e 's/epochs: 6/epochs: 2/' examples/quickstart.yaml > /tmp/fp16.yaml
 run fp16 50 python3 -m trainer run /tmp/fp16.yaml
 run fp16-again 20 python3 -m trainer run /tmp/fp16.yaml
+}
+quality() {
 # 4. The quality table's 1,000 images/class row, seed 0 (6 runs at once, ~270 s; all three seeds do not
 #    fit one session's device time: seeds 1 and 2 were run on the CPU, docs/results.md).
 run quality $((570 - SECONDS)) python3 benchmarks/quality_table.py --budgets 1000 --seeds 0 --parallel 6 \
   --section quality-1000 --out docs/results.md
 cp docs/results.md "$OUT/results.md"
+}
+# 5. The trainer against the reference's plain loop on CUDA (docs/benchmarks.md, sections trainer-cuda*):
+#    Thaw's defaults, then Thaw in fp32 and contiguous memory, to tell precision and layout from the rest.
+bench() {
+  local common=(--per-class 500 --batch 256 --out docs/benchmarks.md)
+  run bench 150 python3 benchmarks/bench_trainer.py "${common[@]}" --section trainer-cuda
+  run bench-fp32 150 python3 benchmarks/bench_trainer.py "${common[@]}" --section trainer-cuda-fp32 \
+    --thaw-speed amp=off --thaw-speed channelsLast=off
+  cp docs/benchmarks.md "$OUT/benchmarks.md"
+}
+steps=("$@"); [ $# -gt 0 ] || steps=(checks quality)
+for step in "${steps[@]}"; do
+  case $step in checks | quality | bench) $step ;; *) echo "unknown step $step" >&2; exit 2 ;; esac
+done
 exit 0
