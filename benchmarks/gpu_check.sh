@@ -20,22 +20,22 @@ run() {  # name, timeout, args...
   tail -6 "$OUT/$name.log"
 }
 checks() {
-# 1. The quickstart on one GPU under torchrun (bf16 autocast auto, NCCL process group of 1).
-run quickstart 75 torchrun --standalone --nproc_per_node 1 -m trainer run examples/quickstart.yaml
-# 2. Full Fashion-MNIST with the bundled model: the number to put beside the published table.
-run full 210 python3 -m trainer run examples/fashion-mnist-full.yaml
-# 3. fp16 + GradScaler (the last stage cut to 2 epochs), then the same job again: finished, nothing to do.
-sed -e 's/name: quickstart/name: quickstart-fp16/' -e 's/^  seed: 0/  seed: 0\n  speed: {amp: fp16}/' \
-  -e 's/epochs: 6/epochs: 2/' examples/quickstart.yaml > /tmp/fp16.yaml
-run fp16 50 python3 -m trainer run /tmp/fp16.yaml
-run fp16-again 20 python3 -m trainer run /tmp/fp16.yaml
+  # 1. The quickstart on one GPU under torchrun (bf16 autocast auto, NCCL process group of 1).
+  run quickstart 75 torchrun --standalone --nproc_per_node 1 -m trainer run examples/quickstart.yaml
+  # 2. Full Fashion-MNIST with the bundled model: the number to put beside the published table.
+  run full 210 python3 -m trainer run examples/fashion-mnist-full.yaml
+  # 3. fp16 + GradScaler (the last stage cut to 2 epochs), then the same job again: finished, nothing to do.
+  sed -e 's/name: quickstart/name: quickstart-fp16/' -e 's/^  seed: 0/  seed: 0\n  speed: {amp: fp16}/' \
+    -e 's/epochs: 6/epochs: 2/' examples/quickstart.yaml > /tmp/fp16.yaml
+  run fp16 50 python3 -m trainer run /tmp/fp16.yaml
+  run fp16-again 20 python3 -m trainer run /tmp/fp16.yaml
 }
 quality() {
-# 4. The quality table's 1,000 images/class row, seed 0 (6 runs at once, ~270 s; all three seeds do not
-#    fit one session's device time: seeds 1 and 2 were run on the CPU, docs/results.md).
-run quality $((570 - SECONDS)) python3 benchmarks/quality_table.py --budgets 1000 --seeds 0 --parallel 6 \
-  --section quality-1000 --out docs/results.md
-cp docs/results.md "$OUT/results.md"
+  # 4. The quality table's 1,000 images/class row, seed 0 (6 runs at once, ~270 s; all three seeds do not
+  #    fit one session's device time: seeds 1 and 2 were run on the CPU, docs/results.md).
+  run quality $((570 - SECONDS)) python3 benchmarks/quality_table.py --budgets 1000 --seeds 0 --parallel 6 \
+    --section quality-1000 --out docs/results.md
+  cp docs/results.md "$OUT/results.md"
 }
 # 5. The trainer against the reference's plain loop on CUDA (docs/benchmarks.md, sections trainer-cuda*):
 #    Thaw's defaults, then Thaw in fp32 and contiguous memory, to tell precision and layout from the rest.
