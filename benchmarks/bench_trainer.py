@@ -157,11 +157,11 @@ def _sync() -> None:
 
 
 def child(side: str, doc_json: str) -> None:
+    import torch
+
     doc = json.loads(doc_json)
     out = run_thaw(doc) if side == "thaw" else run_plain(doc)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    import torch
-
     if torch.cuda.is_available():
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(out), flush=True)

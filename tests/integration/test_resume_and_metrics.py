@@ -119,11 +119,14 @@ def test_a_final_checkpoint_that_cannot_commit_fails_the_process(small_job, tmp_
     assert "was not committed" in last and "gave up after" in last
 
 
-def _series(prom: Prometheus, name: str, agg: str = "", fn: str = "last_over_time") -> dict[tuple, float]:
-    """(stage, rank) -> the last scraped value (the processes have exited: use the range, not staleness)."""
+def _series(
+    prom: Prometheus, name: str, agg: str = "", fn: str = "last_over_time", labels: tuple = ("stage", "rank")
+) -> dict[tuple, float]:
+    """Label values (stage, rank by default) -> the last scraped value (the processes have exited: use the
+    range, not staleness)."""
     expr = f"{fn}({name}[10m])"
     return {
-        (r["metric"].get("stage", ""), r["metric"].get("rank", "")): float(r["value"][1])
+        tuple(r["metric"].get(label, "") for label in labels): float(r["value"][1])
         for r in prom.query(f"{agg} ({expr})" if agg else expr)
     }
 
@@ -155,13 +158,9 @@ def test_prometheus_scrapes_every_rank_with_sane_values(small_job, tmp_path, s3_
         assert 0 < trainable[("head", "0")] < trainable[("top3", "0")] < total[("top3", "0")]
         # Per layer group, the last value each rank exported (it lingers past a scrape) is the rate the
         # trainer recorded for the stage's last epoch: timing-free, unlike a peak a scrape may miss.
-        lrs = {
-            (r["metric"]["stage"], r["metric"]["rank"], r["metric"]["group"]): float(r["value"][1])
-            for r in prom.query("last_over_time(thaw_learning_rate[10m])")
-        }
-        store = open_store(CheckpointSpec(uri="s3://thaw/metrics"), "t", write=False)
-        for index, stage, peak in ((0, "head", 0.05), (1, "top3", 0.01)):
-            recorded = ckpt.read_pointer(store, index, stage)["metrics"]["history"][-1]["lr"]
+        lrs = _series(prom, "thaw_learning_rate", labels=("stage", "rank", "group"))
+        for (stage, peak), final in zip((("head", 0.05), ("top3", 0.01)), _finals("s3://thaw/metrics")):
+            recorded = final["history"][-1]["lr"]
             for rank in ("0", "1"):
                 got = {g: v for (s, r, g), v in lrs.items() if (s, r) == (stage, rank)}
                 assert got == pytest.approx(recorded), (stage, rank, got, recorded)
