@@ -1,4 +1,4 @@
-"""python -m trainer {run,plan,report} JOB.yaml — the same file the cluster runs."""
+"""python -m trainer {run,plan,report,launch} JOB.yaml — the same file the cluster runs."""
 
 from __future__ import annotations
 
@@ -82,8 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("job")
     report = sub.add_parser("report", help="print the per-stage table and write curves.png")
     report.add_argument("job")
+    launch = sub.add_parser("launch", help="a stage pod's entry point: preflight checks, then torchrun (env)")
+    launch.add_argument("job")
+    launch.add_argument("--stage", type=int)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "launch":
+        from trainer.launch import launch as launch_stage
+
+        return launch_stage(args.job, args.stage)
     try:
         if args.command == "plan":
             return _plan(args)
@@ -92,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _run(args)
     except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        from trainer.launch import config_error
+
+        return config_error(str(err))  # stderr and the termination message; exit 2
     except Terminated:
         print(
             "terminated (SIGTERM): pending checkpoints were committed; a rerun resumes from the last one",

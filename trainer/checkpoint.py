@@ -17,12 +17,26 @@ import re
 import time
 from typing import Any
 
+from trainer.spec import SpecError
 from trainer.storage import CheckpointError, Store, StoreError, delete_prefix
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FINAL = "final.json"
 _EPOCH = re.compile(r"epoch-(\d{4,})$")
+
+
+# A stage result (runner.StageResult's fields) as status and the termination message show it.
+STATUS_FIELDS = {
+    "best_val_accuracy": "valAccuracy",
+    "test_accuracy": "testAccuracy",
+    "epochs_run": "epochs",
+    "trainable_params": "trainableParams",
+}
+
+
+def status_summary(result: dict) -> dict:
+    return {out: result[k] for k, out in STATUS_FIELDS.items() if k in result}
 
 
 def stage_prefix(index: int, name: str) -> str:
@@ -111,9 +125,21 @@ def latest_manifest(store: Store, index: int, name: str) -> dict | None:
 
 
 def load_object(store: Store, prefix: str, name: str) -> Any:
+    """Tensors, containers and numbers only (torch's weights_only unpickler): whoever can write
+    to the checkpoint prefix must not be able to run code in the pods that hold the store keys."""
+    import pickle
+
     import torch
 
-    return torch.load(io.BytesIO(store.get(f"{prefix}/{name}")), map_location="cpu", weights_only=False)
+    data = store.get(f"{prefix}/{name}")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SpecError(
+            f"spec.checkpoint.uri: {store.uri}/{prefix}/{name}: refused to load: it holds objects other than tensors, "
+            f"containers and numbers ({first[:200]})"
+        ) from None
 
 
 def mark_final(store: Store, index: int, name: str, epoch_dir: str, manifest: dict, metrics: dict) -> dict:

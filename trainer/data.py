@@ -104,21 +104,41 @@ def _digits() -> Source:
     return Source(ImageSplit(x[train], y[train]), ImageSplit(x[test], y[test]), tuple(str(i) for i in range(10)))
 
 
-def _folder(uri: str) -> Source:
-    from torchvision.datasets import ImageFolder
-    from torchvision.io import ImageReadMode, decode_image
-
+def _folder_dirs(uri: str) -> tuple[Path, Path]:
+    """(train, test or val) of an ImageFolder source, checked readable; SpecError naming the source."""
     root = Path(uri.removeprefix("file://"))
     if not (root / "train").is_dir():
         raise SpecError(f"spec.data.source: {root}/train is not a directory (ImageFolder layout: train/<class>/*.jpg)")
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if test_dir is None:
         raise SpecError(f"spec.data.source: {root} needs a test/ or val/ folder beside train/")
+    for d in (root / "train", test_dir):
+        if not os.access(d, os.R_OK | os.X_OK):
+            raise SpecError(f"spec.data.source: {d} is not readable by uid {os.getuid()}")
+    return root / "train", test_dir
+
+
+def check_source(spec: DataSpec) -> None:
+    """Cheap preflight: the source exists and can be read (no image decoded). A local
+    folder or an s3:// prefix is checked; the named datasets are found or fetched later."""
+    if spec.source.startswith("file://"):
+        _folder_dirs(spec.source)
+    elif spec.source.startswith("s3://"):
+        from trainer.datasync import check_prefix
+
+        check_prefix(spec.source, spec.endpoint)
+
+
+def _folder(uri: str) -> Source:
+    from torchvision.datasets import ImageFolder
+    from torchvision.io import ImageReadMode, decode_image
+
+    train_dir, test_dir = _folder_dirs(uri)
 
     def loader(path: str) -> torch.Tensor:
         return decode_image(path, mode=ImageReadMode.RGB)
 
-    train = ImageFolder(str(root / "train"), loader=loader)
+    train = ImageFolder(str(train_dir), loader=loader)
     test = ImageFolder(str(test_dir), loader=loader)
     if test.classes != train.classes:
         raise SpecError(f"spec.data.source: {test_dir} has classes {test.classes}, train has {train.classes}")

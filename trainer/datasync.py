@@ -30,6 +30,31 @@ def plan_sync(remote: dict[str, tuple[int, str]], local: dict[str, tuple[int, st
     return fetch, drop
 
 
+def check_prefix(uri: str, endpoint: str | None = None, timeout_seconds: float = 120) -> None:
+    """The prefix lists and holds at least one object. What the user must fix (denied, no bucket,
+    empty prefix) is a SpecError; an unreachable store is retried, then a transient StoreError."""
+    from trainer.spec import SpecError
+    from trainer.storage import retrying
+
+    client = s3_client(endpoint)
+    bucket, prefix = split_s3_uri(uri)
+
+    def first() -> None:
+        try:
+            page = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", MaxKeys=1)
+        except Exception as err:
+            raise s3_error(err, uri, bucket, "list") from None
+        if not page.get("Contents"):
+            raise StoreError(f"{uri}: no objects under this prefix")
+
+    try:
+        retrying(first, timeout_seconds, f"list {uri}", transient_only=True)
+    except StoreError as err:
+        if err.transient:
+            raise
+        raise SpecError(f"spec.data.source: {err}") from None
+
+
 def sync_prefix(uri: str, dest: Path, endpoint: str | None = None) -> int:
     """Mirror uri into dest; returns the number of objects downloaded."""
     client = s3_client(endpoint)
@@ -54,7 +79,12 @@ def sync_prefix(uri: str, dest: Path, endpoint: str | None = None) -> int:
         path = dest / key
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_bytes(store.get(key))
+        # Streamed to disk by boto3's transfer manager (ranged, parallel parts): never the whole object in memory.
+        try:
+            client.download_file(bucket, full + key, str(tmp), Config=store.transfer)
+        except Exception as err:
+            tmp.unlink(missing_ok=True)
+            raise s3_error(err, f"{uri}/{key}", bucket, "read") from None
         os.replace(tmp, path)
     for key in drop:
         (dest / key).unlink(missing_ok=True)

@@ -58,6 +58,35 @@ def all_gather_objects(obj, env: DistEnv) -> list:
     return out
 
 
+def decided_by_main(fn, env: DistEnv):
+    """fn() run on rank 0 only, its result (or its error) given to every rank: one decision,
+    taken once, that all ranks act on (e.g. which checkpoint a stage resumes from)."""
+    if not env.distributed:
+        return fn()
+    box: list = [None]
+    error: BaseException | None = None
+    if env.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+            box[0] = ("error", type(err).__name__, str(err), getattr(err, "transient", False))
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0][0] == "ok":
+        return box[0][1]
+    from trainer.spec import SpecError
+    from trainer.storage import CheckpointError, StoreError
+
+    _, kind, message, transient = box[0]
+    if kind == "SpecError":
+        raise SpecError(message)
+    if kind == "StoreError" or kind == "MissingObject":
+        raise StoreError(message, transient=transient)
+    raise CheckpointError(f"rank 0: {kind}: {message}")
+
+
 def average_buffers(module: torch.nn.Module, env: DistEnv) -> None:
     """Average floating-point buffers (BatchNorm running stats) over ranks.
 

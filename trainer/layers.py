@@ -7,19 +7,13 @@ model's parameters (tests/unit/test_layer_groups.py checks that for every family
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from trainer.catalog import family_of
+from trainer.layer_table import LayerGroup, assign_groups, in_prefix
 
+__all__ = ["HEAD", "LayerGroup", "assign_groups", "in_prefix", "layer_groups", "head_module_name"]
 HEAD = "head"
-
-
-@dataclass(frozen=True)
-class LayerGroup:
-    name: str
-    prefixes: tuple[str, ...]
 
 
 def _g(name: str, *prefixes: str) -> LayerGroup:
@@ -124,19 +118,3 @@ _HEAD_MODULE = {
 def head_module_name(architecture: str) -> str:
     """The module applied last in forward(); its input is what the feature cache stores."""
     return _HEAD_MODULE[family_of(architecture)]
-
-
-def in_prefix(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
-def assign_groups(param_names: list[str], groups: list[LayerGroup]) -> dict[str, int]:
-    """Map each parameter name to its group index; every parameter must land in exactly one."""
-    out: dict[str, int] = {}
-    for name in param_names:
-        hits = [i for i, g in enumerate(groups) if any(in_prefix(name, p) for p in g.prefixes)]
-        if len(hits) != 1:
-            where = [groups[i].name for i in hits] or "no group"
-            raise ValueError(f"parameter {name} falls in {where}")
-        out[name] = hits[0]
-    return out

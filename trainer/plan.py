@@ -11,8 +11,8 @@ import fnmatch
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the operator plans stage names without torch
-    from trainer.layers import LayerGroup
+if TYPE_CHECKING:
+    from trainer.layer_table import LayerGroup
 from trainer.spec import FineTuneJobSpec, ScheduleSpec, SpecError, StageSpec
 
 

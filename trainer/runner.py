@@ -26,7 +26,14 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDatas
 from trainer import checkpoint as ckpt
 from trainer.catalog import family_of
 from trainer.data import Datasets, build_datasets
-from trainer.distributed import DistEnv, all_gather_objects, average_buffers, barrier, init_distributed
+from trainer.distributed import (
+    DistEnv,
+    all_gather_objects,
+    average_buffers,
+    barrier,
+    decided_by_main,
+    init_distributed,
+)
 from trainer.early_stopping import EarlyStopping
 from trainer.freezing import apply_stage
 from trainer.layers import LayerGroup, assign_groups, head_module_name, layer_groups
@@ -184,9 +191,11 @@ def _use_feature_cache(setup: Setup, stage: PlannedStage) -> bool:
 
 
 def rng_state() -> dict:
+    """Plain containers and tensors only, so checkpoints load with torch's weights_only unpickler."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, keys.tolist(), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -194,7 +203,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -226,8 +236,17 @@ def check_compatible(setup: Setup, prefix: str, manifest: dict) -> None:
         )
 
 
-def find_resume(setup: Setup, stage: PlannedStage) -> Resume | None:
-    found = ckpt.latest_valid(setup.store, stage.index, stage.name)
+def choose_resume(setup: Setup, stage: PlannedStage) -> tuple[str, dict] | None:
+    """The stage's newest valid checkpoint, chosen once by rank 0 and given to every rank. Ranks
+    that each listed the store could pick different epochs (one listing a moment before a late
+    commit of a dying attempt) and then train out of step until a collective breaks."""
+    timeout = setup.job.spec.checkpoint.upload_timeout_seconds
+    find = lambda: retrying(lambda: ckpt.latest_valid(setup.store, stage.index, stage.name), timeout, "resume lookup")
+    return decided_by_main(find, setup.env)
+
+
+def find_resume(setup: Setup, stage: PlannedStage, found: tuple[str, dict] | None) -> Resume | None:
+    """Load what `choose_resume` picked (every rank loads the same prefix)."""
     if found is None:
         return None
     prefix, manifest = found
@@ -252,7 +271,8 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     seed = spec.seed + 1000 * stage.index
     seed_everything(seed + env.rank)
     # A store that is briefly unreachable at start is waited for, like one that fails mid-stage.
-    resume = retrying(lambda: find_resume(setup, stage), spec.checkpoint.upload_timeout_seconds, "resume lookup")
+    found = choose_resume(setup, stage)
+    resume = retrying(lambda: find_resume(setup, stage, found), spec.checkpoint.upload_timeout_seconds, "resume load")
     if resume is not None:
         model.load_state_dict(resume.model_state)
         setup.progress.message(
@@ -474,31 +494,26 @@ def _commit_stage(setup: Setup, stage: PlannedStage, final_dir: str, result: Sta
         setup.job.spec.checkpoint.upload_timeout_seconds,
         f"stage {stage.name}: final pointer",
     )
-    write_termination_message(stage, f"{setup.store.uri}/{final_dir}", pointer["manifestSha256"], result)
+    write_termination_message(
+        stage.index, stage.name, f"{setup.store.uri}/{final_dir}", pointer["manifestSha256"], result_summary(result)
+    )
 
 
-def write_termination_message(stage: PlannedStage, checkpoint: str, digest: str, result: StageResult) -> None:
-    """The stage result where Kubernetes shows it (the container's termination message, max 4 KiB)."""
-    path = os.environ.get("THAW_TERMINATION_LOG")
-    if not path:
-        return
-    message = {
-        "stage": stage.index,
-        "name": stage.name,
-        "checkpoint": checkpoint,
-        "manifestSha256": digest,
-        "metrics": {
-            "valAccuracy": result.best_val_accuracy,
-            "testAccuracy": result.test_accuracy,
-            "epochs": result.epochs_run,
-            "trainableParams": result.trainable_params,
-        },
-    }
-    try:
-        with open(path, "w") as f:
-            json.dump(message, f)
-    except OSError as err:  # outside a pod the path may not exist; the checkpoint is what counts
-        print(f"warning: termination message not written to {path}: {err.strerror}", flush=True)
+def write_termination_message(index: int, name: str, checkpoint: str, digest: str, result: dict) -> None:
+    """The stage result where Kubernetes shows it (the container's termination message): the
+    operator takes the stage's checkpoint and numbers from here, never from the store."""
+    from trainer.checkpoint import status_summary
+    from trainer.launch import write_termination
+
+    write_termination(
+        {
+            "stage": index,
+            "name": name,
+            "checkpoint": checkpoint,
+            "manifestSha256": digest,
+            "metrics": status_summary(result),
+        }
+    )
 
 
 def result_summary(r: StageResult) -> dict:
@@ -608,6 +623,16 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
     pending = [s for s in todo if done[s.index] is None]
     if not pending:
         progress.message(f"{job.metadata.name}: all requested stages already finished; nothing to do")
+        if only_stage is not None and env.is_main:  # a retried pod that finds its stage committed reports it
+            prefix, _ = done[only_stage]
+            pointer = ckpt.read_pointer(setup.store, only_stage, setup.stages[only_stage].name)
+            write_termination_message(
+                only_stage,
+                setup.stages[only_stage].name,
+                f"{setup.store.uri}/{prefix}",
+                pointer["manifestSha256"],
+                pointer.get("metrics", {}),
+            )
         return []
     first = pending[0].index
     if first > 0 and only_stage is None:
@@ -647,8 +672,10 @@ def local_data(spec: DataSpec, env: DistEnv) -> DataSpec:
     dest = cache_path(spec.cache_dir, spec.source)
     if env.local_rank == 0:
         try:
-            n = sync_prefix(spec.source, dest, spec.endpoint)
+            n = retrying(lambda: sync_prefix(spec.source, dest, spec.endpoint), 120, "data sync", transient_only=True)
         except StoreError as err:
+            if err.transient:
+                raise
             raise SpecError(f"spec.data.source: {err}") from None
         if env.is_main:
             print(f"data: {spec.source} -> {dest} ({n} objects downloaded)", flush=True)

@@ -1,9 +1,23 @@
 """SIGTERM as an exception: pod deletion, suspend and preemption stop training at the next
-bytecode, and the runner lets already-queued checkpoint uploads commit before exiting 143."""
+bytecode, and the runner lets already-queued checkpoint uploads commit before exiting 143.
+
+Python runs signal handlers only between bytecodes of the main thread. A rank blocked in a
+collective whose peer died (gloo, NCCL) never gets there and would ignore SIGTERM until the
+collective times out. So the C-level handler also writes the signal to a pipe
+(`signal.set_wakeup_fd`), a watchdog thread reads it, and if the Python handler has not run
+within `STUCK_SECONDS`, the process exits 143 at once: a hung rank never outlives its
+peers' failure by more than that.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
+import threading
+
+STUCK_SECONDS = 10.0
+_handled = threading.Event()
 
 
 class Terminated(BaseException):
@@ -11,8 +25,40 @@ class Terminated(BaseException):
 
 
 def _raise(signum, frame):
+    _handled.set()
     raise Terminated()
 
 
-def install() -> None:
+def _watch(fd: int, stuck_seconds: float) -> None:
+    while True:
+        try:
+            data = os.read(fd, 64)
+        except OSError:
+            return
+        if not data:
+            return
+        if signal.SIGTERM in data and not _handled.wait(stuck_seconds):
+            print(
+                f"SIGTERM not handled within {stuck_seconds:g}s (blocked in native code, e.g. a collective "
+                "whose peer is gone): exiting 143 without waiting for it",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(143)
+
+
+def _detach() -> None:
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # forked from a thread other than the main one: nothing was inherited there
+        pass
+
+
+def install(stuck_seconds: float = STUCK_SECONDS) -> None:
     signal.signal(signal.SIGTERM, _raise)
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    # A forked DataLoader worker must not report its own signals into this process's pipe.
+    os.register_at_fork(after_in_child=_detach)
+    threading.Thread(target=_watch, args=(read, stuck_seconds), name="sigterm-watchdog", daemon=True).start()

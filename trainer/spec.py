@@ -117,6 +117,11 @@ class DataSpec(_Model):
             f"unknown data source {v!r}; use {' | '.join(NAMED_DATASETS)} | file:///path | s3://bucket/prefix"
         )
 
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_url(cls, v: str | None) -> str | None:
+        return _endpoint(v)
+
 
 class OptimizerSpec(_Model):
     name: Literal["sgd", "adamw"] = "sgd"
@@ -239,6 +244,18 @@ class SpeedSpec(_Model):
     threads: int | None = Field(None, gt=0, description="torch threads per rank; default cores / local ranks")
 
 
+# An S3 endpoint is a URL with a scheme: botocore raises a bare ValueError for "host:8333".
+ENDPOINT_PATTERN = r"^https?://[^\s/?#]+(/[^\s]*)?$"
+# Object names: stage Services are <name>-<k> and must be DNS-1035 labels (start with a letter).
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+
+def _endpoint(v: str | None) -> str | None:
+    if v is not None and not re.fullmatch(ENDPOINT_PATTERN, v):
+        raise ValueError(f"must be a URL with its scheme, e.g. http://seaweedfs:8333 (got {v!r})")
+    return v
+
+
 def _bucket_of(uri: str) -> str:
     """The bucket of an s3:// URI, checked against S3's naming rules."""
     bucket = uri.removeprefix("s3://").split("/", 1)[0]
@@ -265,7 +282,7 @@ class CheckpointSpec(_Model):
     credentials_secret: str | None = Field(
         None,
         description="cluster: Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, given to stage pods "
-        "(secretKeyRef) and read by the operator to verify checkpoints",
+        "(secretKeyRef); the operator never reads it",
     )
 
     @field_validator("uri")
@@ -277,6 +294,11 @@ class CheckpointSpec(_Model):
         if not v.startswith("file://"):
             raise ValueError(f"must start with file:// or s3:// (got {v!r})")
         return v
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_url(cls, v: str | None) -> str | None:
+        return _endpoint(v)
 
 
 class ResourcesSpec(_Model):
@@ -373,8 +395,8 @@ class Metadata(BaseModel):
     @field_validator("name")
     @classmethod
     def _dns_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", v):
-            raise ValueError(f"must be a lowercase DNS label (got {v!r})")
+        if not re.fullmatch(NAME_PATTERN, v) or len(v) > 63:
+            raise ValueError(f"must be a DNS-1035 label: a-z, 0-9 and '-', starting with a letter (got {v!r})")
         return v
 
 

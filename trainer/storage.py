@@ -12,14 +12,18 @@ botocore's credential chain finds the keys (environment, shared files, IRSA, ins
 from __future__ import annotations
 
 import io
+import logging
 import os
+import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Protocol
 
 from trainer.spec import CheckpointSpec, SpecError
 
 MiB = 1024 * 1024
+log = logging.getLogger(__name__)
 
 
 class StoreError(OSError):
@@ -99,6 +103,35 @@ class LocalStore:
             while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
                 parent.rmdir()
                 parent = parent.parent
+
+
+def backoff_seconds(attempt: int, base: float = 0.5, cap: float = 30.0, jitter: float = 0.1) -> float:
+    """Delay before retry `attempt` (1-based): base * 2^(attempt-1), capped, with +-jitter."""
+    delay = min(cap, base * 2 ** min(attempt - 1, 32))
+    return delay * (1 + random.uniform(-jitter, jitter))
+
+
+def retrying(fn, timeout_seconds: float, what: str, on_failure=None, sleep=time.sleep, transient_only=False):
+    """fn() until it succeeds or retrying would pass the deadline; then the last StoreError, annotated.
+    With transient_only, an error retrying cannot help (denied, missing bucket) is raised at once."""
+    deadline = time.monotonic() + timeout_seconds
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except StoreError as err:
+            if transient_only and not err.transient:
+                raise
+            if on_failure is not None:
+                on_failure()
+            delay = backoff_seconds(attempt)
+            if time.monotonic() + delay > deadline:
+                raise StoreError(
+                    f"{err} (gave up after {attempt} attempts in {timeout_seconds:g}s)", transient=err.transient
+                ) from None
+            log.warning("%s: attempt %d failed: %s; retrying in %.1fs", what, attempt, err, delay)
+            sleep(delay)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -245,14 +278,18 @@ def open_store(
     """The job's own folder under the spec's checkpoint URI, checked for access.
 
     A problem the user must fix (no permission, missing bucket, bad credentials) is a SpecError
-    naming spec.checkpoint.uri; an unreachable server too, since training could not commit."""
+    naming spec.checkpoint.uri. An unreachable server, a timeout or a 5xx may pass: they are
+    retried with backoff for up to uploadTimeoutSeconds, then raised as a transient StoreError
+    (the process exits 1 and the stage is retried, never failed as misconfigured)."""
     uri = spec.uri
     if uri.startswith("s3://"):
         client = s3_client(spec.endpoint, spec.region, spec.path_style, credentials)
         store = S3Store(f"{uri}/{job_name}", client)
         try:
-            store.check(write)
+            retrying(lambda: store.check(write), spec.upload_timeout_seconds, f"open {uri}", transient_only=True)
         except StoreError as err:
+            if err.transient:
+                raise
             raise SpecError(f"spec.checkpoint.uri: {err}") from None
         return store
     root = Path(uri.removeprefix("file://")).expanduser()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import logging
 import queue
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -23,33 +22,11 @@ from typing import Any
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer.storage import Store, StoreError
+from trainer.storage import Store, StoreError, backoff_seconds, retrying
+
+__all__ = ["CheckpointWriter", "backoff_seconds", "retrying", "to_host"]
 
 log = logging.getLogger(__name__)
-
-
-def backoff_seconds(attempt: int, base: float = 0.5, cap: float = 30.0, jitter: float = 0.1) -> float:
-    """Delay before retry `attempt` (1-based): base * 2^(attempt-1), capped, with +-jitter."""
-    delay = min(cap, base * 2 ** min(attempt - 1, 32))
-    return delay * (1 + random.uniform(-jitter, jitter))
-
-
-def retrying(fn, timeout_seconds: float, what: str, on_failure=None, sleep=time.sleep):
-    """fn() until it succeeds or retrying would pass the deadline; then the last StoreError, annotated."""
-    deadline = time.monotonic() + timeout_seconds
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return fn()
-        except StoreError as err:
-            if on_failure is not None:
-                on_failure()
-            delay = backoff_seconds(attempt)
-            if time.monotonic() + delay > deadline:
-                raise StoreError(f"{err} (gave up after {attempt} attempts in {timeout_seconds:g}s)") from None
-            log.warning("%s: attempt %d failed: %s; retrying in %.1fs", what, attempt, err, delay)
-            sleep(delay)
 
 
 def to_host(obj: Any) -> Any:

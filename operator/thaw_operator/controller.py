@@ -1,18 +1,23 @@
 """Thin kopf handlers: observe, call the pure planner, apply its plan.
 
 Every FineTuneJob event and every event of a stage Job it owns triggers `reconcile` for that
-FineTuneJob; a background loop re-runs it for jobs waiting on a checkpoint and resyncs all of
-them every minute (level-triggered: a missed event costs latency, never correctness). kopf's
-`on.event` handlers keep no state in the objects, so no finalizers: deletion cascades through
-ownerReferences alone, even with the operator down.
+FineTuneJob; a background loop re-runs it for jobs waiting (for a failed attempt's pods, a
+TTL) and resyncs all of them every minute (level-triggered: a missed event costs latency,
+never correctness). kopf's `on.event` handlers keep no state in the objects, so no
+finalizers: deletion cascades through ownerReferences alone, even with the operator down.
+
+The operator never talks to the object store and holds no storage credentials: a stage's
+result comes from rank 0's termination message, its live progress from rank 0's metrics
+endpoint, and the next stage's pods verify the checkpoint before they load it.
 """
 
 from __future__ import annotations
 
-import base64
+import json
 import logging
 import threading
 import time
+import urllib.request
 from datetime import UTC, datetime
 
 import kopf
@@ -22,9 +27,9 @@ from kubernetes.client.exceptions import ApiException
 from thaw_operator import metrics
 from thaw_operator import resources as res
 from thaw_operator.crd import GROUP, PLURAL, VERSION
-from thaw_operator.planner import TERMINAL, FinalView, JobView, Plan, plan
-from trainer.plan import stage_names
-from trainer.spec import FineTuneJobSpec, SpecError, parse_job
+from thaw_operator.planner import TERMINAL, TIME_FORMAT, JobView, Plan, plan
+from trainer.layer_table import resolve_offline
+from trainer.spec import SpecError, parse_job
 
 log = logging.getLogger("thaw.operator")
 
@@ -48,10 +53,61 @@ def _lock(key: tuple[str, str]) -> threading.Lock:
 
 
 def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime(TIME_FORMAT)
 
 
-def job_view(job) -> JobView | None:
+def _ts(t) -> str | None:
+    return t.strftime(TIME_FORMAT) if t else None
+
+
+POD_DONE = ("Succeeded", "Failed")
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+
+def _terminated(pod):
+    """The trainer container's terminated state, or None."""
+    for c in (pod.status and pod.status.container_statuses) or []:
+        if c.name == "trainer" and c.state and c.state.terminated:
+            return c.state.terminated
+    return None
+
+
+def _memory_limit(pod) -> str | None:
+    for c in pod.spec.containers:
+        if c.name == "trainer" and c.resources and c.resources.limits:
+            return c.resources.limits.get("memory")
+    return None
+
+
+def termination_doc(message: str | None) -> dict | None:
+    """The trainer's termination message: JSON (a stage result, or an error); None otherwise."""
+    try:
+        doc = json.loads(message or "")
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def pod_failure(pod) -> str:
+    """One line on why a stage pod failed: the trainer's own message where it left one."""
+    term = _terminated(pod)
+    if term is None:
+        return f"pod {pod.metadata.name}: {pod.status.reason or 'failed'}: {pod.status.message or 'no details'}"
+    if term.reason == "OOMKilled":
+        limit = _memory_limit(pod)
+        return (
+            f"pod {pod.metadata.name}: container trainer was OOMKilled (exit {term.exit_code}, memory limit "
+            f"{limit or 'none'}); raise spec.resources.memory or lower the batch size"
+        )
+    doc = termination_doc(term.message)
+    if doc and doc.get("error"):
+        return doc["error"]
+    last = (term.message or "").strip().splitlines()[-1:] if not doc else []
+    detail = f": {last[0][:300]}" if last else ""
+    return f"pod {pod.metadata.name}: container trainer exited {term.exit_code} ({term.reason or 'Error'}){detail}"
+
+
+def job_view(job, pods: list) -> JobView | None:
     labels = job.metadata.labels or {}
     try:
         stage, attempt = int(labels[res.LABEL_STAGE]), int(labels[res.LABEL_ATTEMPT])
@@ -59,7 +115,16 @@ def job_view(job) -> JobView | None:
         return None
     conds = {c.type: c for c in (job.status.conditions or []) if c.status == "True"}
     failed = conds.get("Failed")
-    ts = lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ") if t else None
+    failures = [pod_failure(p) for p in pods if p.status and p.status.phase == "Failed"]
+    # A configuration error is the one the trainer reported; otherwise the first failure seen.
+    reported = [f for f in failures if not f.startswith("pod ")]
+    result = None
+    for p in pods:
+        if (p.metadata.annotations or {}).get(INDEX_ANNOTATION) == "0" and p.status and p.status.phase == "Succeeded":
+            term = _terminated(p)
+            doc = termination_doc(term.message if term else None)
+            if doc and "checkpoint" in doc:
+                result = doc
     return JobView(
         name=job.metadata.name,
         stage=stage,
@@ -71,74 +136,56 @@ def job_view(job) -> JobView | None:
         failed=failed is not None,
         failed_reason=(failed.reason or "") if failed else "",
         failed_message=(failed.message or "") if failed else "",
-        start_time=ts(job.status.start_time),
-        completion_time=ts(job.status.completion_time),
+        start_time=_ts(job.status.start_time),
+        completion_time=_ts(job.status.completion_time),
+        pods_left=sum(1 for p in pods if not (p.status and p.status.phase in POD_DONE)),
+        failure=(reported or failures or [""])[0],
+        result=result,
     )
 
 
-def _credentials(namespace: str, spec: FineTuneJobSpec) -> tuple[str, str] | None:
-    name = spec.checkpoint.credentials_secret
-    if not name or not spec.checkpoint.uri.startswith("s3://"):
+def scrape_progress(pod, port: int) -> dict | None:
+    """Epoch, validation accuracy and ETA that rank 0 serves on its metrics port (best effort:
+    the operator reaches only pods it created, at the address their status gives)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ip = pod.status.pod_ip if pod.status else None
+    if not ip:
         return None
-    secret = client.CoreV1Api(CONFIG.api).read_namespaced_secret(name, namespace)
-    data = secret.data or {}
-    return tuple(base64.b64decode(data[k]).decode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
-
-
-def verified_finals(namespace: str, name: str, spec: FineTuneJobSpec, stages: list[int]) -> dict[int, FinalView]:
-    """Final checkpoints of the given stages that verify in the store (sizes and sha256)."""
-    if not stages:
-        return {}
-    from trainer import checkpoint as ckpt
-    from trainer.storage import open_store
-
-    names = stage_names(spec)
-    out = {}
     try:
-        store = open_store(spec.checkpoint, name, write=False, credentials=_credentials(namespace, spec))
-        for k in stages:
-            pointer = ckpt.read_pointer(store, k, names[k])
-            if pointer is not None and ckpt.verify(store, pointer["checkpoint"]) is not None:
-                out[k] = FinalView(f"{store.uri}/{pointer['checkpoint']}", pointer.get("metrics", {}))
-    except (SpecError, OSError, ckpt.CheckpointError, ApiException, KeyError) as err:
-        log.warning("%s/%s: cannot verify checkpoints yet: %s", namespace, name, err)
-    return out
+        with _NO_PROXY.open(f"http://{ip}:{port}/metrics", timeout=2) as r:
+            text = r.read(1 << 20).decode()
+    except (OSError, ValueError):
+        return None
+    wanted = {"thaw_epoch": "epoch", "thaw_val_accuracy_ratio": "valAccuracy", "thaw_eta_seconds": "etaSeconds"}
+    out: dict = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted and sample.labels.get("rank", "0") == "0":
+                out[wanted[sample.name]] = sample.value
+    if "epoch" in out:
+        out["epoch"] = int(out["epoch"])
+    return out or None
 
 
-def stage_progress(namespace: str, name: str, spec: FineTuneJobSpec, running: list[int]) -> dict[int, dict]:
-    """Epoch, validation accuracy and ETA of running stages, from their newest epoch manifest."""
-    if not running:
-        return {}
-    from trainer import checkpoint as ckpt
-    from trainer.storage import open_store
-
-    names = stage_names(spec)
-    out = {}
-    try:
-        store = open_store(spec.checkpoint, name, write=False, credentials=_credentials(namespace, spec))
-        for k in running:
-            manifest = ckpt.latest_manifest(store, k, names[k])
-            if manifest is not None:
-                row = manifest.get("metrics", {})
-                out[k] = {
-                    "epoch": manifest.get("epoch", 0) + 1,
-                    "valAccuracy": row.get("val_accuracy"),
-                    "etaSeconds": row.get("eta_seconds"),
-                }
-    except (SpecError, OSError, ApiException, KeyError) as err:
-        log.debug("%s/%s: no progress yet: %s", namespace, name, err)
-    return out
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def reconcile(namespace: str, name: str) -> Plan | None:
+    """Observe, plan, apply one FineTuneJob. Its errors stay its own: they are logged, counted,
+    reported on it (a Stalled condition and an Event) and retried, never raised to the caller."""
     key = (namespace, name)
     with _lock(key):
         t0 = time.perf_counter()
+        result = None
         try:
             result = _reconcile(namespace, name)
-        except Exception:
+        except Exception as err:  # noqa: BLE001 - one broken job must not stall the others
             metrics.RECONCILE_ERRORS.inc()
-            raise
+            log.warning("%s/%s: reconcile failed: %s", namespace, name, _one_line(err))
+            _report_stalled(namespace, name, err)
+            _requeue[key] = time.monotonic() + STALLED_RETRY_SECONDS
+            return None
         finally:
             metrics.RECONCILES.inc()
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - t0)
@@ -147,6 +194,44 @@ def reconcile(namespace: str, name: str) -> Plan | None:
         else:
             _requeue.pop(key, None)
         return result
+
+
+STALLED_RETRY_SECONDS = 10.0
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, ApiException):
+        try:
+            return f"{err.status} {err.reason}: {json.loads(err.body).get('message', '')}"[:500]
+        except (TypeError, ValueError):
+            return f"{err.status} {err.reason}"
+    return (str(err).splitlines() or [type(err).__name__])[0][:500]
+
+
+def _report_stalled(namespace: str, name: str, err: Exception) -> None:
+    """A Stalled condition and a Warning Event on the FineTuneJob that cannot progress."""
+    message = f"cannot reconcile: {_one_line(err)}; retrying every {STALLED_RETRY_SECONDS:g}s"
+    custom = client.CustomObjectsApi(CONFIG.api)
+    try:
+        ftj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        old = (ftj.get("status") or {}).get("conditions", [])
+        prev = next((c for c in old if c.get("type") == "Stalled"), None)
+        if prev and prev.get("status") == "True" and prev.get("message") == message:
+            return  # already said
+        cond = {
+            "type": "Stalled",
+            "status": "True",
+            "reason": "ReconcileError",
+            "message": message,
+            "lastTransitionTime": now(),
+        }
+        conditions = [c for c in old if c.get("type") != "Stalled"] + [cond]
+        custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": {"conditions": conditions}}
+        )
+        post_event(ftj, "Warning", "ReconcileError", message)
+    except Exception as again:  # noqa: BLE001 - reporting is best effort; the retry is not
+        log.warning("%s/%s: could not report the failure: %s", namespace, name, _one_line(again))
 
 
 def _reconcile(namespace: str, name: str) -> Plan | None:
@@ -161,36 +246,64 @@ def _reconcile(namespace: str, name: str) -> Plan | None:
         return None
     try:
         spec, error = parse_job(ftj).spec, None
+        resolve_offline(spec)  # the trainer's plan-time checks, from the torch-free layer table
     except SpecError as err:
         spec, error = None, str(err).replace("\n", "; ")
-    batch = client.BatchV1Api(CONFIG.api)
+    batch, core = client.BatchV1Api(CONFIG.api), client.CoreV1Api(CONFIG.api)
     uid = ftj["metadata"]["uid"]
+    selector = f"{res.LABEL_JOB}={name}"
+    pods_of: dict[str, list] = {}
+    for p in core.list_namespaced_pod(namespace, label_selector=selector).items:
+        job = (p.metadata.labels or {}).get("batch.kubernetes.io/job-name") or (p.metadata.labels or {}).get("job-name")
+        pods_of.setdefault(job, []).append(p)
     jobs = []
-    for j in batch.list_namespaced_job(namespace, label_selector=f"{res.LABEL_JOB}={name}").items:
+    for j in batch.list_namespaced_job(namespace, label_selector=selector).items:
         if any(o.uid == uid for o in j.metadata.owner_references or []):
-            view = job_view(j)
+            view = job_view(j, pods_of.get(j.metadata.name, []))
             if view is not None:
                 jobs.append(view)
-    finals: dict[int, FinalView] = {}
+    progress = {}
     if spec is not None:
-        done = {s["index"] for s in (ftj.get("status") or {}).get("stages", []) if s.get("phase") == "Succeeded"}
         latest: dict[int, JobView] = {}
         for j in jobs:
             if j.stage not in latest or j.attempt > latest[j.stage].attempt:
                 latest[j.stage] = j
-        to_verify = sorted(k for k, j in latest.items() if j.complete and k not in done)
-        finals = verified_finals(namespace, name, spec, to_verify)
-        running = sorted(k for k, j in latest.items() if not (j.complete or j.failed) and k not in done)
-        progress = stage_progress(namespace, name, spec, running)
-    else:
-        progress = {}
-    result = plan(ftj, spec, error, jobs, finals, now(), CONFIG.trainer_image, progress)
+        for k, j in latest.items():
+            if j.complete or j.failed:
+                continue
+            rank0 = [
+                p
+                for p in pods_of.get(j.name, [])
+                if (p.metadata.annotations or {}).get(INDEX_ANNOTATION) == "0" and p.status.phase == "Running"
+            ]
+            found = scrape_progress(rank0[0], spec.metrics.port) if rank0 and spec.metrics.enabled else None
+            if found and found.get("epoch"):
+                progress[k] = found
+    result = plan(ftj, spec, error, jobs, now(), CONFIG.trainer_image, progress)
     apply(ftj, result)
     return result
 
 
+class NotOwned(Exception):
+    """An object with a child's name exists and belongs to someone else."""
+
+
+def _owned_by(obj_meta, uid: str) -> bool:
+    refs = obj_meta.owner_references or [] if not isinstance(obj_meta, dict) else obj_meta.get("ownerReferences") or []
+    return any((r.uid if not isinstance(r, dict) else r.get("uid")) == uid for r in refs)
+
+
+def _read(kind: str, ns: str, name: str):
+    if kind == "Job":
+        return client.BatchV1Api(CONFIG.api).read_namespaced_job(name, ns)
+    if kind == "Service":
+        return client.CoreV1Api(CONFIG.api).read_namespaced_service(name, ns)
+    return client.CoreV1Api(CONFIG.api).read_namespaced_config_map(name, ns)
+
+
 def _create(obj: dict) -> None:
-    kind, ns = obj["kind"], obj["metadata"]["namespace"]
+    """Create a child; if its deterministic name exists, it must be ours (else NotOwned)."""
+    kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
     try:
         if kind == "Job":
             client.BatchV1Api(CONFIG.api).create_namespaced_job(ns, obj)
@@ -201,8 +314,38 @@ def _create(obj: dict) -> None:
         else:
             raise ValueError(f"cannot create {kind}")
     except ApiException as err:
-        if err.status != 409:  # already there: deterministic names make creation idempotent
+        if err.status != 409:
             raise
+        # Already there: ours from an earlier reconcile (idempotent), or a stranger's.
+        uid = obj["metadata"]["ownerReferences"][0]["uid"]
+        existing = _read(kind, ns, name)
+        if not _owned_by(existing.metadata, uid):
+            raise NotOwned(
+                f"{kind} {ns}/{name} exists and is not owned by this FineTuneJob (uid {uid}); delete or rename it"
+            ) from None
+
+
+def _ensure_config_map(ftj: dict) -> None:
+    """The job file stage pods read, current with the FineTuneJob's spec before each new Job
+    (mutable fields such as data.workers or metrics may have changed)."""
+    want = res.config_map(ftj)
+    meta = want["metadata"]
+    try:
+        have = client.CoreV1Api(CONFIG.api).read_namespaced_config_map(meta["name"], meta["namespace"])
+    except ApiException as err:
+        if err.status != 404:
+            raise
+        _create(want)
+        return
+    if not _owned_by(have.metadata, ftj["metadata"]["uid"]):
+        raise NotOwned(
+            f"ConfigMap {meta['namespace']}/{meta['name']} exists and is not owned by this FineTuneJob; "
+            "delete or rename it"
+        )
+    if (have.data or {}) != want["data"]:
+        client.CoreV1Api(CONFIG.api).patch_namespaced_config_map(
+            meta["name"], meta["namespace"], {"data": want["data"]}
+        )
 
 
 def post_event(ftj: dict, kind: str, reason: str, message: str) -> None:
@@ -232,18 +375,33 @@ def post_event(ftj: dict, kind: str, reason: str, message: str) -> None:
 
 def apply(ftj: dict, p: Plan) -> None:
     meta = ftj["metadata"]
+    old = ftj.get("status") or {}
+    # Children first (deterministic names: a repeat is a no-op), then status: a status that
+    # names attempt n never exists without attempt n's Job.
     if p.create:
-        _create(res.config_map(ftj))
+        _ensure_config_map(ftj)
         for obj in p.create:
             _create(obj)
             if obj["kind"] == "Job":
                 metrics.JOBS_CREATED.inc()
     for job, patch in p.patch_jobs:
         client.BatchV1Api(CONFIG.api).patch_namespaced_job(job, meta["namespace"], patch)
-    old = ftj.get("status") or {}
+    for job in p.delete_jobs:
+        try:
+            client.BatchV1Api(CONFIG.api).delete_namespaced_job(job, meta["namespace"], propagation_policy="Background")
+        except ApiException as err:
+            if err.status != 404:
+                raise
     if p.status and p.status != old:
+        # Conditional on the version observed: a stale plan (another replica, an older event)
+        # gets 409 and is re-planned from fresh observations instead of overwriting.
         client.CustomObjectsApi(CONFIG.api).patch_namespaced_custom_object_status(
-            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": p.status}
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            PLURAL,
+            meta["name"],
+            {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": p.status},
         )
         _record_transitions(old, p.status)
     if p.status.get("stages"):
@@ -259,7 +417,7 @@ def _record_transitions(old: dict, new: dict) -> None:
         if before.get(s["index"]) != s["phase"]:
             metrics.STAGE_TRANSITIONS.labels(s["phase"]).inc()
             if s["phase"] == "Succeeded" and s.get("startTime") and s.get("completionTime"):
-                parse = lambda t: datetime.strptime(t, "%Y-%m-%dT%H:%M:%SZ")
+                parse = lambda t: datetime.strptime(t, TIME_FORMAT)
                 seconds = (parse(s["completionTime"]) - parse(s["startTime"])).total_seconds()
                 metrics.STAGE_SECONDS.observe(max(seconds, 0))
 
@@ -274,7 +432,8 @@ def list_finetunejobs() -> list[dict]:
 
 
 def resync_forever(stop: threading.Event) -> None:
-    """Requeued jobs (checkpoint not verified yet) when due; everything every resync_seconds."""
+    """Requeued jobs (waiting for pods to stop, a TTL, a stalled one) when due; every unfinished
+    job (and finished ones with a TTL) every resync_seconds. reconcile() never raises."""
     last_full = time.monotonic()
     while not stop.wait(1.0):
         due = [k for k, t in list(_requeue.items()) if t <= time.monotonic()]
@@ -291,6 +450,7 @@ def resync_forever(stop: threading.Event) -> None:
                             (o["metadata"]["namespace"], o["metadata"]["name"])
                             for o in items
                             if (o.get("status") or {}).get("phase") not in TERMINAL
+                            or ((o.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None
                         ),
                     }
                 )

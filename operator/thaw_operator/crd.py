@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from trainer.spec import API_VERSION, KIND, FineTuneJobSpec
+from trainer.spec import API_VERSION, ENDPOINT_PATTERN, KIND, NAME_PATTERN, FineTuneJobSpec
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "finetunejobs"
@@ -42,6 +42,8 @@ EXTRA: dict[tuple[str, ...], dict] = {
     ("stages",): {"minItems": 1, "maxItems": MAX_STAGES},
     ("checkpoint", "uri"): {"pattern": r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|file://.+)$"},
     ("data", "source"): {"pattern": r"^(fashion-mnist|digits|file:///.+|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?)$"},
+    ("checkpoint", "endpoint"): {"pattern": ENDPOINT_PATTERN},
+    ("data", "endpoint"): {"pattern": ENDPOINT_PATTERN},
     # Stage names become object names; bounded lengths also keep the CEL cost estimate in budget.
     ("stages", "*", "name"): {"maxLength": 32},
 }
@@ -232,7 +234,12 @@ def crd() -> dict:
                                 {
                                     "rule": f"size(self.metadata.name) <= {MAX_NAME}",
                                     "message": f"metadata.name must be at most {MAX_NAME} characters",
-                                }
+                                },
+                                {
+                                    "rule": f"self.metadata.name.matches('{NAME_PATTERN}')",
+                                    "message": "metadata.name must start with a letter: stage Services are "
+                                    "named <name>-<stage> and must be DNS-1035 labels",
+                                },
                             ],
                         }
                     },

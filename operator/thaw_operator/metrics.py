@@ -6,6 +6,8 @@ from collections import Counter as Tally
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
+from thaw_operator.planner import FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, SUSPENDED
+
 disable_created_metrics()
 
 RECONCILES = Counter("thaw_operator_reconciles", "FineTuneJob reconciliations")
@@ -26,7 +28,7 @@ API_REQUESTS = Counter("thaw_operator_api_requests", "Requests the reconciler se
 STAGE_ATTEMPTS = Gauge(
     "thaw_operator_stage_attempts", "Attempts (Jobs) of each stage so far", ["namespace", "finetunejob", "stage"]
 )
-PHASES = ("Pending", "Running", "Verifying", "Queued", "Suspended", "Succeeded", "Failed")
+PHASES = (PENDING, RUNNING, QUEUED, SUSPENDED, SUCCEEDED, FAILED)
 FINETUNEJOBS = Gauge("thaw_operator_finetunejobs", "FineTuneJobs by phase", ["phase"])
 
 

@@ -1,31 +1,35 @@
-"""The controller's brain, pure: (FineTuneJob, observed stage Jobs, verified checkpoints) ->
-(objects to create, Jobs to patch, status, events). No API calls, no clock, no randomness,
+"""The controller's brain, pure: (FineTuneJob, observed stage Jobs and their pods) -> (objects
+to create, Jobs to patch or delete, status, events). No API calls, no clock, no randomness,
 so every transition is a table-driven unit test and a restarted operator recomputes the
 same plan from what it observes.
 
-Stage k starts only after stage k-1's Job completed *and* its final checkpoint verified in
-the store. A failed stage Job is replaced by a fresh attempt (which resumes from the stage's
-newest valid checkpoint) until the retry budget is spent. Terminal states are sticky.
+Stage k starts only after stage k-1's Job completed *and* its rank 0 reported the final
+checkpoint it verified (termination message); stage k's pods verify it again before they
+load it, so the operator never reads the store. A failed attempt is replaced by a fresh one
+(which resumes from the stage's newest valid checkpoint) once its pods have stopped, until
+the retry budget is spent; only a configuration error fails at once. Terminal states are sticky.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from thaw_operator import resources as res
 from trainer.plan import expand_stages, stage_names
 from trainer.spec import FineTuneJobSpec
 
-PENDING, RUNNING, QUEUED, SUSPENDED, VERIFYING = "Pending", "Running", "Queued", "Suspended", "Verifying"
+PENDING, RUNNING, QUEUED, SUSPENDED = "Pending", "Running", "Queued", "Suspended"
 SUCCEEDED, FAILED = "Succeeded", "Failed"
 TERMINAL = (SUCCEEDED, FAILED)
 CONDITION_TYPES = ("Created", "Running", "Suspended", "Succeeded", "Failed")
-VERIFY_RETRY_SECONDS = 5.0
+WAIT_SECONDS = 2.0  # re-plan this soon while waiting for a failed attempt's pods to stop
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 @dataclass(frozen=True)
 class JobView:
-    """What the planner needs from one observed stage Job."""
+    """What the planner needs from one observed stage Job and its pods."""
 
     name: str
     stage: int
@@ -39,34 +43,23 @@ class JobView:
     failed_message: str = ""
     start_time: str | None = None
     completion_time: str | None = None
-
-
-@dataclass(frozen=True)
-class FinalView:
-    """A stage's final checkpoint as verified in the store."""
-
-    checkpoint: str
-    metrics: dict
+    pods_left: int = 0  # pods not yet Succeeded/Failed (a failed attempt's ranks still flushing)
+    failure: str = ""  # why its pods failed, one line: the trainer's own message, OOMKilled and the limit
+    result: dict | None = None  # rank 0's termination message: {"checkpoint": ..., "metrics": {...}}
 
 
 @dataclass
 class Plan:
     create: list[dict] = field(default_factory=list)
     patch_jobs: list[tuple[str, dict]] = field(default_factory=list)
+    delete_jobs: list[str] = field(default_factory=list)
     status: dict = field(default_factory=dict)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     requeue_after: float | None = None
 
 
-def summarize(metrics: dict) -> dict:
-    """The few numbers of a stage result that status shows (not the per-epoch history)."""
-    keys = {
-        "best_val_accuracy": "valAccuracy",
-        "test_accuracy": "testAccuracy",
-        "epochs_run": "epochs",
-        "trainable_params": "trainableParams",
-    }
-    return {out: metrics[k] for k, out in keys.items() if k in metrics}
+def _seconds(t: str) -> float:
+    return datetime.strptime(t, TIME_FORMAT).replace(tzinfo=UTC).timestamp()
 
 
 def _condition(old: list[dict], ctype: str, status: bool, reason: str, message: str, now: str, gen: int) -> dict:
@@ -88,12 +81,11 @@ def plan(
     spec: FineTuneJobSpec | None,
     spec_error: str | None,
     jobs: list[JobView],
-    finals: dict[int, FinalView | None],
     now: str,
     image: str,
     progress: dict[int, dict] | None = None,
 ) -> Plan:
-    """`progress`: the newest epoch manifest's numbers of a running stage, shown in its status."""
+    """`progress`: the numbers rank 0 of a running stage serves (epoch, val accuracy, ETA)."""
     meta, old = ftj["metadata"], ftj.get("status") or {}
     gen = meta.get("generation", 1)
     out = Plan()
@@ -116,9 +108,9 @@ def plan(
                 _condition(
                     conds,
                     "Running",
-                    phase in (RUNNING, VERIFYING),
-                    reason if phase in (RUNNING, VERIFYING) else phase,
-                    message if phase in (RUNNING, VERIFYING) else "",
+                    phase == RUNNING,
+                    reason if phase == RUNNING else phase,
+                    message if phase == RUNNING else "",
                     now,
                     gen,
                 ),
@@ -151,6 +143,8 @@ def plan(
                 ),
             ],
         }
+        if phase in TERMINAL:  # when it ended: the FineTuneJob's TTL counts from here
+            out.status["completionTime"] = old.get("completionTime") if old.get("phase") == phase else now
         live = [s["progress"] for s in stages if s["phase"] == RUNNING and "progress" in s]
         if live and live[-1].get("valAccuracy") is not None:
             out.status["valAccuracy"] = live[-1]["valAccuracy"]
@@ -168,6 +162,13 @@ def plan(
     image = spec.image or image  # the job's own image wins over the operator's default
     if old.get("phase") in TERMINAL and old.get("observedGeneration") == gen:
         out.status = old
+        ttl = spec.run_policy.ttl_seconds_after_finished
+        if ttl is not None and jobs and old.get("completionTime"):
+            left = _seconds(old["completionTime"]) + ttl - _seconds(now)
+            if left <= 0:
+                out.delete_jobs = sorted(j.name for j in jobs)
+            else:
+                out.requeue_after = left
         return out
 
     by_stage: dict[int, list[JobView]] = {}
@@ -187,45 +188,61 @@ def plan(
             }
         )
 
+    def retry(k: int, st: dict, cause: str) -> Plan:
+        """The latest attempt of stage k is over without a result: another, if the budget allows."""
+        label = f"stage {k} ({st['name']})"
+        if st["attempts"] >= 1 + spec.run_policy.retries_per_stage:
+            st["phase"] = FAILED
+            msg = f"{label} failed {st['attempts']} times ({cause}); retries exhausted"
+            return finish(FAILED, "RetriesExhausted", msg, stages, k)
+        attempt = st["attempts"] + 1
+        out.create.append(res.stage_job(ftj, spec, k, stage_specs[k], attempt, image, suspend=spec.suspend))
+        st["phase"], st["attempts"] = RUNNING, attempt
+        out.events.append(
+            (
+                "Warning",
+                "StageRetrying",
+                f"{label} attempt {attempt - 1} failed ({cause}); starting attempt {attempt}, which resumes "
+                "from the newest valid checkpoint",
+            )
+        )
+        return finish(RUNNING, "StageRetrying", f"{label} attempt {attempt}", stages, k)
+
     for k, st in enumerate(stages):
         if st["phase"] == SUCCEEDED:
             continue
+        label = f"stage {k} ({st['name']})"
         attempts = sorted(by_stage.get(k, []), key=lambda j: j.attempt)
         latest = attempts[-1] if attempts else None
         st["attempts"] = max(st["attempts"], latest.attempt if latest else 0)
         if latest is not None and latest.start_time and "startTime" not in st:
             st["startTime"] = latest.start_time
 
+        if latest is None and st["attempts"]:  # our Job is gone and we never saw it finish
+            return retry(k, st, f"its Job {res.job_name(meta['name'], k, st['attempts'])} was deleted")
         if latest is None:
             if spec.suspend:
                 st["phase"] = SUSPENDED
-                return finish(SUSPENDED, "Suspended", f"suspended before stage {k} ({st['name']}) started", stages, k)
-            attempt = st["attempts"] + 1
+                return finish(SUSPENDED, "Suspended", f"suspended before {label} started", stages, k)
+            attempt = 1
             out.create += [res.headless_service(ftj, k), res.stage_job(ftj, spec, k, stage_specs[k], attempt, image)]
             st["phase"], st["attempts"] = RUNNING, attempt
             st["startTime"] = st.get("startTime", now)
             out.events.append(
-                (
-                    "Normal",
-                    "StageStarted",
-                    f"stage {k} ({st['name']}) attempt {attempt}: Job {res.job_name(meta['name'], k, attempt)}",
-                )
+                ("Normal", "StageStarted", f"{label} attempt {attempt}: Job {res.job_name(meta['name'], k, attempt)}")
             )
-            return finish(RUNNING, "StageRunning", f"stage {k} ({st['name']}) running", stages, k)
+            return finish(RUNNING, "StageRunning", f"{label} running", stages, k)
 
         if latest.complete:
-            final = finals.get(k)
-            if final is None:
-                st["phase"] = VERIFYING
-                out.requeue_after = VERIFY_RETRY_SECONDS
-                msg = f"stage {k} ({st['name']}) Job completed; its final checkpoint does not verify in the store yet"
-                if old_stages.get(k, {}).get("phase") != VERIFYING:
-                    out.events.append(("Warning", "CheckpointNotVerified", msg))
-                return finish(VERIFYING, "CheckpointNotVerified", msg, stages, k)
+            result = latest.result
+            if not result or result.get("stage") != k or not result.get("checkpoint"):
+                # Rank 0 reports the verified checkpoint in its termination message; without it
+                # (pods removed), a new attempt finds the committed stage and reports it again.
+                return retry(k, st, "completed, but its result was not found in rank 0's termination message")
             st.update(
                 phase=SUCCEEDED,
-                checkpoint=final.checkpoint,
-                result=summarize(final.metrics),
+                checkpoint=result["checkpoint"],
+                result=dict(result.get("metrics") or {}),
                 completionTime=latest.completion_time or now,
             )
             acc = st["result"].get("valAccuracy")
@@ -233,37 +250,26 @@ def plan(
                 (
                     "Normal",
                     "StageSucceeded",
-                    f"stage {k} ({st['name']}) succeeded"
-                    + (f", val accuracy {acc:.4f}" if isinstance(acc, (int, float)) else ""),
+                    f"{label} succeeded" + (f", val accuracy {acc:.4f}" if isinstance(acc, (int, float)) else ""),
                 )
             )
             continue
 
         if latest.failed:
+            cause = latest.failure or f"{latest.failed_reason or 'Failed'}: {latest.failed_message}"
             if latest.failed_reason == "PodFailurePolicy":  # the trainer said: configuration error
                 st["phase"] = FAILED
-                msg = f"stage {k} ({st['name']}) failed with a configuration error: {latest.failed_message}"
-                return finish(FAILED, "InvalidConfiguration", msg, stages, k)
-            if st["attempts"] >= 1 + spec.run_policy.retries_per_stage:
-                st["phase"] = FAILED
+                return finish(FAILED, "InvalidConfiguration", f"{label} configuration error: {cause}", stages, k)
+            if latest.pods_left:
+                # Its ranks may still be committing checkpoints: the next attempt must not choose
+                # its resume point before they stop (kubelet grace period bounds the wait).
+                st["phase"] = RUNNING
+                out.requeue_after = WAIT_SECONDS
                 msg = (
-                    f"stage {k} ({st['name']}) failed {st['attempts']} times ({latest.failed_reason or 'Failed'}: "
-                    f"{latest.failed_message}); retries exhausted"
+                    f"{label} attempt {latest.attempt} failed ({cause}); waiting for {latest.pods_left} pod(s) to stop"
                 )
-                return finish(FAILED, "RetriesExhausted", msg, stages, k)
-            attempt = st["attempts"] + 1
-            out.create.append(res.stage_job(ftj, spec, k, stage_specs[k], attempt, image, suspend=spec.suspend))
-            st["phase"], st["attempts"] = RUNNING, attempt
-            out.events.append(
-                (
-                    "Warning",
-                    "StageRetrying",
-                    f"stage {k} ({st['name']}) attempt {latest.attempt} failed "
-                    f"({latest.failed_reason or 'Failed'}); starting attempt {attempt}, which resumes "
-                    "from the newest valid checkpoint",
-                )
-            )
-            return finish(RUNNING, "StageRetrying", f"stage {k} ({st['name']}) attempt {attempt}", stages, k)
+                return finish(RUNNING, "AttemptFailed", msg, stages, k)
+            return retry(k, st, cause)
 
         # The latest attempt exists and has not finished.
         if spec.suspend:
@@ -275,14 +281,10 @@ def plan(
                     )
                 )
                 out.events.append(
-                    (
-                        "Normal",
-                        "Suspending",
-                        f"stage {k} ({st['name']}): stopping pods; they checkpoint on SIGTERM and resume later",
-                    )
+                    ("Normal", "Suspending", f"{label}: stopping pods; they checkpoint on SIGTERM and resume later")
                 )
             st["phase"] = SUSPENDED
-            return finish(SUSPENDED, "Suspended", f"stage {k} ({st['name']}) suspended", stages, k)
+            return finish(SUSPENDED, "Suspended", f"{label} suspended", stages, k)
         if latest.suspended and latest.suspended_by_operator:
             out.patch_jobs.append(
                 (
@@ -290,17 +292,17 @@ def plan(
                     {"metadata": {"annotations": {res.ANNOTATION_SUSPENDED: None}}, "spec": {"suspend": False}},
                 )
             )
-            out.events.append(("Normal", "Resumed", f"stage {k} ({st['name']}) resumes from its newest checkpoint"))
+            out.events.append(("Normal", "Resumed", f"{label} resumes from its newest checkpoint"))
             st["phase"] = RUNNING
-            return finish(RUNNING, "StageRunning", f"stage {k} ({st['name']}) running", stages, k)
+            return finish(RUNNING, "StageRunning", f"{label} running", stages, k)
         if latest.suspended:  # held by a queue (Kueue), not by us: waiting, not failing
             st["phase"] = QUEUED
             if old.get("phase") != QUEUED:
-                out.events.append(("Normal", "Queued", f"stage {k} ({st['name']}) is waiting for quota in its queue"))
-            return finish(QUEUED, "Queued", f"stage {k} ({st['name']}) waiting for quota", stages, k)
+                out.events.append(("Normal", "Queued", f"{label} is waiting for quota in its queue"))
+            return finish(QUEUED, "Queued", f"{label} waiting for quota", stages, k)
         st["phase"] = RUNNING
         if progress and k in progress:
             st["progress"] = progress[k]
-        return finish(RUNNING, "StageRunning", f"stage {k} ({st['name']}) running", stages, k)
+        return finish(RUNNING, "StageRunning", f"{label} running", stages, k)
 
     return finish(SUCCEEDED, "AllStagesSucceeded", f"all {len(stages)} stages succeeded", stages, len(stages) - 1)

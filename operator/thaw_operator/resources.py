@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import yaml
 
+from trainer.launch import EXIT_CONFIG_ERROR
 from trainer.spec import API_VERSION, KIND, FineTuneJobSpec, StageSpec
 
 LABEL_JOB = "thaw.dev/finetunejob"
@@ -19,8 +20,7 @@ KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 MASTER_PORT = 29500
 CONFIG_PATH = "/etc/thaw/job.yaml"
 DATA_CACHE = "/var/cache/thaw"
-EXIT_CONFIG_ERROR = 2  # the trainer's exit code for a bad spec: retrying cannot help
-SIGNAL_EXITS = list(range(129, 256))  # 128 + signal: killed (SIGKILL 137, SIGTERM 143), not broken
+GRACE_MARGIN_SECONDS = 30  # after the last upload's deadline, for the process to exit
 
 
 def job_name(ftj: str, stage: int, attempt: int) -> str:
@@ -142,20 +142,10 @@ def stage_job(
     container = {
         "name": "trainer",
         "image": image,
-        "command": ["torchrun"],
-        "args": [
-            "--nnodes=$(NNODES)",
-            "--node_rank=$(NODE_RANK)",
-            "--nproc_per_node=$(NPROC_PER_NODE)",
-            "--master_addr=$(MASTER_ADDR)",
-            "--master_port=$(MASTER_PORT)",
-            "-m",
-            "trainer",
-            "run",
-            CONFIG_PATH,
-            "--stage",
-            str(stage),
-        ],
+        # Preflight checks, then torchrun with the env below (trainer/launch.py): a configuration
+        # error exits 2 before any rendezvous, with its line in the termination message.
+        "command": ["python", "-m", "trainer", "launch"],
+        "args": [CONFIG_PATH, "--stage", str(stage)],
         "env": _env(ftj, spec, stage, jobname, nodes, gpus),
         "ports": [{"name": "metrics", "containerPort": spec.metrics.port}],
         "resources": _resources(spec, gpus),
@@ -177,8 +167,9 @@ def stage_job(
     pod_spec = {
         "restartPolicy": "Never",
         "subdomain": service_name(name, stage),
-        # SIGTERM (suspend, preemption) lets the trainer commit queued checkpoints first.
-        "terminationGracePeriodSeconds": 120,
+        # SIGTERM (suspend, preemption) lets the trainer commit queued checkpoints first: as long
+        # as one upload may be retried, plus a margin, so the kubelet never cuts the flush short.
+        "terminationGracePeriodSeconds": int(spec.checkpoint.upload_timeout_seconds) + GRACE_MARGIN_SECONDS,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": 10001,
@@ -210,6 +201,8 @@ def stage_job(
         "parallelism": nodes,
         "backoffLimit": 0,  # a DDP gang fails together; the operator retries with a fresh Job that resumes
         "suspend": suspend,
+        # Only disruptions (preemption, eviction, node drain) are free. Anything else, an OOM kill
+        # (137) included, fails this attempt and counts against runPolicy.retriesPerStage.
         "podFailurePolicy": {
             "rules": [
                 {
@@ -217,10 +210,6 @@ def stage_job(
                     "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [EXIT_CONFIG_ERROR]},
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                {
-                    "action": "Ignore",
-                    "onExitCodes": {"containerName": "trainer", "operator": "In", "values": SIGNAL_EXITS},
-                },
             ]
         },
         "template": {
@@ -230,8 +219,8 @@ def stage_job(
     }
     if rp.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = rp.active_deadline_seconds
-    if rp.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = rp.ttl_seconds_after_finished
+    # No ttlSecondsAfterFinished here: a stage Job removed before the operator saw it finish
+    # would cost an attempt. The FineTuneJob's TTL is applied by the operator once it finished.
     meta = _meta(ftj, jobname, job_labels)
     if suspend:
         meta["annotations"] = {ANNOTATION_SUSPENDED: "true"}

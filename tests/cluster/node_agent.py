@@ -43,6 +43,20 @@ BRIDGE = "thaw0"
 SUBNET = ipaddress.ip_network(os.environ.get("THAW_POD_SUBNET", "10.244.0.0/24"))
 # Where a pod's mount namespace keeps paths that one of its volumes would hide (see start_pod).
 KEEP_DIR = Path("/run/thaw-keep")
+# cgroup v1 memory controller: a container's memory limit is enforced by the kernel, and an
+# OOM kill is reported as reason OOMKilled (exit 137), as a kubelet does.
+MEMCG = Path("/sys/fs/cgroup/memory")
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def memory_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (512Mi, 2G, 1e9, 1073741824) in bytes."""
+    m = re.fullmatch(r"([0-9.e+]+)([kMGT]i?)?", str(quantity))
+    if not m:
+        raise ValueError(f"unsupported memory quantity {quantity!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+
+
 # The bridge's own address: pods reach services on the host (SeaweedFS, say) there.
 GATEWAY = next(SUBNET.hosts())
 NS_PREFIX = "thaw-"
@@ -82,6 +96,11 @@ def teardown_network() -> None:
             sh("ip", "netns", "delete", name, check=False)
             sh("rm", "-rf", f"/etc/netns/{name}", check=False)
     sh("ip", "link", "delete", BRIDGE, check=False)
+    for cg in MEMCG.glob(f"{NS_PREFIX}*") if MEMCG.is_dir() else []:
+        try:
+            cg.rmdir()
+        except OSError:
+            pass
     # Keep-out mount points are mounted only inside pods' namespaces: here they are empty
     # directories. rmdir (never rm -r) removes nothing else even if that were not so.
     if KEEP_DIR.is_dir():
@@ -90,6 +109,16 @@ def teardown_network() -> None:
                 d.rmdir()
             except OSError:
                 pass
+
+
+def _oom_killed(cg: Path | None) -> bool:
+    if cg is None:
+        return False
+    try:
+        stats = dict(line.split() for line in (cg / "memory.oom_control").read_text().splitlines())
+    except OSError:
+        return False
+    return int(stats.get("oom_kill", 0)) > 0
 
 
 @dataclass
@@ -106,6 +135,7 @@ class PodRun:
     finished: bool = False
     net_ready: bool = False
     names: list[str] = field(default_factory=list)
+    cgroups: dict[str, Path] = field(default_factory=dict)  # container -> its memory cgroup
 
 
 class NodeAgent:
@@ -529,9 +559,18 @@ class NodeAgent:
                             mounts.append(
                                 f"mkdir -p {shlex.quote(str(k))} && mount --bind {held}/{i} {shlex.quote(str(k))}"
                             )
+            limits = (c.resources.limits if c.resources else None) or {}
+            enter = []
+            if limits.get("memory") and MEMCG.is_dir():
+                cg = MEMCG / f"{NS_PREFIX}{run.uid[:8]}-{c.name}"
+                cg.mkdir(exist_ok=True)
+                (cg / "memory.limit_in_bytes").write_text(str(memory_bytes(limits["memory"])))
+                run.cgroups[c.name] = cg
+                enter = [f"echo $$ > {cg}/cgroup.procs"]
             script = "; ".join(
                 [
                     "set -e",
+                    *enter,
                     "mount --make-rprivate /",
                     f"hostname {shlex.quote(hostname)}",
                     *mounts,
@@ -565,7 +604,8 @@ class NodeAgent:
         codes = {}
         for name, p in run.procs.items():
             rc = p.wait()
-            codes[name] = (128 - rc if rc < 0 else rc, None)
+            code = 128 - rc if rc < 0 else rc
+            codes[name] = (code, "OOMKilled" if code == 137 and _oom_killed(run.cgroups.get(name)) else None)
         self._finish(pod, run, codes)
 
     def _running(self, c, run: PodRun) -> dict:
@@ -616,6 +656,11 @@ class NodeAgent:
         self._release(run)
 
     def _release(self, run: PodRun) -> None:
+        for cg in run.cgroups.values():
+            try:
+                cg.rmdir()
+            except OSError:  # still has a process (being killed): the next sweep removes it
+                log.warning("memory cgroup %s not removed yet", cg)
         sh("ip", "netns", "delete", run.netns, check=False)
         sh("rm", "-rf", f"/etc/netns/{run.netns}", check=False)
         with self.lock:

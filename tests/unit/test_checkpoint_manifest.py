@@ -80,3 +80,46 @@ def test_unwritable_checkpoint_uri_is_one_clear_line(tmp_path):
     blocker.write_text("")
     with pytest.raises(SpecError, match=r"spec.checkpoint.uri: cannot create .*file/job"):
         open_store(CheckpointSpec(uri=f"file://{blocker}"), "job")
+
+
+class _RunsCode:
+    """A pickle that calls a function when loaded: what a writer of the checkpoint prefix could plant."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/thaw-pwned",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_with_one_line(tmp_path):
+    import pickle
+
+    store = LocalStore(tmp_path)
+    prefix = ckpt.epoch_prefix(0, "head", 0)
+    ckpt.commit(store, prefix, {"train_state.pt": pickle.dumps({"epoch": 0, "x": _RunsCode()})}, {"epoch": 0})
+    marker = __import__("pathlib").Path("/tmp/thaw-pwned")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(SpecError) as err:
+        ckpt.load_object(store, prefix, "train_state.pt")
+    assert not marker.exists(), "the pickle ran code"
+    msg = str(err.value)
+    assert msg.startswith(f"spec.checkpoint.uri: {store.uri}/{prefix}/train_state.pt: refused to load")
+    assert "\n" not in msg
+
+
+def test_what_the_trainer_saves_loads_under_weights_only(tmp_path):
+    """The train state holds the RNG states of python, numpy and torch: plain containers, no numpy pickles."""
+    import random
+
+    import numpy as np
+
+    from trainer.runner import rng_state, set_rng_state
+
+    store = LocalStore(tmp_path)
+    prefix = ckpt.epoch_prefix(0, "head", 0)
+    state = {"epoch": 3, "rng": [rng_state()], "history": [{"loss": 0.5}], "best_dir": None}
+    ckpt.save_checkpoint(store, prefix, {"train_state.pt": state}, {"epoch": 3})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    loaded = ckpt.load_object(store, prefix, "train_state.pt")
+    set_rng_state(loaded["rng"][0])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from thaw_operator import resources as res
-from thaw_operator.planner import FinalView, JobView, plan
+from thaw_operator.planner import JobView, plan
 
 from tests.builders import job_doc
 from trainer.spec import parse_job
@@ -21,20 +21,24 @@ def ftj(status: dict | None = None, generation: int = 1, labels: dict | None = N
     return doc
 
 
-def run(body: dict, jobs=(), finals=None):
+def run(body: dict, jobs=(), now=NOW):
     spec = parse_job(body).spec
-    return plan(body, spec, None, list(jobs), finals or {}, NOW, IMAGE)
+    return plan(body, spec, None, list(jobs), now, IMAGE)
 
 
 def job(stage, attempt, **kw) -> JobView:
     return JobView(name=res.job_name("ft", stage, attempt), stage=stage, attempt=attempt, **kw)
 
 
-def final(stage) -> FinalView:
-    return FinalView(
-        f"file:///s/ft/stage-0{stage}/epoch-0000",
-        {"best_val_accuracy": 0.5 + stage / 10, "test_accuracy": 0.4, "epochs_run": 1},
-    )
+def result(stage) -> dict:
+    """Rank 0's termination message for a committed stage."""
+    return {
+        "stage": stage,
+        "name": ["head", "all"][stage],
+        "checkpoint": f"file:///s/ft/stage-0{stage}/epoch-0000",
+        "manifestSha256": "ab" * 32,
+        "metrics": {"valAccuracy": 0.5 + stage / 10, "testAccuracy": 0.4, "epochs": 1},
+    }
 
 
 def kinds(p):
@@ -67,22 +71,25 @@ def test_running_job_changes_nothing():
 
 
 @pytest.mark.parametrize(
-    "finals,phase,created,requeue",
+    "reported,phase,created",
     [
-        ({}, "Verifying", [], 5.0),  # Job done, checkpoint not (yet) verified: wait, never start stage 1
-        ({0: final(0)}, "Running", [("Service", "ft-1"), ("Job", "ft-1-a1")], None),
+        # Job done but rank 0 left no result (pods removed): a new attempt finds the committed
+        # stage and reports it; never start stage 1 on an unreported checkpoint.
+        (None, "Running", [("Job", "ft-0-a2")]),
+        ({**result(0), "stage": 1}, "Running", [("Job", "ft-0-a2")]),  # another stage's report
+        (result(0), "Running", [("Service", "ft-1"), ("Job", "ft-1-a1")]),
     ],
 )
-def test_next_stage_waits_for_a_verified_checkpoint(finals, phase, created, requeue):
+def test_next_stage_waits_for_rank_zeros_reported_checkpoint(reported, phase, created):
     status = run(ftj()).status
-    p = run(ftj(status), [job(0, 1, complete=True)], finals)
-    assert p.status["phase"] == phase and kinds(p) == created and p.requeue_after == requeue
+    p = run(ftj(status), [job(0, 1, complete=True, result=reported)])
+    assert p.status["phase"] == phase and kinds(p) == created
 
 
-def test_all_stages_verified_is_success_with_metrics():
+def test_all_stages_reported_is_success_with_metrics():
     status = run(ftj()).status
-    p = run(ftj(status), [job(0, 1, complete=True)], {0: final(0)})
-    p = run(ftj(p.status), [job(0, 1, complete=True), job(1, 1, complete=True)], {1: final(1)})
+    p = run(ftj(status), [job(0, 1, complete=True, result=result(0))])
+    p = run(ftj(p.status), [job(0, 1, complete=True, result=result(0)), job(1, 1, complete=True, result=result(1))])
     assert p.status["phase"] == "Succeeded" and p.status["stageProgress"] == "2/2"
     assert p.status["valAccuracy"] == 0.6
     assert p.status["stages"][0]["result"] == {"valAccuracy": 0.5, "testAccuracy": 0.4, "epochs": 1}
@@ -91,6 +98,7 @@ def test_all_stages_verified_is_success_with_metrics():
     assert "Succeeded" in reasons(p)
     again = run(ftj(p.status), [])  # TTL removed the Jobs: the finished job stays finished
     assert again.create == [] and again.status == p.status
+    assert p.status["completionTime"] == NOW
 
 
 @pytest.mark.parametrize(
@@ -116,17 +124,64 @@ def test_failed_stage_is_retried_until_the_budget_is_spent(attempts, retries, ou
         assert "StageRetrying" in reasons(p) and p.status["stages"][0]["attempts"] == attempts + 1
 
 
-def test_configuration_error_fails_fast_without_retry():
+def test_configuration_error_fails_fast_without_retry_with_the_trainers_message():
     status = run(ftj()).status
-    bad = job(0, 1, failed=True, failed_reason="PodFailurePolicy", failed_message="exit code 2")
+    line = "spec.data.source: /data/x/train is not a directory (ImageFolder layout: train/<class>/*.jpg)"
+    bad = job(0, 1, failed=True, failed_reason="PodFailurePolicy", failed_message="exit code 2", failure=line)
     p = run(ftj(status), [bad])
     assert p.status["phase"] == "Failed" and cond(p, "Failed")["reason"] == "InvalidConfiguration"
+    assert cond(p, "Failed")["message"] == f"stage 0 (head) configuration error: {line}"
     assert p.create == []
+
+
+def test_an_oom_killed_attempt_counts_against_the_budget_and_says_so():
+    """Exit 137 is not free: it ends the attempt; the reason names OOMKilled and the limit."""
+    why = "pod ft-0-a1-0-x: container trainer was OOMKilled (exit 137, memory limit 2Gi); raise ..."
+    body = ftj(runPolicy={"retriesPerStage": 1})
+    status = run(body).status
+    p = run(ftj(status, runPolicy={"retriesPerStage": 1}), [job(0, 1, failed=True, failure=why)])
+    assert kinds(p) == [("Job", "ft-0-a2")] and "OOMKilled" in p.events[0][2] and "2Gi" in p.events[0][2]
+    jobs = [job(0, 1, failed=True, failure=why), job(0, 2, failed=True, failure=why)]
+    p = run(ftj(p.status, runPolicy={"retriesPerStage": 1}), jobs)
+    assert p.status["phase"] == "Failed" and cond(p, "Failed")["reason"] == "RetriesExhausted"
+    assert "failed 2 times (pod ft-0-a1-0-x: container trainer was OOMKilled" in p.status["message"]
+
+
+def test_next_attempt_waits_until_the_failed_attempts_pods_have_stopped():
+    """Its rank 0 may still be committing a checkpoint; the next attempt must see that commit."""
+    status = run(ftj()).status
+    p = run(ftj(status), [job(0, 1, failed=True, pods_left=1)])
+    assert p.create == [] and p.requeue_after == 2.0 and p.status["phase"] == "Running"
+    assert "waiting for 1 pod(s) to stop" in p.status["message"]
+    p = run(ftj(p.status), [job(0, 1, failed=True, pods_left=0)])
+    assert kinds(p) == [("Job", "ft-0-a2")]
+
+
+def test_a_stage_job_deleted_before_it_finished_counts_as_an_attempt():
+    body = ftj(runPolicy={"retriesPerStage": 1})
+    p = run(body)
+    p = run(ftj(p.status, runPolicy={"retriesPerStage": 1}), [])  # ft-0-a1 vanished
+    assert kinds(p) == [("Job", "ft-0-a2")] and "was deleted" in p.events[0][2]
+    p = run(ftj(p.status, runPolicy={"retriesPerStage": 1}), [])  # and ft-0-a2 too
+    assert p.create == [] and p.status["phase"] == "Failed" and "retries exhausted" in p.status["message"]
+
+
+def test_the_finetunejobs_ttl_deletes_its_stage_jobs_after_it_finished():
+    body = ftj(runPolicy={"ttlSecondsAfterFinished": 60})
+    p = run(body, [job(0, 1, complete=True, result=result(0)), job(1, 1, complete=True, result=result(1))])
+    p = run(ftj(p.status, runPolicy={"ttlSecondsAfterFinished": 60}), [job(0, 1, complete=True, result=result(0))])
+    p = run(ftj(p.status, runPolicy={"ttlSecondsAfterFinished": 60}), [job(1, 1, complete=True, result=result(1))])
+    assert p.status["phase"] == "Succeeded"
+    jobs = [job(0, 1, complete=True), job(1, 1, complete=True)]
+    early = run(ftj(p.status, runPolicy={"ttlSecondsAfterFinished": 60}), jobs, now="2026-11-28T00:00:30Z")
+    assert early.delete_jobs == [] and early.requeue_after == 30
+    late = run(ftj(p.status, runPolicy={"ttlSecondsAfterFinished": 60}), jobs, now="2026-11-28T00:01:00Z")
+    assert late.delete_jobs == ["ft-0-a1", "ft-1-a1"] and late.status == p.status
 
 
 def test_terminal_state_is_sticky():
     status = run(ftj()).status
-    failed = run(ftj(status, runPolicy={"retriesPerStage": 0}), [job(0, 1, failed=True)], {})
+    failed = run(ftj(status, runPolicy={"retriesPerStage": 0}), [job(0, 1, failed=True)])
     p = run(ftj(failed.status, runPolicy={"retriesPerStage": 0}), [])
     assert p.create == [] and p.status == failed.status
 
@@ -155,7 +210,7 @@ def test_suspended_before_start_creates_nothing():
 
 def test_spec_the_trainer_rejects_fails_with_the_message():
     body = ftj()
-    p = plan(body, None, "spec.stages[0].trainable.top: must be greater than 0", [], {}, NOW, IMAGE)
+    p = plan(body, None, "spec.stages[0].trainable.top: must be greater than 0", [], NOW, IMAGE)
     assert p.status["phase"] == "Failed" and cond(p, "Failed")["reason"] == "InvalidSpec"
     assert "spec.stages[0].trainable.top" in cond(p, "Failed")["message"]
 
@@ -191,12 +246,16 @@ def test_stage_job_shape():
         "name": "s3-creds",
         "key": "AWS_SECRET_ACCESS_KEY",
     }
-    assert c["args"][-2:] == ["--stage", "1"]
+    assert c["command"] == ["python", "-m", "trainer", "launch"] and c["args"][-2:] == ["--stage", "1"]
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert {"/tmp", "/dev/shm", res.DATA_CACHE, "/etc/thaw"} <= mounts
     rules = s["podFailurePolicy"]["rules"]
     assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2]
-    assert 137 in rules[2]["onExitCodes"]["values"] and 143 in rules[2]["onExitCodes"]["values"]
+    # Only disruptions are free: no exit code (OOM's 137 included) is ignored.
+    assert rules[1:] == [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+    assert "ttlSecondsAfterFinished" not in s
+    # The kubelet's grace covers one upload's whole retry window, so the SIGTERM flush is not cut.
+    assert pod["terminationGracePeriodSeconds"] == spec.checkpoint.upload_timeout_seconds + 30
 
 
 def test_stage_overrides_nodes_and_gpus():
@@ -210,7 +269,7 @@ def test_stage_overrides_nodes_and_gpus():
     assert full["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
 
 
-def test_running_stage_shows_epoch_progress_from_its_newest_manifest():
+def test_running_stage_shows_epoch_progress_rank_zero_serves():
     status = run(ftj()).status
     body = ftj(status)
     p = plan(
@@ -218,7 +277,6 @@ def test_running_stage_shows_epoch_progress_from_its_newest_manifest():
         parse_job(body).spec,
         None,
         [job(0, 1, active=2)],
-        {},
         NOW,
         IMAGE,
         {0: {"epoch": 1, "valAccuracy": 0.61, "etaSeconds": 12.0}},

@@ -200,7 +200,22 @@ BAD_SPECS = [
         with_path(job_doc(), "apiVersion", "thaw.dev/v1"),
         "apiVersion: must be 'thaw.dev/v1alpha1' (got 'thaw.dev/v1')",
     ),
-    ("bad job name", with_path(job_doc(), "metadata.name", "My Job"), "metadata.name: must be a lowercase DNS label"),
+    ("bad job name", with_path(job_doc(), "metadata.name", "My Job"), "metadata.name: must be a DNS-1035 label"),
+    (
+        "job name starting with a digit (its stage Service <name>-<k> would be rejected)",
+        with_path(job_doc(), "metadata.name", "1job"),
+        "metadata.name: must be a DNS-1035 label: a-z, 0-9 and '-', starting with a letter (got '1job')",
+    ),
+    (
+        "checkpoint endpoint without a scheme",
+        with_path(job_doc(), "spec.checkpoint", {"uri": "s3://bucket/x", "endpoint": "seaweedfs:8333"}),
+        "spec.checkpoint.endpoint: must be a URL with its scheme, e.g. http://seaweedfs:8333 (got 'seaweedfs:8333')",
+    ),
+    (
+        "data endpoint without a scheme",
+        with_path(with_path(job_doc(), "spec.data.source", "s3://data/set"), "spec.data.endpoint", "host:9000"),
+        "spec.data.endpoint: must be a URL with its scheme",
+    ),
 ]
 
 # Errors that need the model's layer groups: found by the planner, same format.
@@ -251,6 +266,19 @@ def test_bad_plan_is_one_clear_line(what, doc, expected):
         plan_job(job)
     assert expected in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("what,doc,expected", BAD_PLANS, ids=[b[0] for b in BAD_PLANS])
+def test_bad_plan_is_found_without_torch_with_the_same_line(what, doc, expected):
+    """The operator resolves stages against the shipped layer table before any pod starts."""
+    from trainer.layer_table import resolve_offline
+
+    job = parse_job(doc)
+    with pytest.raises(SpecError) as offline:
+        resolve_offline(job.spec)
+    with pytest.raises(SpecError) as trainer:
+        plan_job(job)
+    assert str(offline.value) == str(trainer.value)
 
 
 def test_there_are_at_least_25_distinct_bad_specs():
