@@ -74,7 +74,6 @@ TAG ?= 0.1.0
 crd: install
 	$(PY) -m thaw_operator.crd > manifests/crd/finetunejobs.thaw.dev.yaml
 	cp manifests/crd/finetunejobs.thaw.dev.yaml charts/thaw/crds/
-	cp charts/thaw/crds/kopf-peering.yaml manifests/crd/
 
 # Plain YAML of the default install (kustomize-friendly), rendered from the chart.
 manifests: crd k8s-binaries

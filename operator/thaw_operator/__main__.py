@@ -1,8 +1,9 @@
 """python -m thaw_operator [--namespace NS ...] — run the FineTuneJob controller.
 
-One active replica: kopf peering (the chart installs the peering resource) makes a second
-replica wait instead of acting; with --standalone it never checks. Liveness: --health-port
-serves kopf's /healthz; metrics: --metrics-port serves Prometheus text.
+One active replica: replicas elect a leader through a Lease (thaw_operator.leader); the
+others watch and stand by, and take over within the lease duration when it dies. With
+--standalone there is no election (the only replica). Liveness: --health-port serves kopf's
+/healthz; metrics: --metrics-port serves Prometheus text.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from kubernetes import client, config
 from prometheus_client import start_http_server
 
 from thaw_operator import controller, metrics
+from thaw_operator.leader import LeaderElector
 
 
 class CountingApiClient(client.ApiClient):
@@ -44,10 +46,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--metrics-port", type=int, default=8080)
     ap.add_argument("--health-port", type=int, default=8081)
     ap.add_argument("--resync-seconds", type=float, default=60.0)
-    ap.add_argument("--standalone", action="store_true", help="no peering: assume this is the only replica")
+    ap.add_argument("--standalone", action="store_true", help="no leader election: assume this is the only replica")
     ap.add_argument(
-        "--peering", default=None, help="kopf peering object (its CRD must exist); default: kopf's own auto-detection"
+        "--leader-election-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the Lease (default: $POD_NAMESPACE, set by the chart)",
     )
+    ap.add_argument("--lease-name", default="thaw-operator")
+    ap.add_argument("--lease-seconds", type=float, default=8.0, help="a silent leader is replaced after this long")
     ap.add_argument("--log-format", choices=["plain", "json"], default="json")
     args = ap.parse_args(argv)
 
@@ -67,19 +73,33 @@ def main(argv: list[str] | None = None) -> None:
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 60
 
+    elector = None
+    if not args.standalone:
+        elector = LeaderElector(
+            controller.CONFIG.api,
+            args.leader_election_namespace,
+            args.lease_name,
+            lease_seconds=args.lease_seconds,
+            retry_seconds=max(0.5, args.lease_seconds / 4),
+            on_started_leading=controller.resync_now,
+        ).start()
+    controller.CONFIG.leader = elector
     stop = threading.Event()
-    loop = threading.Thread(target=controller.resync_forever, args=(stop,), name="resync", daemon=True)
-    loop.start()
+    threading.Thread(target=controller.resync_forever, args=(stop,), name="resync", daemon=True).start()
+    for ns in args.namespace or [None]:
+        threading.Thread(target=controller.watch_jobs, args=(stop,), kwargs={"namespace": ns}, daemon=True).start()
     try:
+        # kopf watches and dispatches; who acts is decided by the Lease, not by kopf's peering.
         kopf.run(
-            standalone=args.standalone,
-            peering_name=None if args.standalone else args.peering,
+            standalone=True,
             namespaces=args.namespace or (),
             clusterwide=not args.namespace,
             liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
         )
     finally:
         stop.set()
+        if elector is not None:
+            elector.stop()
 
 
 if __name__ == "__main__":

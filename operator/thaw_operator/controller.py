@@ -39,9 +39,23 @@ class Config:
     resync_seconds = 60.0
     namespaces: list[str] = []  # empty: cluster-wide
     api: client.ApiClient | None = None
+    leader = None  # a LeaderElector; None: the only replica
 
 
 CONFIG = Config()
+_resync_now = threading.Event()
+
+
+def acting() -> bool:
+    """Only the elected replica reconciles; the others keep their watches warm and wait."""
+    return CONFIG.leader is None or CONFIG.leader.is_leader()
+
+
+def resync_now() -> None:
+    """A new leader resyncs everything at once (events it ignored while standing by)."""
+    _resync_now.set()
+
+
 _locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
 _requeue: dict[tuple[str, str], float] = {}
@@ -436,8 +450,11 @@ def resync_forever(stop: threading.Event) -> None:
     job (and finished ones with a TTL) every resync_seconds. reconcile() never raises."""
     last_full = time.monotonic()
     while not stop.wait(1.0):
+        if not acting():
+            continue
         due = [k for k, t in list(_requeue.items()) if t <= time.monotonic()]
-        full = time.monotonic() - last_full >= CONFIG.resync_seconds
+        full = time.monotonic() - last_full >= CONFIG.resync_seconds or _resync_now.is_set()
+        _resync_now.clear()
         try:
             if full:
                 last_full = time.monotonic()
@@ -468,10 +485,50 @@ def on_finetunejob(type, body, namespace, name, **_):  # noqa: A002 - kopf's arg
     if type == "DELETED":
         metrics.forget(namespace, name, [s["name"] for s in (body.get("status") or {}).get("stages", [])])
         return
-    reconcile(namespace, name)
+    if acting():
+        reconcile(namespace, name)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={res.LABEL_JOB: kopf.PRESENT})
-def on_stage_job(body, namespace, **_):
-    owner = body["metadata"]["labels"][res.LABEL_JOB]
-    reconcile(namespace, owner)
+def on_stage_job(job) -> None:
+    if acting():
+        reconcile(job.metadata.namespace, job.metadata.labels[res.LABEL_JOB])
+
+
+def watch_jobs(stop: threading.Event, handle=on_stage_job, namespace: str | None = None) -> None:
+    """Stage Jobs, filtered by label on the API server: the operator never receives the other
+    Jobs in the cluster (kopf's label filters apply client-side, after the whole stream)."""
+    from kubernetes import watch
+
+    batch = client.BatchV1Api(CONFIG.api)
+    selector = res.LABEL_JOB  # the label exists
+    version = None
+    while not stop.is_set():
+        w = watch.Watch()
+        try:
+            if version is None:  # (re)list for a starting version; the resync covers anything missed
+                listed = (
+                    batch.list_namespaced_job(namespace, label_selector=selector)
+                    if namespace
+                    else batch.list_job_for_all_namespaces(label_selector=selector)
+                )
+                version = listed.metadata.resource_version
+            fn, args = (
+                (batch.list_namespaced_job, (namespace,)) if namespace else (batch.list_job_for_all_namespaces, ())
+            )
+            for event in w.stream(fn, *args, label_selector=selector, resource_version=version, timeout_seconds=60):
+                if stop.is_set():
+                    break
+                version = event["object"].metadata.resource_version
+                if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                    handle(event["object"])
+        except ApiException as err:
+            if err.status == 410:  # too old: list again
+                version = None
+                continue
+            log.warning("job watch: %s", _one_line(err))
+            stop.wait(2)
+        except Exception as err:  # noqa: BLE001 - a dropped connection: watch again
+            log.warning("job watch: %s", err)
+            stop.wait(2)
+        finally:
+            w.stop()

@@ -415,6 +415,10 @@ class ControlPlane:
 KWOK_VERSION = os.environ.get("KWOK_VERSION", "v0.8.0")
 EXIT_CODE = "thaw.dev/kwok-exit-code"
 DELAY = "thaw.dev/kwok-delay"
+# The container's termination message of a pod whose thaw.dev/stage label is <k>, and an
+# optional terminated reason (e.g. OOMKilled): what a trainer or a kubelet would report.
+MESSAGE = "thaw.dev/kwok-message-"  # + stage index
+REASON = "thaw.dev/kwok-reason"
 
 # Pods annotated with EXIT_CODE end that way after DELAY (a Go duration, e.g. "3s").
 EXIT_STAGE = {
@@ -436,6 +440,9 @@ EXIT_STAGE = {
                 "{{ $now := Now }}\n"
                 "{{ $root := . }}\n"
                 f'{{{{ $code := index .metadata.annotations "{EXIT_CODE}" }}}}\n'
+                '{{ $stage := "" }}{{ with .metadata.labels }}{{ $stage = index . "thaw.dev/stage" }}{{ end }}\n'
+                f'{{{{ $msg := index .metadata.annotations (printf "{MESSAGE}%v" $stage) }}}}\n'
+                f'{{{{ $reason := index .metadata.annotations "{REASON}" }}}}\n'
                 "containerStatuses:\n"
                 "{{ range $index, $item := .spec.containers }}\n"
                 "- image: {{ $item.image | Quote }}\n"
@@ -447,7 +454,9 @@ EXIT_STAGE = {
                 "    terminated:\n"
                 "      exitCode: {{ $code }}\n"
                 "      finishedAt: {{ $now | Quote }}\n"
-                '      reason: {{ if eq $code "0" }}Completed{{ else }}Error{{ end }}\n'
+                "      reason: {{ if $reason }}{{ $reason }}"
+                '{{ else if eq $code "0" }}Completed{{ else }}Error{{ end }}\n'
+                "{{ if $msg }}      message: {{ $msg | Quote }}\n{{ end }}"
                 "      startedAt: {{ $now | Quote }}\n"
                 "{{ end }}\n"
                 'phase: {{ if eq $code "0" }}Succeeded{{ else }}Failed{{ end }}\n'

@@ -137,7 +137,7 @@ def start(state: Path = STATE, s3_port: int = S3_PORT, prometheus_port: int = PR
             sys.executable,
             "-m",
             "thaw_operator",
-            "--peering=thaw",
+            "--leader-election-namespace=thaw-system",
             "--log-format=plain",
             "--resync-seconds=3",
             f"--metrics-port={metrics_port}",

@@ -42,7 +42,8 @@ app.kubernetes.io/part-of: thaw
 {{- printf "%s:%s" .Values.trainerImage.repository (default .Chart.AppVersion .Values.trainerImage.tag) -}}
 {{- end -}}
 
-{{/* What the operator does, and nothing more: the source of both ClusterRole and Role. */}}
+{{/* What the operator does, and nothing more: the source of both ClusterRole and Role.
+No Secrets: the operator never reads the object store, so it holds no storage credentials. */}}
 {{- define "thaw.rules" -}}
 - apiGroups: ["thaw.dev"]
   resources: ["finetunejobs"]
@@ -50,17 +51,27 @@ app.kubernetes.io/part-of: thaw
 - apiGroups: ["thaw.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["get", "patch"]
+# Children carry ownerReferences with blockOwnerDeletion; clusters with the
+# OwnerReferencesPermissionEnforcement admission plugin require this to set it.
+- apiGroups: ["thaw.dev"]
+  resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
+# delete: the FineTuneJob's ttlSecondsAfterFinished removes its stage Jobs.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Stage pods: failure reasons (OOMKilled, the trainer's message) and rank 0's result, from
+# their status; read-only.
 - apiGroups: [""]
-  resources: ["services", "configmaps"]
-  verbs: ["create"]
-# Checkpoint-store credentials named by spec.checkpoint.credentialsSecret, read to verify
-# checkpoints: get only (no list or watch, so no enumerating Secrets).
+  resources: ["pods"]
+  verbs: ["get", "list"]
+# get: an existing object of a child's name is checked for ownership before it is used.
 - apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
+  resources: ["services"]
+  verbs: ["get", "create"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

@@ -108,7 +108,6 @@ class OperatorProcess:
             sys.executable,
             "-m",
             "thaw_operator",
-            "--standalone",
             "--log-format",
             "plain",
             f"--metrics-port={self.metrics_port}",

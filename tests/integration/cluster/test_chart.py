@@ -10,8 +10,9 @@ import pytest
 import yaml
 from kubernetes import client
 
+from tests.cluster.control_plane import DELAY, EXIT_CODE
 from tests.integration.cluster.conftest import ROOT, OperatorProcess, wait_for
-from tests.integration.cluster.test_operator import Api, ftj_doc, write_final
+from tests.integration.cluster.test_operator import Api, ftj_doc, reported
 
 pytestmark = pytest.mark.cluster
 CHART = ROOT / "charts" / "thaw"
@@ -30,13 +31,13 @@ VALUE_SETS = {
         "--set",
         "extraLabels.team=ml",
     ],
-    "no metrics, no peering, own service account": [
+    "no metrics, no leader election, own service account": [
         "--set",
         "metrics.enabled=false",
         "--set",
         "metrics.dashboard.enabled=false",
         "--set",
-        "peering.enabled=false",
+        "leaderElection.enabled=false",
         "--set",
         "serviceAccount.create=false",
         "--set",
@@ -60,12 +61,10 @@ def helm(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def chart_prereqs(cluster, crd):
-    """The chart's own CRDs (kopf peering) and stand-ins for prometheus-operator's."""
+    """The chart's own CRDs and stand-ins for prometheus-operator's."""
     cluster.kubectl("apply", "--server-side", "-f", str(CHART / "crds"))
     cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "tests" / "fixtures" / "monitoring-crds.yaml"))
     for name in (
-        "clusterkopfpeerings.kopf.dev",
-        "kopfpeerings.kopf.dev",
         "prometheusrules.monitoring.coreos.com",
         "servicemonitors.monitoring.coreos.com",
         "podmonitors.monitoring.coreos.com",
@@ -130,40 +129,48 @@ def test_install_gives_the_operator_enough_rbac_and_no_more(cluster, api, chart_
         for verb, res, ns in [
             ("watch", "finetunejobs.thaw.dev", "any"),
             ("patch", "finetunejobs.thaw.dev/status", "x"),
+            ("update", "finetunejobs.thaw.dev/finalizers", "x"),  # blockOwnerDeletion on its children
             ("create", "jobs.batch", "x"),
             ("patch", "jobs.batch", "x"),
+            ("delete", "jobs.batch", "x"),  # the FineTuneJob's ttlSecondsAfterFinished
+            ("list", "pods", "x"),  # failure reasons and rank 0's result
             ("create", "services", "x"),
+            ("get", "services", "x"),
             ("create", "configmaps", "x"),
-            ("get", "secrets", "x"),
+            ("patch", "configmaps", "x"),
             ("create", "events", "x"),
+            ("update", "leases.coordination.k8s.io", "thaw-system"),
         ]:
             assert _can(cluster, sa, verb, res, None if ns == "any" else ns), (verb, res)
-        # ... and nothing else.
+        # ... and nothing else: no Secrets at all (it never talks to the object store).
         for verb, res in [
+            ("get", "secrets"),
             ("list", "secrets"),
             ("watch", "secrets"),
-            ("delete", "jobs.batch"),
             ("create", "pods"),
+            ("delete", "pods"),
             ("delete", "finetunejobs.thaw.dev"),
             ("patch", "finetunejobs.thaw.dev"),
             ("get", "deployments.apps"),
             ("delete", "services"),
             ("update", "configmaps"),
+            ("update", "leases.coordination.k8s.io"),  # only its own Lease, in its own namespace
             ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
         ]:
             assert not _can(cluster, sa, verb, res, "x"), (verb, res)
+        assert not _can(cluster, sa, "get", "secrets", None)
 
-        # The operator as that ServiceAccount (with peering, as the chart runs it) drives a job to the end.
+        # The operator as that ServiceAccount (with leader election, as the chart runs it) drives a job to the end.
         kubeconfig = _sa_kubeconfig(cluster, "thaw-system", "thaw", tmp_path / "sa.kubeconfig")
-        op = OperatorProcess(kubeconfig, tmp_path / "operator.log", extra=["--peering=thaw"], standalone=False).start()
+        op = OperatorProcess(
+            kubeconfig, tmp_path / "operator.log", extra=["--leader-election-namespace=thaw-system"], standalone=False
+        ).start()
         ns = f"t-{uuid.uuid4().hex[:8]}"
         client.CoreV1Api(api).create_namespace({"metadata": {"name": ns}})
         try:
             k = Api(api, ns)
-            doc = ftj_doc("rbac", f"file://{tmp_path}/store", stages=2)
-            write_final(doc, 0, 0.6)
-            write_final(doc, 1, 0.7)
-            k.create(doc)
+            annotations = {EXIT_CODE: "0", DELAY: "200ms", **reported({0: 0.6, 1: 0.7})}
+            k.create(ftj_doc("rbac", f"file://{tmp_path}/store", stages=2, podAnnotations=annotations))
             st = k.phase("rbac", "Succeeded", 90)
             assert st["stageProgress"] == "2/2"
             assert "Forbidden" not in (tmp_path / "operator.log").read_text()
@@ -189,8 +196,8 @@ def test_namespaced_install_cannot_reach_other_namespaces(cluster, chart_prereqs
         "watchNamespaces={thaw-a}",
     )
     try:
-        wait_for(lambda: _can(cluster, "thaw-ns-system:thaw-ns", "get", "secrets", "thaw-a"), 30, what="RBAC")
-        assert not _can(cluster, "thaw-ns-system:thaw-ns", "get", "secrets", "thaw-b")
+        wait_for(lambda: _can(cluster, "thaw-ns-system:thaw-ns", "create", "jobs.batch", "thaw-a"), 30, what="RBAC")
+        assert not _can(cluster, "thaw-ns-system:thaw-ns", "get", "secrets", "thaw-a")
         assert not _can(cluster, "thaw-ns-system:thaw-ns", "create", "jobs.batch", "thaw-b")
         assert not _can(cluster, "thaw-ns-system:thaw-ns", "list", "finetunejobs.thaw.dev", None)
         assert _can(cluster, "thaw-ns-system:thaw-ns", "list", "finetunejobs.thaw.dev", "thaw-a")

@@ -1,9 +1,9 @@
-"""The operator against the real API server: stages on kwok GPU nodes, checkpoints verified in
-a file:// store that this test writes the way the trainer would."""
+"""The operator against the real API server: stages on kwok GPU nodes, whose pods end with the
+exit code, reason and termination message (rank 0's result) that annotations give them."""
 
 from __future__ import annotations
 
-import time
+import json
 
 import pytest
 from kubernetes import client
@@ -11,7 +11,7 @@ from kubernetes.client.exceptions import ApiException
 from thaw_operator.crd import GROUP, PLURAL, VERSION
 
 from tests.builders import job_doc
-from tests.cluster.control_plane import DELAY, EXIT_CODE
+from tests.cluster.control_plane import DELAY, EXIT_CODE, MESSAGE, REASON
 from tests.integration.cluster.conftest import wait_for
 from trainer import checkpoint as ckpt
 from trainer.spec import CheckpointSpec, parse_job, training_hash
@@ -32,6 +32,26 @@ def ftj_doc(name: str, store_uri: str, stages: int = 3, **spec) -> dict:
     ]
     doc["metadata"] = {"name": name}
     return doc
+
+
+STAGE_NAMES = ("head", "top3", "all")
+
+
+def reported(results: dict[int, float], store: str = "s3://kwok/store") -> dict:
+    """Pod annotations that make stage k's kwok pods end with rank 0's termination message for a
+    committed stage (what trainer.runner writes after its final checkpoint verified)."""
+    return {
+        f"{MESSAGE}{k}": json.dumps(
+            {
+                "stage": k,
+                "name": STAGE_NAMES[k],
+                "checkpoint": f"{store}/{STAGE_NAMES[k]}/epoch-0000",
+                "manifestSha256": "0" * 64,
+                "metrics": {"valAccuracy": acc, "testAccuracy": acc, "epochs": 1},
+            }
+        )
+        for k, acc in results.items()
+    }
 
 
 def write_final(doc: dict, stage: int, accuracy: float) -> None:
@@ -92,23 +112,18 @@ class Api:
         )
 
 
-def test_three_stages_succeed_each_waiting_for_a_verified_checkpoint(api, namespace, operator, tmp_path):
+def test_three_stages_succeed_each_handing_over_rank_zeros_result(api, namespace, operator, tmp_path):
     k = Api(api, namespace)
-    doc = ftj_doc("three", f"file://{tmp_path}/store")
+    results = {0: 0.71, 1: 0.82, 2: 0.93}
+    doc = ftj_doc(
+        "three", f"file://{tmp_path}/store", podAnnotations={EXIT_CODE: "0", DELAY: "500ms", **reported(results)}
+    )
     k.create(doc)
-    for stage, acc in enumerate((0.71, 0.82, 0.93)):
-        jobname = f"three-{stage}-a1"
-        wait_for(lambda j=jobname: k.job_done(j), 60, what=f"{jobname} complete")
-        st = k.phase("three", "Verifying")  # Job done, no checkpoint: the next stage must not start
-        assert st["stageProgress"] == f"{stage}/3"
-        time.sleep(1.5)
-        assert f"three-{stage + 1}-a1" not in k.jobs("three")
-        write_final(doc, stage, acc)
-    st = k.phase("three", "Succeeded", 60)
+    st = k.phase("three", "Succeeded", 90)
     assert st["stageProgress"] == "3/3" and st["valAccuracy"] == 0.93
     assert [s["phase"] for s in st["stages"]] == ["Succeeded"] * 3
     assert [s["result"]["valAccuracy"] for s in st["stages"]] == [0.71, 0.82, 0.93]
-    assert all(s["checkpoint"].startswith(f"file://{tmp_path}/store/three/stage-0") for s in st["stages"])
+    assert [s["checkpoint"] for s in st["stages"]] == [f"s3://kwok/store/{n}/epoch-0000" for n in STAGE_NAMES]
     conds = {c["type"]: c for c in st["conditions"]}
     assert conds["Succeeded"]["status"] == "True" and conds["Failed"]["status"] == "False"
     assert st["observedGeneration"] == 1
@@ -120,15 +135,28 @@ def test_three_stages_succeed_each_waiting_for_a_verified_checkpoint(api, namesp
     assert job.spec.completions == 2 and job.spec.completion_mode == "Indexed"
 
 
+def test_a_completed_stage_without_rank_zeros_result_is_not_trusted(api, namespace, operator, tmp_path):
+    """No reported checkpoint, no next stage: a new attempt (which, with a real trainer, finds
+    the committed stage and reports it) instead."""
+    k = Api(api, namespace)
+    doc = ftj_doc("mute", f"file://{tmp_path}/store", stages=2, podAnnotations={EXIT_CODE: "0", DELAY: "2s"})
+    k.create(doc)
+    wait_for(lambda: "mute-0-a2" in k.jobs("mute"), 60, what="a second attempt of stage 0")
+    assert "mute-1-a1" not in k.jobs("mute")
+    k.patch("mute", {"podAnnotations": {EXIT_CODE: "0", DELAY: "500ms", **reported({0: 0.5, 1: 0.6})}})
+    st = k.phase("mute", "Succeeded", 90)
+    assert st["stages"][0]["attempts"] == 3 and st["stages"][1]["attempts"] == 1
+    assert any("result was not found" in m for r, m in k.events("mute") if r == "StageRetrying")
+
+
 def test_stage_failing_twice_then_succeeding(api, namespace, operator, tmp_path):
     k = Api(api, namespace)
     doc = ftj_doc("flaky", f"file://{tmp_path}/store", stages=1, podAnnotations={EXIT_CODE: "1", DELAY: "1s"})
     k.create(doc)
     wait_for(lambda: "flaky-0-a2" in k.jobs("flaky"), 60, what="second attempt")
-    k.patch("flaky", {"podAnnotations": {EXIT_CODE: "0", DELAY: "1s"}})  # the third attempt will succeed
-    wait_for(lambda: k.job_done("flaky-0-a3"), 60, what="third attempt complete")
-    write_final(doc, 0, 0.5)
-    st = k.phase("flaky", "Succeeded")
+    # the third attempt will succeed
+    k.patch("flaky", {"podAnnotations": {EXIT_CODE: "0", DELAY: "1s", **reported({0: 0.5})}})
+    st = k.phase("flaky", "Succeeded", 60)
     assert st["stages"][0]["attempts"] == 3
     assert sorted(k.jobs("flaky")) == ["flaky-0-a1", "flaky-0-a2", "flaky-0-a3"]
     assert [r for r, _ in k.events("flaky")].count("StageRetrying") == 2
@@ -151,27 +179,58 @@ def test_stage_exhausting_retries_fails_the_job(api, namespace, operator, tmp_pa
     assert sorted(k.jobs("doomed")) == ["doomed-0-a1", "doomed-0-a2"]
 
 
-def test_configuration_error_fails_without_retry(api, namespace, operator, tmp_path):
+def test_configuration_error_fails_without_retry_with_the_trainers_line(api, namespace, operator, tmp_path):
     k = Api(api, namespace)
-    k.create(ftj_doc("badcfg", f"file://{tmp_path}/store", stages=1, podAnnotations={EXIT_CODE: "2", DELAY: "500ms"}))
+    line = "spec.checkpoint.uri: s3://nope/x: cannot open bucket: bucket 'nope' does not exist"
+    error = json.dumps({"error": line, "configuration": True})
+    k.create(
+        ftj_doc(
+            "badcfg",
+            f"file://{tmp_path}/store",
+            stages=1,
+            podAnnotations={EXIT_CODE: "2", DELAY: "500ms", f"{MESSAGE}0": error},
+        )
+    )
     st = k.phase("badcfg", "Failed", 60)
-    assert next(c for c in st["conditions"] if c["type"] == "Failed")["reason"] == "InvalidConfiguration"
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidConfiguration"
+    assert failed["message"] == f"stage 0 (head) configuration error: {line}"
     assert sorted(k.jobs("badcfg")) == ["badcfg-0-a1"]
+    assert any(line in m for r, m in k.events("badcfg") if r == "Failed")
+
+
+def test_an_oom_killed_stage_is_retried_within_the_budget_and_says_why(api, namespace, operator, tmp_path):
+    """Exit 137 (OOMKilled) is not free: each costs an attempt, and the reason names the limit."""
+    k = Api(api, namespace)
+    doc = ftj_doc(
+        "oom",
+        f"file://{tmp_path}/store",
+        stages=1,
+        podAnnotations={EXIT_CODE: "137", REASON: "OOMKilled", DELAY: "500ms"},
+        resources={"memory": "3Gi"},
+        runPolicy={"retriesPerStage": 1},
+    )
+    k.create(doc)
+    st = k.phase("oom", "Failed", 60)
+    assert sorted(k.jobs("oom")) == ["oom-0-a1", "oom-0-a2"]
+    assert st["stages"][0]["attempts"] == 2
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "RetriesExhausted"
+    assert "container trainer was OOMKilled (exit 137, memory limit 3Gi)" in failed["message"]
 
 
 def test_operator_killed_mid_stage_converges_without_duplicates(api, namespace, operator, tmp_path):
     k = Api(api, namespace)
-    doc = ftj_doc("restart", f"file://{tmp_path}/store", stages=2, podAnnotations={EXIT_CODE: "0", DELAY: "4s"})
+    annotations = {EXIT_CODE: "0", DELAY: "4s", **reported({0: 0.6, 1: 0.7})}
+    doc = ftj_doc("restart", f"file://{tmp_path}/store", stages=2, podAnnotations=annotations)
     k.create(doc)
     wait_for(lambda: "restart-0-a1" in k.jobs("restart"), 30, what="stage 0 job")
     operator.kill()  # SIGKILL: no cleanup, no goodbye
     wait_for(lambda: k.job_done("restart-0-a1"), 60, what="stage 0 complete while the operator is down")
-    write_final(doc, 0, 0.6)
     assert "restart-1-a1" not in k.jobs("restart")
     operator.start()
     wait_for(lambda: k.job_done("restart-1-a1"), 60, what="stage 1 complete")
     operator.kill()
-    write_final(doc, 1, 0.7)
     operator.start()
     st = k.phase("restart", "Succeeded")
     assert sorted(k.jobs("restart")) == ["restart-0-a1", "restart-1-a1"]
@@ -180,7 +239,12 @@ def test_operator_killed_mid_stage_converges_without_duplicates(api, namespace, 
 
 def test_suspend_stops_pods_and_resume_continues(api, namespace, operator, tmp_path):
     k = Api(api, namespace)
-    doc = ftj_doc("pause", f"file://{tmp_path}/store", stages=1, podAnnotations={EXIT_CODE: "0", DELAY: "8s"})
+    doc = ftj_doc(
+        "pause",
+        f"file://{tmp_path}/store",
+        stages=1,
+        podAnnotations={EXIT_CODE: "0", DELAY: "8s", **reported({0: 0.8})},
+    )
     k.create(doc)
     pods = lambda: k.core.list_namespaced_pod(namespace, label_selector="thaw.dev/finetunejob=pause").items
     wait_for(lambda: len([p for p in pods() if p.status.phase == "Running"]) == 2, 30, what="2 running pods")
@@ -191,9 +255,7 @@ def test_suspend_stops_pods_and_resume_continues(api, namespace, operator, tmp_p
     assert k.jobs("pause")["pause-0-a1"].spec.suspend is True
     k.patch("pause", {"suspend": False})
     k.phase("pause", "Running")
-    wait_for(lambda: k.job_done("pause-0-a1"), 60, what="resumed stage completes")
-    write_final(doc, 0, 0.8)
-    st = k.phase("pause", "Succeeded")
+    st = k.phase("pause", "Succeeded", 60)
     assert st["stages"][0]["attempts"] == 1  # resumed, not retried
     assert "Resumed" in [r for r, _ in k.events("pause")]
 
