@@ -63,6 +63,13 @@ INVALID = [
     ),
     ("long stage name", with_path(_doc(), "spec.stages.0.name", "h" * 40), "may not be more than 32 bytes"),
     ("long job name", _doc(name="x" * 45), "metadata.name must be at most 40 characters"),
+    # Its stage Service <name>-<k> must be a DNS-1035 label: rejected here, not by a 422 on every reconcile.
+    ("job name starting with a digit", _doc(name="1job"), "metadata.name must start with a letter"),
+    (
+        "checkpoint endpoint without a scheme",
+        _doc(checkpoint={"uri": "s3://bucket/x", "endpoint": "seaweedfs:8333"}),
+        "spec.checkpoint.endpoint in body should match",
+    ),
     (
         "privileged metrics port",
         _doc(metrics={"port": 80}),

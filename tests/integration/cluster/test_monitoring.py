@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.cluster.control_plane import DELAY, EXIT_CODE
 from tests.integration.cluster.conftest import ROOT
-from tests.integration.cluster.test_operator import Api, ftj_doc, write_final
+from tests.integration.cluster.test_operator import Api, ftj_doc, reported
 from tests.integration.test_monitoring_rules import rendered_rules
 from tests.services.net import free_ports, stop_group, wait_until
 from tests.services.prometheus import Prometheus
@@ -48,10 +49,8 @@ def test_dashboard_and_alert_queries_return_data(api, namespace, operator, tmp_p
     try:
         # The operator drives a FineTuneJob (kwok) ...
         k = Api(api, namespace)
-        doc = ftj_doc("watched", f"file://{tmp_path}/store", stages=2)
-        write_final(doc, 0, 0.5)
-        write_final(doc, 1, 0.6)
-        k.create(doc)
+        annotations = {EXIT_CODE: "0", DELAY: "200ms", **reported({0: 0.5, 1: 0.6})}
+        k.create(ftj_doc("watched", f"file://{tmp_path}/store", stages=2, podAnnotations=annotations))
         k.phase("watched", "Succeeded", 60)
         # ... while a real training run serves its metrics, lingering after it ends.
         from tests.builders import job_doc

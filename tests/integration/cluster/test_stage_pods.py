@@ -1,0 +1,141 @@
+"""Failure paths through the path users run: the operator creates stage Jobs whose pods run
+`python -m trainer launch` (preflight, then torchrun) on the process node, with real training,
+a real kernel OOM kill under the pod's memory limit, and a real SeaweedFS that goes away."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+import uuid
+
+import pytest
+from kubernetes import client
+
+from tests.builders import job_doc
+from tests.cluster.node_agent import GATEWAY
+from tests.integration.cluster.conftest import ROOT, wait_for
+from tests.integration.cluster.test_operator import Api
+from tests.services.net import free_port
+from tests.services.seaweedfs import ADMIN, SeaweedFS
+
+pytestmark = [pytest.mark.cluster, pytest.mark.integration]
+SMALL_DATA = {"source": "digits", "imageSize": 32, "trainPerClass": 10, "valPerClass": 5, "testLimit": 50}
+
+
+def stage_pod_doc(name: str, store: str, **spec) -> dict:
+    """A small real job for the process node: digits at 32 px, the bundled EfficientNet-Lite0."""
+    doc = job_doc(
+        data={**SMALL_DATA, "batchSize": 20},
+        nodeSelector={"type": "process"},
+        nodes=1,
+        speed={"threads": 1},
+        metrics={"enabled": False},
+        checkpoint={"uri": store},
+        **spec,
+    )
+    doc["metadata"] = {"name": name}
+    return doc
+
+
+@pytest.fixture
+def store_dir():
+    """A file:// store the pods see too (the process node keeps this repository visible)."""
+    path = ROOT / "runs" / f"test-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    yield path
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _pod_logs(cluster, namespace: str, job: str) -> str:
+    return "\n".join(p.read_text() for p in cluster.state.rglob(f"{namespace}_{job}-*/trainer.log"))
+
+
+def test_configuration_errors_fail_at_once_with_the_trainers_line(cluster, api, namespace, operator, store_dir):
+    k = Api(api, namespace)
+    store = f"file://{store_dir}"
+    bad = {
+        # Found by the operator from the layer table: no pod starts.
+        "top": (stage_pod_doc("top", store), "spec.stages.1.trainable", {"top": 999}),
+        "glob": (stage_pod_doc("glob", store), "spec.stages.1.trainable", {"modules": ["nothing.*"]}),
+        # Found by the pod's preflight, before torchrun.
+        "nodata": (stage_pod_doc("nodata", store), "spec.data.source", "file:///nonexistent/set"),
+        # Found by a worker under torchrun (autocast needs the device): torchrun exits 1, the launcher 2.
+        "fp16": (stage_pod_doc("fp16", store, speed={"amp": "fp16", "threads": 1}), None, None),
+    }
+    from tests.builders import with_path
+
+    for doc, path, value in bad.values():
+        k.create(with_path(doc, path, value) if path else doc)
+    expected = {
+        "top": ("InvalidSpec", "spec.stages[1].trainable.top: top 999 exceeds the 10 layer groups"),
+        "glob": ("InvalidSpec", "spec.stages[1].trainable.modules[0]: 'nothing.*' matches no module or group"),
+        "nodata": (
+            "InvalidConfiguration",
+            "stage 0 (head) configuration error: spec.data.source: /nonexistent/set/train is not a directory",
+        ),
+        "fp16": ("InvalidConfiguration", "stage 0 (head) configuration error: spec.speed.amp: fp16 needs a CUDA"),
+    }
+    for name, (reason, message) in expected.items():
+        st = k.phase(name, "Failed", 180)
+        failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == reason, (name, failed)
+        assert failed["message"].startswith(message), (name, failed["message"])
+        assert "\n" not in failed["message"]
+        assert any(r == "Failed" and m == failed["message"] for r, m in k.events(name))
+    assert not k.jobs("top") and not k.jobs("glob")  # nothing started
+    for name in ("nodata", "fp16"):
+        assert sorted(k.jobs(name)) == [f"{name}-0-a1"]  # one attempt, not retried
+        logs = _pod_logs(cluster, namespace, f"{name}-0-a1")
+        assert "error: spec." in logs and "Traceback" not in logs, logs[-3000:]
+
+
+def test_a_stage_pod_killed_by_the_kernels_oom_killer_is_counted_and_named(
+    cluster, api, namespace, operator, store_dir
+):
+    """A memory limit below what torch needs: the kernel kills the pod (137). Not ignored: it
+    costs an attempt, and the FineTuneJob names OOMKilled and the limit."""
+    k = Api(api, namespace)
+    doc = stage_pod_doc("oom", f"file://{store_dir}", resources={"memory": "150Mi"}, runPolicy={"retriesPerStage": 1})
+    k.create(doc)
+    st = k.phase("oom", "Failed", 180)
+    assert sorted(k.jobs("oom")) == ["oom-0-a1", "oom-0-a2"]
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "RetriesExhausted"
+    assert "container trainer was OOMKilled (exit 137, memory limit 150Mi)" in failed["message"], failed["message"]
+    pods = k.core.list_namespaced_pod(namespace, label_selector="thaw.dev/finetunejob=oom").items
+    terminated = [c.state.terminated for p in pods for c in p.status.container_statuses or [] if c.state.terminated]
+    assert terminated and all(t.reason == "OOMKilled" and t.exit_code == 137 for t in terminated)
+
+
+def test_store_down_when_stage_one_starts_and_back_30s_later_succeeds(cluster, api, namespace, operator, tmp_path):
+    seaweed = SeaweedFS(tmp_path / "seaweedfs", buckets=("thaw",), ip=str(GATEWAY), s3_port=free_port()).start()
+    k = Api(api, namespace)
+    secret = {
+        "metadata": {"name": "s3"},
+        "data": {
+            "AWS_ACCESS_KEY_ID": base64.b64encode(ADMIN[0].encode()).decode(),
+            "AWS_SECRET_ACCESS_KEY": base64.b64encode(ADMIN[1].encode()).decode(),
+        },
+    }
+    client.CoreV1Api(api).create_namespaced_secret(namespace, secret)
+    doc = stage_pod_doc(
+        "outage",
+        "s3://thaw/ckpt",
+        checkpoint={"uri": "s3://thaw/ckpt", "endpoint": seaweed.endpoint, "credentialsSecret": "s3"},
+    )
+    try:
+        k.create(doc)
+        wait_for(lambda: "outage-1-a1" in k.jobs("outage"), 300, interval=0.2, what="stage 1 created")
+        seaweed.stop()  # before stage 1's pod has even imported torch
+        time.sleep(30)
+        threading.Thread(target=seaweed.start, daemon=True).start()
+        st = k.phase("outage", "Succeeded", 600)
+    finally:
+        seaweed.stop()
+    assert [s["attempts"] for s in st["stages"]] == [1, 1]  # waited out, not failed and not even retried
+    logs = _pod_logs(cluster, namespace, "outage-1-a1")
+    assert "retrying in" in logs, logs[-3000:]  # it did meet the outage
+    assert st["stages"][1]["checkpoint"].startswith("s3://thaw/ckpt/outage/stage-01-top3/")
