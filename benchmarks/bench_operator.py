@@ -2,8 +2,8 @@
 
     python benchmarks/bench_operator.py --jobs 100 --nodes 200 --out docs/benchmarks.md
 
-Every stage's final checkpoint is written beforehand (a file:// store), so a stage's next Job
-can start as soon as the operator sees the previous one complete and verifies its manifest.
+Every stage's kwok pods end with rank 0's termination message (annotations), so a stage's
+next Job can start as soon as the operator sees the previous one complete with its result.
 A watch in this process timestamps each Job's Complete condition and each Job's creation with
 one clock; latency = next stage Job created - previous stage Job seen complete. API requests
 are the reconciler's own (thaw_operator_api_requests_total); peak RSS is the operator
@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 from report import write_section  # noqa: E402
 
-from tests.cluster.control_plane import ControlPlane  # noqa: E402
+from tests.cluster.control_plane import DELAY, EXIT_CODE, ControlPlane  # noqa: E402
 from tests.integration.cluster.conftest import OperatorProcess  # noqa: E402
-from tests.integration.cluster.test_operator import KWOK, write_final  # noqa: E402
+from tests.integration.cluster.test_operator import KWOK, reported  # noqa: E402
 from tests.services.net import http_get  # noqa: E402
 
 STAGES = 3
@@ -36,7 +36,8 @@ STAGES = 3
 def doc(name: str, store: str, nodes: int) -> dict:
     from tests.builders import job_doc
 
-    d = job_doc(nodes=nodes, checkpoint={"uri": store}, **KWOK)
+    annotations = {EXIT_CODE: "0", DELAY: "0s", **reported({0: 0.5, 1: 0.5, 2: 0.5})}
+    d = job_doc(nodes=nodes, checkpoint={"uri": store}, podAnnotations=annotations, **KWOK)
     d["spec"]["data"]["batchSize"] = 32
     d["spec"]["stages"] = [
         {"name": n, "trainable": t, "epochs": 1, "lr": 0.01}
@@ -79,9 +80,6 @@ def main() -> None:
             cp.kubectl("wait", "--for", "condition=established", "crd/finetunejobs.thaw.dev", "--timeout=60s")
             api = config.new_client_from_config(str(cp.kubeconfig_path))
             docs = [doc(f"ft-{i:03d}", f"file://{tmp}/store", args.pods_per_stage) for i in range(args.jobs)]
-            for d in docs:
-                for stage in range(STAGES):
-                    write_final(d, stage, 0.5)
             completed: dict[str, float] = {}
             created: dict[str, float] = {}
             stop = threading.Event()

@@ -19,10 +19,7 @@ import os
 import signal
 import sys
 
-from trainer.spec import FineTuneJob, SpecError, load_job
-from trainer.storage import StoreError
-
-EXIT_CONFIG_ERROR = 2
+from trainer.spec import EXIT_CONFIG_ERROR, FineTuneJob, SpecError, load_job
 
 
 def write_termination(doc: dict) -> None:
@@ -91,6 +88,8 @@ def torchrun_args(job_file: str, stage: int | None) -> list[str]:
 
 
 def launch(job_file: str, stage: int | None) -> int:
+    from trainer.storage import StoreError
+
     try:
         job = load_job(job_file)
         preflight(job, stage)

@@ -38,6 +38,11 @@ class SpecError(ValueError):
     """A user-caused problem with a FineTuneJob; each line names the field."""
 
 
+# The exit code of a process that found a SpecError: retrying cannot help (the stage Job's
+# podFailurePolicy fails at once on it).
+EXIT_CONFIG_ERROR = 2
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import yaml
 
-from trainer.launch import EXIT_CONFIG_ERROR
-from trainer.spec import API_VERSION, KIND, FineTuneJobSpec, StageSpec
+from trainer.spec import API_VERSION, EXIT_CONFIG_ERROR, KIND, FineTuneJobSpec, StageSpec
 
 LABEL_JOB = "thaw.dev/finetunejob"
 LABEL_STAGE = "thaw.dev/stage"

@@ -64,6 +64,17 @@ def test_store_problems_are_one_line_naming_the_field(seaweed, monkeypatch, case
     assert sentinel.get("keep/me") == b"precious"  # nothing existing touched
 
 
+def test_an_unreachable_store_is_waited_for_then_transient_not_a_configuration_error(monkeypatch):
+    from trainer.storage import StoreError
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    spec = CheckpointSpec(uri="s3://thaw/x", endpoint="http://127.0.0.1:9", upload_timeout_seconds=2)
+    with pytest.raises(StoreError) as err:
+        open_store(spec, "job")
+    assert err.value.transient and "gave up after" in str(err.value)
+
+
 def _commit_epochs(store, n):
     for e in range(n):
         ckpt.save_checkpoint(
@@ -131,6 +142,36 @@ def test_dataset_prefix_is_downloaded_once_and_kept_in_sync(s3_env, seaweed, tmp
     assert sync_prefix("s3://data/set", dest) == 1
     assert (dest / "train/c1/img.png").read_bytes() == b"new"
     assert not (dest / "train/c2/img.png").exists()
+
+
+def test_data_sync_streams_objects_to_disk(s3_env, seaweed, tmp_path):
+    """A 48 MiB object lands on disk without ever being held whole in Python memory."""
+    import tracemalloc
+
+    size = 48 * 1024 * 1024
+    seaweed.client().put_object(Bucket="data", Key="big/train/c0/blob.bin", Body=b"\x07" * size)
+    tracemalloc.start()
+    try:
+        assert sync_prefix("s3://data/big", tmp_path / "mirror") == 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (tmp_path / "mirror/train/c0/blob.bin").stat().st_size == size
+    assert peak < size / 2, f"peak Python allocation {peak / 2**20:.1f} MiB for a {size / 2**20:.0f} MiB object"
+
+
+def test_data_source_preflight_tells_missing_from_unreachable(s3_env, seaweed):
+    from trainer.datasync import check_prefix
+    from trainer.spec import SpecError
+    from trainer.storage import StoreError
+
+    with pytest.raises(SpecError, match=r"^spec.data.source: s3://data/nothing-here: no objects under this prefix"):
+        check_prefix("s3://data/nothing-here")
+    with pytest.raises(SpecError, match="bucket 'nobucket' does not exist"):
+        check_prefix("s3://nobucket/x")
+    with pytest.raises(StoreError) as err:  # nobody listening: transient, retried, then not a config error
+        check_prefix("s3://data/x", endpoint="http://127.0.0.1:9", timeout_seconds=1)
+    assert err.value.transient
 
 
 def test_training_reads_an_s3_image_folder_downloaded_once_per_node(s3_env, seaweed, tmp_path):

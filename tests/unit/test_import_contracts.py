@@ -25,3 +25,13 @@ def test_operator_package_does_not_shadow_stdlib():
         "print(operator.__file__.endswith('operator.py'), hasattr(operator, 'itemgetter'))"
     )
     assert out == "True True"
+
+
+def test_the_operator_cannot_reach_the_object_store():
+    """It holds no storage credentials and verifies nothing itself: no storage code, no boto3."""
+    out = _run(
+        "import sys, thaw_operator.controller, thaw_operator.__main__; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'boto3', 'botocore') "
+        "or m in ('trainer.storage', 'trainer.checkpoint', 'trainer.datasync', 'trainer.uploader')))"
+    )
+    assert out == "[]"
