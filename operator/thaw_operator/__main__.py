@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         help="namespace of the Lease (default: $POD_NAMESPACE, set by the chart)",
     )
     ap.add_argument("--lease-name", default="thaw-operator")
-    ap.add_argument("--lease-seconds", type=float, default=8.0, help="a silent leader is replaced after this long")
+    ap.add_argument("--lease-seconds", type=float, default=6.0, help="a silent leader is replaced after this long")
     ap.add_argument("--log-format", choices=["plain", "json"], default="json")
     args = ap.parse_args(argv)
 

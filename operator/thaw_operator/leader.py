@@ -40,8 +40,8 @@ class LeaderElector:
         api: client.ApiClient,
         namespace: str,
         name: str,
-        lease_seconds: float = 8.0,
-        retry_seconds: float = 2.0,
+        lease_seconds: float = 6.0,
+        retry_seconds: float = 1.5,
         on_started_leading: Callable[[], None] | None = None,
         identity: str | None = None,
     ):

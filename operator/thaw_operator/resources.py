@@ -7,6 +7,8 @@ per node. Names are deterministic, so creating them again is a no-op (409), neve
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
 from trainer.spec import API_VERSION, EXIT_CONFIG_ERROR, KIND, FineTuneJobSpec, StageSpec
@@ -19,7 +21,10 @@ KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 MASTER_PORT = 29500
 CONFIG_PATH = "/etc/thaw/job.yaml"
 DATA_CACHE = "/var/cache/thaw"
-GRACE_MARGIN_SECONDS = 30  # after the last upload's deadline, for the process to exit
+GRACE_MARGIN_SECONDS = 30
+# Local rank r serves metrics on spec.metrics.port + r, declared as container port "metrics"
+# (r = 0) or "metrics-<r>"; the chart's PodMonitor keeps every port whose name matches.
+METRICS_PORT = re.compile(r"metrics(-[0-9]+)?")  # after the last upload's deadline, for the process to exit
 
 
 def job_name(ftj: str, stage: int, attempt: int) -> str:
@@ -146,7 +151,10 @@ def stage_job(
         "command": ["python", "-m", "trainer", "launch"],
         "args": [CONFIG_PATH, "--stage", str(stage)],
         "env": _env(ftj, spec, stage, jobname, nodes, gpus),
-        "ports": [{"name": "metrics", "containerPort": spec.metrics.port}],
+        "ports": [
+            {"name": "metrics" if r == 0 else f"metrics-{r}", "containerPort": spec.metrics.port + r}
+            for r in range(max(gpus, 1))
+        ],
         "resources": _resources(spec, gpus),
         "volumeMounts": [
             {"name": "job", "mountPath": "/etc/thaw", "readOnly": True},

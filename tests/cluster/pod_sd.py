@@ -2,8 +2,8 @@
 
 Debian's Prometheus is built without kubernetes_sd_configs, so this small loop stands in for
 it: every 2 s it lists pods labelled thaw.dev/finetunejob that run and have an IP, and writes
-`<podIP>:<container port named metrics>` with namespace/pod labels (what a PodMonitor would
-scrape) to a JSON file that Prometheus' file_sd_configs re-reads.
+`<podIP>:<container port named metrics or metrics-<r>>` (local rank r) with namespace/pod
+labels (what the chart's PodMonitor keeps) to a JSON file that Prometheus' file_sd_configs re-reads.
 
     python -m tests.cluster.pod_sd --kubeconfig K --out targets.json
 """
@@ -16,6 +16,8 @@ import os
 import time
 from pathlib import Path
 
+from thaw_operator.resources import METRICS_PORT
+
 
 def targets(pods) -> list[dict]:
     out = []
@@ -24,7 +26,7 @@ def targets(pods) -> list[dict]:
             continue
         for c in pod.spec.containers:
             for port in c.ports or []:
-                if port.name == "metrics":
+                if port.name and METRICS_PORT.fullmatch(port.name):
                     out.append(
                         {
                             "targets": [f"{pod.status.pod_ip}:{port.container_port}"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from thaw_operator import resources as res
 from thaw_operator.planner import JobView, plan
@@ -256,6 +258,22 @@ def test_stage_job_shape():
     assert "ttlSecondsAfterFinished" not in s
     # The kubelet's grace covers one upload's whole retry window, so the SIGTERM flush is not cut.
     assert pod["terminationGracePeriodSeconds"] == spec.checkpoint.upload_timeout_seconds + 30
+
+
+def test_every_local_rank_declares_its_metrics_port():
+    """Rank r serves port + r: the PodMonitor scrapes each, not only local rank 0's."""
+    body = ftj(nodes=2, gpusPerNode=4, metrics={"port": 9400})
+    spec = parse_job(body).spec
+    c = res.stage_job(body, spec, 0, spec.stages[0], 1, IMAGE)["spec"]["template"]["spec"]["containers"][0]
+    assert c["ports"] == [
+        {"name": "metrics", "containerPort": 9400},
+        {"name": "metrics-1", "containerPort": 9401},
+        {"name": "metrics-2", "containerPort": 9402},
+        {"name": "metrics-3", "containerPort": 9403},
+    ]
+    assert all(res.METRICS_PORT.fullmatch(p["name"]) for p in c["ports"])
+    chart = Path(__file__).resolve().parents[2] / "charts" / "thaw" / "templates" / "monitors.yaml"
+    assert f'regex: "{res.METRICS_PORT.pattern}"' in chart.read_text()  # the PodMonitor keeps the same names
 
 
 def test_stage_overrides_nodes_and_gpus():
