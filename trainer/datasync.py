@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from trainer.storage import S3Store, StoreError, s3_client, s3_error, split_s3_uri
+from trainer.storage import MiB, StoreError, s3_client, s3_error, split_s3_uri
 
 INDEX = ".thaw-sync.json"
 
@@ -59,7 +59,10 @@ def sync_prefix(uri: str, dest: Path, endpoint: str | None = None) -> int:
     """Mirror uri into dest; returns the number of objects downloaded."""
     client = s3_client(endpoint)
     bucket, prefix = split_s3_uri(uri)
-    store = S3Store(uri, client)
+    from boto3.s3.transfer import TransferConfig
+
+    # Parts of 8 MiB, 4 at a time: memory is bounded by the parts in flight, not the object size.
+    transfer = TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB, max_concurrency=4)
     listing: dict[str, tuple[int, str]] = {}
     full = f"{prefix}/" if prefix else ""
     try:
@@ -81,7 +84,7 @@ def sync_prefix(uri: str, dest: Path, endpoint: str | None = None) -> int:
         tmp = path.with_name(f".tmp-{path.name}")
         # Streamed to disk by boto3's transfer manager (ranged, parallel parts): never the whole object in memory.
         try:
-            client.download_file(bucket, full + key, str(tmp), Config=store.transfer)
+            client.download_file(bucket, full + key, str(tmp), Config=transfer)
         except Exception as err:
             tmp.unlink(missing_ok=True)
             raise s3_error(err, f"{uri}/{key}", bucket, "read") from None

@@ -59,7 +59,7 @@ def stuck(out: str) -> None:
             dist.all_reduce(torch.ones(1))  # rank 1 never joins: blocked in gloo, not in Python
         except signals.Terminated:
             sys.exit(143)
-    time.sleep(600)
+    time.sleep(120)
 
 
 if __name__ == "__main__":

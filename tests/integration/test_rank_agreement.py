@@ -75,8 +75,12 @@ def test_a_rank_blocked_in_a_collective_exits_soon_after_sigterm(tmp_path):
             time.sleep(0.2)
         waited = time.monotonic() - t0
     finally:
-        proc.kill()
-        out = proc.communicate(timeout=60)[0]
+        proc.terminate()  # torchrun stops its remaining worker (rank 1, asleep: SIGTERM ends it)
+        try:
+            out = proc.communicate(timeout=60)[0]
+        finally:
+            proc.kill()
+            subprocess.run(["pkill", "-KILL", "-f", f"rank_worker.py stuck {tmp_path}"], check=False)
     # The watchdog's line: the Python handler never ran (rank 0 was really blocked in gloo).
     assert "SIGTERM not handled within" in out, out[-2000:]
     assert waited < STUCK_SECONDS + 10

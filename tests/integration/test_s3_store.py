@@ -145,10 +145,10 @@ def test_dataset_prefix_is_downloaded_once_and_kept_in_sync(s3_env, seaweed, tmp
 
 
 def test_data_sync_streams_objects_to_disk(s3_env, seaweed, tmp_path):
-    """A 48 MiB object lands on disk without ever being held whole in Python memory."""
+    """A 96 MiB object lands on disk without ever being held whole in Python memory."""
     import tracemalloc
 
-    size = 48 * 1024 * 1024
+    size = 96 * 1024 * 1024
     seaweed.client().put_object(Bucket="data", Key="big/train/c0/blob.bin", Body=b"\x07" * size)
     tracemalloc.start()
     try:
