@@ -415,7 +415,7 @@ class FineTuneJob(BaseModel):
 
 # Fields that change what a stage computes. A checkpoint written under other values of these is
 # not resumed from; the rest (image, nodes, workers, metrics, suspend...) may change freely.
-_TRAINING_FIELDS = {
+TRAINING_FIELDS = {
     "model": True,
     "data": {"source", "image_size", "train_per_class", "val_per_class", "test_limit", "augmentation", "batch_size"},
     "stages": True,
@@ -431,7 +431,7 @@ _TRAINING_FIELDS = {
 
 def training_hash(spec: FineTuneJobSpec) -> str:
     """Digest of the training-relevant part of a spec, stored in every checkpoint manifest."""
-    dumped = spec.model_dump(mode="json", include=_TRAINING_FIELDS)
+    dumped = spec.model_dump(mode="json", include=TRAINING_FIELDS)
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 

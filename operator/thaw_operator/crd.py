@@ -15,27 +15,27 @@ import sys
 from typing import Any
 
 import yaml
+from pydantic.alias_generators import to_camel
 
-from trainer.spec import API_VERSION, ENDPOINT_PATTERN, KIND, NAME_PATTERN, FineTuneJobSpec
+from trainer.spec import API_VERSION, ENDPOINT_PATTERN, KIND, NAME_PATTERN, TRAINING_FIELDS, FineTuneJobSpec
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "finetunejobs"
 MAX_STAGES = 16
 MAX_NAME = 40  # stage Jobs are named <name>-<k>-a<attempt>: Job and pod names stay within 63
 
-# Training-relevant fields: a running job's checkpoints were written under them (trainer.spec.training_hash).
-IMMUTABLE = (
-    "model",
-    "data",
-    "stages",
-    "gradual",
-    "optimizer",
-    "schedule",
-    "earlyStopping",
-    "seed",
-    "gradientAccumulation",
-    "deterministic",
-)
+def _immutable_paths() -> list[str]:
+    """Training fields (trainer.spec.TRAINING_FIELDS, camelCase): a running job's checkpoints
+    were written under them. The rest, data.workers included, may change."""
+    out = []
+    for field, sub in TRAINING_FIELDS.items():
+        name = to_camel(field)
+        out += [name] if sub is True else [f"{name}.{to_camel(s)}" for s in sorted(sub)]
+    return out
+
+
+IMMUTABLE = tuple(_immutable_paths())
+
 
 # Extra schema keywords where the pydantic models cannot express them as plain JSON Schema.
 EXTRA: dict[tuple[str, ...], dict] = {
@@ -162,6 +162,11 @@ def status_schema() -> dict:
             "valAccuracy": {"type": "number", "description": "best validation accuracy of the last finished stage"},
             "observedGeneration": {"type": "integer"},
             "message": {"type": "string"},
+            "completionTime": {
+                "type": "string",
+                "format": "date-time",
+                "description": "when it became Succeeded or Failed (ttlSecondsAfterFinished counts from here)",
+            },
             "stages": {"type": "array", "items": obj, "description": "per stage: phase, attempts, times, checkpoint"},
             "conditions": {
                 "type": "array",

@@ -36,6 +36,23 @@ def test_structural_schema_has_no_json_schema_only_keywords():
 
 def test_immutable_fields_have_transition_rules():
     rules = [r["rule"] for r in crd.spec_schema()["x-kubernetes-validations"]]
-    for f in ("model", "data", "stages", "seed"):
+    for f in ("model", "data.source", "stages", "seed"):
         assert any(f"self.{f} == oldSelf.{f}" in r for r in rules), f
     assert not any("suspend" in r for r in rules)  # suspend is meant to change
+
+
+def test_immutable_fields_are_the_training_fields_of_the_spec():
+    """One source: trainer.spec.TRAINING_FIELDS (what the checkpoint hash covers) gives the CRD's
+    immutability rules; data.workers and the other non-training fields stay mutable."""
+    from trainer.spec import TRAINING_FIELDS
+
+    assert "data.source" in crd.IMMUTABLE and "data.batchSize" in crd.IMMUTABLE and "stages" in crd.IMMUTABLE
+    assert "data" not in crd.IMMUTABLE and "data.workers" not in crd.IMMUTABLE
+    assert len(crd.IMMUTABLE) == sum(1 if v is True else len(v) for v in TRAINING_FIELDS.values())
+    rules = [
+        r["rule"]
+        for r in crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+            "x-kubernetes-validations"
+        ]
+    ]
+    assert all(any(f"self.{f} == oldSelf.{f}" in r for r in rules) for f in crd.IMMUTABLE)

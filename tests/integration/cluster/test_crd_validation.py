@@ -108,12 +108,20 @@ def test_training_fields_cannot_change_but_suspend_can(api, namespace, crd):
         ({"seed": 5}, "spec.seed cannot change after creation"),
         ({"stages": [{"name": "x", "trainable": "all", "epochs": 1, "lr": 0.1}]}, "spec.stages cannot change"),
         ({"checkpoint": {"uri": "file:///elsewhere"}}, "spec.checkpoint.uri cannot change"),
+        ({"data": {"source": "fashion-mnist"}}, "spec.data.source cannot change after creation"),
     ]:
         with pytest.raises(ApiException) as err:
             custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "fixed", {"spec": patch})
         assert expected in _message(err.value), _message(err.value)
     custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "fixed", {"spec": {"suspend": True}})
     assert custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "fixed")["spec"]["suspend"] is True
+    # Not a training field: the data loader's worker count may change (the next stage reads it).
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "fixed", {"spec": {"data": {"workers": 2}}}
+    )
+    assert (
+        custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "fixed")["spec"]["data"]["workers"] == 2
+    )
 
 
 def test_kubectl_explain_describes_stages(cluster, crd):
