@@ -9,13 +9,14 @@
 # To use binaries you already have, point these at them (envtest's KUBEBUILDER_ASSETS
 # works too, for kube-apiserver, etcd and kubectl):
 #   THAW_KUBE_APISERVER THAW_KUBE_CONTROLLER_MANAGER THAW_KUBE_SCHEDULER THAW_KUBECTL
-#   THAW_ETCD THAW_KWOK THAW_KWOKCTL THAW_HELM
+#   THAW_ETCD THAW_KWOK THAW_KWOKCTL THAW_HELM THAW_KUEUE
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.34.4}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.13}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 HELM_VERSION=${HELM_VERSION:-v3.19.5}
+KUEUE_VERSION=${KUEUE_VERSION:-v0.17.0}  # its controller queues stage Jobs in the Kueue tests (~4 min cold)
 CACHE=${THAW_BIN_CACHE:-$HOME/.cache/thaw/bin}
 BIN=${THAW_BIN_DIR:-$CACHE/current}
 WORK=${THAW_BUILD_DIR:-$HOME/.cache/thaw/build}
@@ -146,6 +147,7 @@ main() {
   go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok THAW_KWOK
   go_install kwokctl "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwokctl THAW_KWOKCTL
   go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm THAW_HELM
+  go_install kueue "$KUEUE_VERSION" sigs.k8s.io/kueue/cmd/kueue THAW_KUEUE
   log "done in $((SECONDS - t0)) s; binaries in $BIN"
   echo "$BIN"
 }

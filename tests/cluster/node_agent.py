@@ -566,11 +566,12 @@ class NodeAgent:
                 cg.mkdir(exist_ok=True)
                 (cg / "memory.limit_in_bytes").write_text(str(memory_bytes(limits["memory"])))
                 run.cgroups[c.name] = cg
-                enter = [f"echo $$ > {cg}/cgroup.procs"]
+                # Joined before `ip netns exec`, which mounts a sysfs without the cgroup tree;
+                # every process the container starts inherits the group.
+                enter = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"]
             script = "; ".join(
                 [
                     "set -e",
-                    *enter,
                     "mount --make-rprivate /",
                     f"hostname {shlex.quote(hostname)}",
                     *mounts,
@@ -579,6 +580,7 @@ class NodeAgent:
                 ]
             )
             argv = [
+                *enter,
                 "ip",
                 "netns",
                 "exec",
@@ -605,7 +607,12 @@ class NodeAgent:
         for name, p in run.procs.items():
             rc = p.wait()
             code = 128 - rc if rc < 0 else rc
-            codes[name] = (code, "OOMKilled" if code == 137 and _oom_killed(run.cgroups.get(name)) else None)
+            if code and _oom_killed(run.cgroups.get(name)):
+                # The kernel SIGKILLed the container's process (what a runtime reports as 137);
+                # the unshare wrapper around it may exit otherwise.
+                codes[name] = (137, "OOMKilled")
+            else:
+                codes[name] = (code, None)
         self._finish(pod, run, codes)
 
     def _running(self, c, run: PodRun) -> dict:

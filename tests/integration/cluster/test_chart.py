@@ -106,6 +106,11 @@ def test_plain_manifests_are_the_rendered_chart_and_apply(cluster, chart_prereqs
 
 
 def _can(cluster, sa: str, verb: str, resource: str, namespace: str | None) -> bool:
+    """resource: plural.group, plural.group/subresource, or leases.coordination.k8s.io/NAME."""
+    if resource.startswith("leases."):  # a name, not a subresource
+        args = ["auth", "can-i", verb, resource, f"--as=system:serviceaccount:{sa}"]
+        args += [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
+        return cluster.kubectl(*args, check=False).stdout.strip() == "yes"
     resource, _, sub = resource.partition("/")
     args = ["auth", "can-i", verb, resource, f"--as=system:serviceaccount:{sa}"]
     args += [f"--subresource={sub}"] if sub else []
@@ -139,7 +144,7 @@ def test_install_gives_the_operator_enough_rbac_and_no_more(cluster, api, chart_
             ("create", "configmaps", "x"),
             ("patch", "configmaps", "x"),
             ("create", "events", "x"),
-            ("update", "leases.coordination.k8s.io", "thaw-system"),
+            ("update", "leases.coordination.k8s.io/thaw-operator", "thaw-system"),  # its own Lease, by name
         ]:
             assert _can(cluster, sa, verb, res, None if ns == "any" else ns), (verb, res)
         # ... and nothing else: no Secrets at all (it never talks to the object store).

@@ -25,15 +25,16 @@ SMALL_DATA = {"source": "digits", "imageSize": 32, "trainPerClass": 10, "valPerC
 
 def stage_pod_doc(name: str, store: str, **spec) -> dict:
     """A small real job for the process node: digits at 32 px, the bundled EfficientNet-Lite0."""
-    doc = job_doc(
-        data={**SMALL_DATA, "batchSize": 20},
-        nodeSelector={"type": "process"},
-        nodes=1,
-        speed={"threads": 1},
-        metrics={"enabled": False},
-        checkpoint={"uri": store},
+    fields = {
+        "data": {**SMALL_DATA, "batchSize": 20},
+        "nodeSelector": {"type": "process"},
+        "nodes": 1,
+        "speed": {"threads": 1},
+        "metrics": {"enabled": False},
+        "checkpoint": {"uri": store},
         **spec,
-    )
+    }
+    doc = job_doc(**fields)
     doc["metadata"] = {"name": name}
     return doc
 
@@ -101,7 +102,7 @@ def test_a_stage_pod_killed_by_the_kernels_oom_killer_is_counted_and_named(
     doc = stage_pod_doc("oom", f"file://{store_dir}", resources={"memory": "150Mi"}, runPolicy={"retriesPerStage": 1})
     k.create(doc)
     st = k.phase("oom", "Failed", 180)
-    assert sorted(k.jobs("oom")) == ["oom-0-a1", "oom-0-a2"]
+    assert sorted(k.jobs("oom")) == ["oom-0-a1", "oom-0-a2"], st
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "RetriesExhausted"
     assert "container trainer was OOMKilled (exit 137, memory limit 150Mi)" in failed["message"], failed["message"]
