@@ -121,7 +121,7 @@ def pod_failure(pod) -> str:
     return f"pod {pod.metadata.name}: container trainer exited {term.exit_code} ({term.reason or 'Error'}){detail}"
 
 
-def job_view(job, pods: list) -> JobView | None:
+def job_view(job, pods: list, workload: dict | None = None) -> JobView | None:
     labels = job.metadata.labels or {}
     try:
         stage, attempt = int(labels[res.LABEL_STAGE]), int(labels[res.LABEL_ATTEMPT])
@@ -155,7 +155,28 @@ def job_view(job, pods: list) -> JobView | None:
         pods_left=sum(1 for p in pods if not (p.status and p.status.phase in POD_DONE)),
         failure=(reported or failures or [""])[0],
         result=result,
+        queued=res.KUEUE_QUEUE in labels,
+        workload=workload["metadata"]["name"] if workload else None,
+        workload_active=bool((workload or {}).get("spec", {}).get("active", True)),
+        workload_deactivated_by_operator=(workload or {})
+        .get("metadata", {})
+        .get("annotations", {})
+        .get(res.ANNOTATION_DEACTIVATED)
+        == "true",
     )
+
+
+def workloads_by_job(namespace: str) -> dict[str, dict]:
+    """Kueue Workloads of the namespace, by the uid of the Job that owns each ({} without Kueue)."""
+    try:
+        items = client.CustomObjectsApi(CONFIG.api).list_namespaced_custom_object(
+            res.KUEUE_GROUP, res.KUEUE_VERSION, namespace, res.KUEUE_WORKLOADS
+        )["items"]
+    except ApiException as err:
+        if err.status == 404:  # Kueue is not installed
+            return {}
+        raise
+    return {ref["uid"]: w for w in items for ref in w["metadata"].get("ownerReferences", []) if ref["kind"] == "Job"}
 
 
 def scrape_progress(pod, port: int) -> dict | None:
@@ -271,11 +292,17 @@ def _reconcile(namespace: str, name: str) -> Plan | None:
         job = (p.metadata.labels or {}).get("batch.kubernetes.io/job-name") or (p.metadata.labels or {}).get("job-name")
         pods_of.setdefault(job, []).append(p)
     jobs = []
-    for j in batch.list_namespaced_job(namespace, label_selector=selector).items:
-        if any(o.uid == uid for o in j.metadata.owner_references or []):
-            view = job_view(j, pods_of.get(j.metadata.name, []))
-            if view is not None:
-                jobs.append(view)
+    owned = [
+        j
+        for j in batch.list_namespaced_job(namespace, label_selector=selector).items
+        if any(o.uid == uid for o in j.metadata.owner_references or [])
+    ]
+    queued = any(res.KUEUE_QUEUE in (j.metadata.labels or {}) for j in owned)
+    workloads = workloads_by_job(namespace) if queued else {}
+    for j in owned:
+        view = job_view(j, pods_of.get(j.metadata.name, []), workloads.get(j.metadata.uid))
+        if view is not None:
+            jobs.append(view)
     progress = {}
     if spec is not None:
         latest: dict[int, JobView] = {}
@@ -400,6 +427,10 @@ def apply(ftj: dict, p: Plan) -> None:
                 metrics.JOBS_CREATED.inc()
     for job, patch in p.patch_jobs:
         client.BatchV1Api(CONFIG.api).patch_namespaced_job(job, meta["namespace"], patch)
+    for workload, patch in p.patch_workloads:
+        client.CustomObjectsApi(CONFIG.api).patch_namespaced_custom_object(
+            res.KUEUE_GROUP, res.KUEUE_VERSION, meta["namespace"], res.KUEUE_WORKLOADS, workload, patch
+        )
     for job in p.delete_jobs:
         try:
             client.BatchV1Api(CONFIG.api).delete_namespaced_job(job, meta["namespace"], propagation_policy="Background")

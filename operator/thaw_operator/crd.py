@@ -24,6 +24,7 @@ PLURAL = "finetunejobs"
 MAX_STAGES = 16
 MAX_NAME = 40  # stage Jobs are named <name>-<k>-a<attempt>: Job and pod names stay within 63
 
+
 def _immutable_paths() -> list[str]:
     """Training fields (trainer.spec.TRAINING_FIELDS, camelCase): a running job's checkpoints
     were written under them. The rest, data.workers included, may change."""

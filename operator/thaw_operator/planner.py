@@ -46,12 +46,17 @@ class JobView:
     pods_left: int = 0  # pods not yet Succeeded/Failed (a failed attempt's ranks still flushing)
     failure: str = ""  # why its pods failed, one line: the trainer's own message, OOMKilled and the limit
     result: dict | None = None  # rank 0's termination message: {"checkpoint": ..., "metrics": {...}}
+    queued: bool = False  # carries Kueue's queue-name label: Kueue owns its suspend field
+    workload: str | None = None  # its Kueue Workload, once Kueue created one
+    workload_active: bool = True
+    workload_deactivated_by_operator: bool = False
 
 
 @dataclass
 class Plan:
     create: list[dict] = field(default_factory=list)
     patch_jobs: list[tuple[str, dict]] = field(default_factory=list)
+    patch_workloads: list[tuple[str, dict]] = field(default_factory=list)  # Kueue Workloads
     delete_jobs: list[str] = field(default_factory=list)
     status: dict = field(default_factory=dict)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
@@ -272,6 +277,26 @@ def plan(
             return retry(k, st, cause)
 
         # The latest attempt exists and has not finished.
+        if latest.queued:  # Kueue's: stop and resume through its Workload, never its suspend field
+            flag = lambda active: {
+                "metadata": {"annotations": {res.ANNOTATION_DEACTIVATED: None if active else "true"}},
+                "spec": {"active": active},
+            }
+            if spec.suspend:
+                if latest.workload is None:
+                    out.requeue_after = WAIT_SECONDS  # Kueue has not created it yet
+                elif latest.workload_active:
+                    out.patch_workloads.append((latest.workload, flag(False)))
+                    out.events.append(
+                        ("Normal", "Suspending", f"{label}: deactivating its Kueue Workload; Kueue stops the pods")
+                    )
+                st["phase"] = SUSPENDED
+                return finish(SUSPENDED, "Suspended", f"{label} suspended", stages, k)
+            if latest.workload and not latest.workload_active and latest.workload_deactivated_by_operator:
+                out.patch_workloads.append((latest.workload, flag(True)))
+                out.events.append(("Normal", "Resumed", f"{label}: its Kueue Workload is active again"))
+                st["phase"] = QUEUED
+                return finish(QUEUED, "Queued", f"{label} waiting for quota", stages, k)
         if spec.suspend:
             if not latest.suspended:
                 out.patch_jobs.append(

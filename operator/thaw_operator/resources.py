@@ -18,6 +18,10 @@ LABEL_STAGE = "thaw.dev/stage"
 LABEL_ATTEMPT = "thaw.dev/attempt"
 ANNOTATION_SUSPENDED = "thaw.dev/suspended-by-operator"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+# Kueue's Workloads: a queued stage is stopped and resumed through spec.active, never through
+# the Job's suspend field, which belongs to Kueue once the Job is queued.
+KUEUE_GROUP, KUEUE_VERSION, KUEUE_WORKLOADS = "kueue.x-k8s.io", "v1beta2", "workloads"
+ANNOTATION_DEACTIVATED = "thaw.dev/deactivated-by-operator"
 MASTER_PORT = 29500
 CONFIG_PATH = "/etc/thaw/job.yaml"
 DATA_CACHE = "/var/cache/thaw"
@@ -202,6 +206,8 @@ def stage_job(
     }
     pod_spec.update({k: v for k, v in optional.items() if v is not None})
     rp = spec.run_policy
+    if queue:  # Kueue starts it when admitted (its webhook would suspend it too, where installed)
+        suspend = True
     job_spec = {
         "completionMode": "Indexed",
         "completions": nodes,
@@ -229,6 +235,6 @@ def stage_job(
     # No ttlSecondsAfterFinished here: a stage Job removed before the operator saw it finish
     # would cost an attempt. The FineTuneJob's TTL is applied by the operator once it finished.
     meta = _meta(ftj, jobname, job_labels)
-    if suspend:
+    if suspend and not queue:
         meta["annotations"] = {ANNOTATION_SUSPENDED: "true"}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}

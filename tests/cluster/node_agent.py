@@ -11,8 +11,9 @@ Honoured: command/args (with Kubernetes' $(VAR) expansion), env (literal, fieldR
 secretKeyRef, configMapKeyRef, resourceFieldRef is not), envFrom, workingDir, emptyDir /
 configMap / secret / projected (service-account token) volumes, the termination message
 file (terminationMessagePath, reported in the terminated state), restartPolicy Never,
-deletion with SIGTERM then SIGKILL after the grace period. Not honoured: images, init
-containers, probes, resource limits, restarts.
+deletion with SIGTERM then SIGKILL after the grace period, the memory limit (a cgroup v1
+memory group; an OOM kill is reported as exit 137, reason OOMKilled). Not honoured: images,
+init containers, probes, CPU and other limits, securityContext, restarts.
 
     python -m tests.cluster.node_agent --kubeconfig K --name process-0 --state DIR
 """

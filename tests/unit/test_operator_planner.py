@@ -309,3 +309,46 @@ def test_the_jobs_image_overrides_the_operators_default():
     assert p.create[1]["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE
     p = run(ftj(image="registry.example/thaw-trainer:cu13"))
     assert p.create[1]["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/thaw-trainer:cu13"
+
+
+QUEUE = {res.KUEUE_QUEUE: "team-a"}
+
+
+def test_a_queued_stage_job_is_created_suspended_for_kueue_to_admit():
+    p = run(ftj(labels=QUEUE))
+    j = p.create[1]
+    assert j["spec"]["suspend"] is True and j["metadata"]["labels"][res.KUEUE_QUEUE] == "team-a"
+    assert res.ANNOTATION_SUSPENDED not in j["metadata"].get("annotations", {})  # Kueue's to unsuspend
+
+
+@pytest.mark.parametrize(
+    "observed,suspend,workload_patch,phase",
+    [
+        # Admitted by Kueue (unsuspended) and running: never suspended again.
+        (dict(active=2, workload="w"), False, None, "Running"),
+        (dict(suspended=True, workload="w"), False, None, "Queued"),  # waiting for quota
+        # FineTuneJob suspended: its Workload is deactivated (Kueue stops the pods); the Job is not touched.
+        (dict(active=2, workload="w"), True, False, "Suspended"),
+        (
+            dict(suspended=True, workload="w", workload_active=False, workload_deactivated_by_operator=True),
+            True,
+            None,
+            "Suspended",
+        ),
+        # Resumed: the Workload it deactivated is active again; Kueue re-admits it.
+        (
+            dict(suspended=True, workload="w", workload_active=False, workload_deactivated_by_operator=True),
+            False,
+            True,
+            "Queued",
+        ),
+        # Deactivated by someone else (an admin): left alone.
+        (dict(suspended=True, workload="w", workload_active=False), False, None, "Queued"),
+    ],
+)
+def test_kueue_owns_a_queued_jobs_suspend_field(observed, suspend, workload_patch, phase):
+    status = run(ftj(labels=QUEUE)).status
+    p = run(ftj(status, labels=QUEUE, suspend=suspend), [job(0, 1, queued=True, **observed)])
+    assert p.status["phase"] == phase
+    assert p.patch_jobs == []  # never the Job's suspend field
+    assert [w[1]["spec"]["active"] for w in p.patch_workloads] == ([] if workload_patch is None else [workload_patch])

@@ -75,4 +75,8 @@ No Secrets: the operator never reads the object store, so it holds no storage cr
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# Kueue: a queued stage is suspended and resumed through its Workload's spec.active.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "patch"]
 {{- end -}}
