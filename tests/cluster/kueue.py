@@ -66,6 +66,8 @@ def start_kueue(cp) -> None:
         "leaderElection": {"leaderElect": False},
         "internalCertManagement": {"enable": False},
         "integrations": {"frameworks": ["batch/job"]},
+        # The on-demand visibility API server wants certificates at a fixed /visibility path.
+        "featureGates": {"VisibilityOnDemand": False},
     }
     (state / "config.yaml").write_text(yaml.safe_dump(config))
     cp._spawn(
@@ -74,7 +76,6 @@ def start_kueue(cp) -> None:
             cp._bin("kueue"),
             f"--config={state / 'config.yaml'}",
             f"--kubeconfig={cp.kubeconfig_path}",
-            f"--visibility-server-port={free_port()}",
         ],
     )
     cp._wait_http(f"http://127.0.0.1:{health}/readyz", "kueue", timeout=120)
