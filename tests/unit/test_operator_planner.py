@@ -352,3 +352,20 @@ def test_kueue_owns_a_queued_jobs_suspend_field(observed, suspend, workload_patc
     assert p.status["phase"] == phase
     assert p.patch_jobs == []  # never the Job's suspend field
     assert [w[1]["spec"]["active"] for w in p.patch_workloads] == ([] if workload_patch is None else [workload_patch])
+
+
+def test_every_generated_name_is_a_valid_label_at_the_limits():
+    """The longest name the CRD admits (40), the most stages (16) and retries (20): Services are
+    DNS-1035 labels, Jobs and pod hostnames (<job>-<index>) at most 63 characters."""
+    import re
+
+    from thaw_operator.crd import MAX_NAME, MAX_STAGES
+
+    label = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+    name = "a" * (MAX_NAME - 1) + "z"
+    for stage in (0, MAX_STAGES - 1):
+        service = res.service_name(name, stage)
+        job_name = res.job_name(name, stage, 21)
+        assert label.fullmatch(service) and len(service) <= 63
+        assert label.fullmatch(job_name) and len(f"{job_name}-{63}") <= 63
+        assert len(res.config_map_name(name)) <= 253
