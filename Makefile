@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo demo-local test test-unit lint bench constraints clean k8s-binaries cluster-up cluster-down \
-	crd manifests helm-lint images kind-up kind-demo kind-down demo-down
+	crd manifests helm-lint images kind-up kind-demo kind-down demo-down docker-up docker-down
 
 install: $(STAMP)
 
@@ -83,7 +83,15 @@ manifests: crd k8s-binaries
 helm-lint: k8s-binaries
 	$(HELM) lint --strict charts/thaw
 
-# Docker-based targets: for machines with a Docker engine (not the development machines).
+# A Docker engine: the running one, or a private dockerd (Debian docker.io, own data root and
+# socket, a runc wrapper for --privileged on VMs without CAP_SYS_RESOURCE). `eval $$(hack/docker.sh env)`.
+docker-up:
+	./hack/docker.sh up
+
+docker-down:
+	./hack/docker.sh down
+
+# Docker-based targets: need an engine (make docker-up) and, for now, registry access for the base images.
 images:
 	docker build --target trainer -t $(REGISTRY)/thaw-trainer:$(TAG) .
 	docker build --target operator -t $(REGISTRY)/thaw-operator:$(TAG) .

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,12 +82,29 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), capture_output=True, text=True, check=check)
 
 
+# A Docker engine on the same machine (hack/docker.sh) sets the FORWARD policy to DROP and
+# loads br_netfilter, which then filters pod-to-pod traffic on this bridge too: accept it.
+FORWARD_RULES = (("-i", BRIDGE), ("-o", BRIDGE))
+
+
+def _iptables(*args: str) -> bool:
+    return shutil.which("iptables") is not None and sh("iptables", "-w", *args, check=False).returncode == 0
+
+
 def setup_bridge() -> None:
     if sh("ip", "link", "show", BRIDGE, check=False).returncode != 0:
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
     if str(GATEWAY) not in sh("ip", "-o", "addr", "show", "dev", BRIDGE).stdout:
         sh("ip", "addr", "add", f"{GATEWAY}/{SUBNET.prefixlen}", "dev", BRIDGE)
     sh("ip", "link", "set", BRIDGE, "up")
+    accept_bridge_traffic()
+
+
+def accept_bridge_traffic() -> None:
+    """Idempotent; also run for every new pod, since an engine may start after the bridge."""
+    for flag, dev in FORWARD_RULES:
+        if not _iptables("-C", "FORWARD", flag, dev, "-j", "ACCEPT"):
+            _iptables("-I", "FORWARD", "1", flag, dev, "-j", "ACCEPT")
 
 
 def teardown_network() -> None:
@@ -97,6 +115,9 @@ def teardown_network() -> None:
             sh("ip", "netns", "delete", name, check=False)
             sh("rm", "-rf", f"/etc/netns/{name}", check=False)
     sh("ip", "link", "delete", BRIDGE, check=False)
+    for flag, dev in FORWARD_RULES:
+        while _iptables("-D", "FORWARD", flag, dev, "-j", "ACCEPT"):
+            pass
     for cg in MEMCG.glob(f"{NS_PREFIX}*") if MEMCG.is_dir() else []:
         try:
             cg.rmdir()
@@ -455,6 +476,7 @@ class NodeAgent:
 
     def _network(self, run: PodRun, hostname: str) -> None:
         ns = run.netns
+        accept_bridge_traffic()
         sh("ip", "netns", "add", ns)
         veth = "vt" + run.uid.replace("-", "")[:10]
         sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
