@@ -215,12 +215,16 @@ def reconcile(namespace: str, name: str) -> Plan | None:
         result = None
         try:
             result = _reconcile(namespace, name)
-        except Exception as err:  # noqa: BLE001 - one broken job must not stall the others
-            metrics.RECONCILE_ERRORS.inc()
-            log.warning("%s/%s: reconcile failed: %s", namespace, name, _one_line(err))
-            _report_stalled(namespace, name, err)
-            _requeue[key] = time.monotonic() + STALLED_RETRY_SECONDS
+        except ApiException as err:
+            if err.status != 409:
+                return _stalled(key, err)
+            # The FineTuneJob changed since it was read (a spec edit, another writer): plan
+            # again from fresh observations, soon; nothing is wrong with it.
+            log.info("%s/%s: changed while reconciling; again in 1 s", namespace, name)
+            _requeue[key] = time.monotonic() + 1.0
             return None
+        except Exception as err:  # noqa: BLE001 - one broken job must not stall the others
+            return _stalled(key, err)
         finally:
             metrics.RECONCILES.inc()
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - t0)
@@ -232,6 +236,13 @@ def reconcile(namespace: str, name: str) -> Plan | None:
 
 
 STALLED_RETRY_SECONDS = 10.0
+
+
+def _stalled(key: tuple[str, str], err: Exception) -> None:
+    metrics.RECONCILE_ERRORS.inc()
+    log.warning("%s/%s: reconcile failed: %s", *key, _one_line(err))
+    _report_stalled(*key, err)
+    _requeue[key] = time.monotonic() + STALLED_RETRY_SECONDS
 
 
 def _one_line(err: Exception) -> str:
@@ -329,9 +340,9 @@ class NotOwned(Exception):
     """An object with a child's name exists and belongs to someone else."""
 
 
-def _owned_by(obj_meta, uid: str) -> bool:
-    refs = obj_meta.owner_references or [] if not isinstance(obj_meta, dict) else obj_meta.get("ownerReferences") or []
-    return any((r.uid if not isinstance(r, dict) else r.get("uid")) == uid for r in refs)
+def _owned_by(meta, uid: str) -> bool:
+    """meta: a V1ObjectMeta read from the API server."""
+    return any(ref.uid == uid for ref in meta.owner_references or [])
 
 
 def _read(kind: str, ns: str, name: str):
