@@ -15,6 +15,7 @@ from pathlib import Path
 from trainer.storage import MiB, StoreError, s3_client, s3_error, split_s3_uri
 
 INDEX = ".thaw-sync.json"
+RETRY_SECONDS = 120.0  # how long an unreachable data store is waited for (check and sync)
 
 
 def cache_path(cache_dir: str, uri: str) -> Path:
@@ -30,7 +31,7 @@ def plan_sync(remote: dict[str, tuple[int, str]], local: dict[str, tuple[int, st
     return fetch, drop
 
 
-def check_prefix(uri: str, endpoint: str | None = None, timeout_seconds: float = 120) -> None:
+def check_prefix(uri: str, endpoint: str | None = None, timeout_seconds: float = RETRY_SECONDS) -> None:
     """The prefix lists and holds at least one object. What the user must fix (denied, no bucket,
     empty prefix) is a SpecError; an unreachable store is retried, then a transient StoreError."""
     from trainer.spec import SpecError

@@ -54,18 +54,12 @@ def read_termination() -> dict | None:
 def preflight(job: FineTuneJob, stage: int | None) -> None:
     """Everything a worker would refuse, checked once per pod; raises SpecError."""
     from trainer.data import check_source
+    from trainer.plan import stages_to_run
     from trainer.runner import plan_job
     from trainer.storage import open_store
 
     _, _, _, stages = plan_job(job)  # layer groups, trainable globs, groupLrs, head size
-    if stage is not None and not 0 <= stage < len(stages):
-        raise SpecError(f"--stage {stage}: the job has stages 0..{len(stages) - 1}")
-    world = int(os.environ.get("NNODES", "1")) * int(os.environ.get("NPROC_PER_NODE", "1"))
-    for s in stages if stage is None else [stages[stage]]:
-        if s.batch_size % world:
-            raise SpecError(
-                f"{s.field}: batch size {s.batch_size} does not split evenly over {world} training processes"
-            )
+    stages_to_run(stages, stage, int(os.environ.get("NNODES", "1")) * int(os.environ.get("NPROC_PER_NODE", "1")))
     check_source(job.spec.data)
     # Transient store errors are waited out here (uploadTimeoutSeconds); what is left is the user's to fix.
     open_store(job.spec.checkpoint, job.metadata.name, write=os.environ.get("NODE_RANK", "0") == "0")

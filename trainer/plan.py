@@ -137,3 +137,18 @@ def resolve_stages(
     if len(set(names)) != len(names):
         raise SpecError(f"spec.stages: stage names must be unique (got {', '.join(names)})")
     return planned
+
+
+def stages_to_run(stages: list[PlannedStage], only_stage: int | None, world: int) -> list[PlannedStage]:
+    """The stages a run executes (all, or `--stage K`), checked against the number of training
+    processes; SpecError otherwise. The runner and a stage pod's preflight both ask here."""
+    n = len(stages)
+    if only_stage is not None and not 0 <= only_stage < n:
+        raise SpecError(f"--stage {only_stage}: the job has stages 0..{n - 1}")
+    for s in stages:
+        if s.batch_size % world:
+            raise SpecError(
+                f"{s.field}: batch size {s.batch_size} (spec.data.batchSize or the stage's batchSize) "
+                f"does not split evenly over {world} processes"
+            )
+    return stages if only_stage is None else [stages[only_stage]]

@@ -41,7 +41,7 @@ from trainer.loop import StepContext, evaluate, feature_preparer, image_preparer
 from trainer.metrics import TrainerMetrics
 from trainer.models import BuiltModel, build_model
 from trainer.optim import build_optimizer, build_scheduler, param_groups
-from trainer.plan import PlannedStage, resolve_stages
+from trainer.plan import PlannedStage, resolve_stages, stages_to_run
 from trainer.progress import Progress
 from trainer.signals import Terminated
 from trainer.spec import DataSpec, FineTuneJob, ModelSpec, SpecError, training_hash
@@ -604,16 +604,7 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
     env = init_distributed()
     progress = Progress(env.is_main)
     setup = build_setup(job, env, progress, only_stage or 0)
-    n = len(setup.stages)
-    if only_stage is not None and not 0 <= only_stage < n:
-        raise SpecError(f"--stage {only_stage}: the job has stages 0..{n - 1}")
-    for s in setup.stages:
-        if s.batch_size % env.world:
-            raise SpecError(
-                f"{s.field}: batch size {s.batch_size} (spec.data.batchSize or the stage's batchSize) "
-                f"does not split evenly over {env.world} processes"
-            )
-    todo = setup.stages if only_stage is None else [setup.stages[only_stage]]
+    todo = stages_to_run(setup.stages, only_stage, env.world)
 
     # A finished stage is not run again: its committed checkpoint stands.
     done = {s.index: ckpt.read_final(setup.store, s.index, s.name) for s in todo}
@@ -667,12 +658,14 @@ def local_data(spec: DataSpec, env: DistEnv) -> DataSpec:
     """An s3:// source mirrored into the node's cache (local rank 0 syncs, the rest wait)."""
     if not spec.source.startswith("s3://"):
         return spec
-    from trainer.datasync import cache_path, sync_prefix
+    from trainer.datasync import RETRY_SECONDS, cache_path, sync_prefix
 
     dest = cache_path(spec.cache_dir, spec.source)
     if env.local_rank == 0:
         try:
-            n = retrying(lambda: sync_prefix(spec.source, dest, spec.endpoint), 120, "data sync", transient_only=True)
+            n = retrying(
+                lambda: sync_prefix(spec.source, dest, spec.endpoint), RETRY_SECONDS, "data sync", transient_only=True
+            )
         except StoreError as err:
             if err.transient:
                 raise

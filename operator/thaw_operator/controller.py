@@ -102,23 +102,33 @@ def termination_doc(message: str | None) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
-def pod_failure(pod) -> str:
-    """One line on why a stage pod failed: the trainer's own message where it left one."""
+def pod_failure(pod) -> tuple[str, bool]:
+    """One line on why a stage pod failed, and whether it is the trainer's own message."""
     term = _terminated(pod)
     if term is None:
-        return f"pod {pod.metadata.name}: {pod.status.reason or 'failed'}: {pod.status.message or 'no details'}"
+        return f"pod {pod.metadata.name}: {pod.status.reason or 'failed'}: {pod.status.message or 'no details'}", False
     if term.reason == "OOMKilled":
         limit = _memory_limit(pod)
         return (
             f"pod {pod.metadata.name}: container trainer was OOMKilled (exit {term.exit_code}, memory limit "
             f"{limit or 'none'}); raise spec.resources.memory or lower the batch size"
-        )
+        ), False
     doc = termination_doc(term.message)
     if doc and doc.get("error"):
-        return doc["error"]
+        return doc["error"], True
     last = (term.message or "").strip().splitlines()[-1:] if not doc else []
     detail = f": {last[0][:300]}" if last else ""
-    return f"pod {pod.metadata.name}: container trainer exited {term.exit_code} ({term.reason or 'Error'}){detail}"
+    return (
+        f"pod {pod.metadata.name}: container trainer exited {term.exit_code} ({term.reason or 'Error'}){detail}",
+        False,
+    )
+
+
+def _is_rank0(pod, phase: str) -> bool:
+    """The pod of completion index 0 (where rank 0 runs), in the given phase."""
+    return (
+        (pod.metadata.annotations or {}).get(INDEX_ANNOTATION) == "0" and bool(pod.status) and pod.status.phase == phase
+    )
 
 
 def job_view(job, pods: list, workload: dict | None = None) -> JobView | None:
@@ -129,12 +139,14 @@ def job_view(job, pods: list, workload: dict | None = None) -> JobView | None:
         return None
     conds = {c.type: c for c in (job.status.conditions or []) if c.status == "True"}
     failed = conds.get("Failed")
+    wl_annotations = (workload or {}).get("metadata", {}).get("annotations") or {}
+    deactivated_by_us = wl_annotations.get(res.ANNOTATION_DEACTIVATED) == "true"
     failures = [pod_failure(p) for p in pods if p.status and p.status.phase == "Failed"]
-    # A configuration error is the one the trainer reported; otherwise the first failure seen.
-    reported = [f for f in failures if not f.startswith("pod ")]
+    # The trainer's own message where a pod left one; otherwise the first failure seen.
+    failures.sort(key=lambda f: not f[1])
     result = None
     for p in pods:
-        if (p.metadata.annotations or {}).get(INDEX_ANNOTATION) == "0" and p.status and p.status.phase == "Succeeded":
+        if _is_rank0(p, "Succeeded"):
             term = _terminated(p)
             doc = termination_doc(term.message if term else None)
             if doc and "checkpoint" in doc:
@@ -153,16 +165,12 @@ def job_view(job, pods: list, workload: dict | None = None) -> JobView | None:
         start_time=_ts(job.status.start_time),
         completion_time=_ts(job.status.completion_time),
         pods_left=sum(1 for p in pods if not (p.status and p.status.phase in POD_DONE)),
-        failure=(reported or failures or [""])[0],
+        failure=failures[0][0] if failures else "",
         result=result,
         queued=res.KUEUE_QUEUE in labels,
         workload=workload["metadata"]["name"] if workload else None,
         workload_active=bool((workload or {}).get("spec", {}).get("active", True)),
-        workload_deactivated_by_operator=(workload or {})
-        .get("metadata", {})
-        .get("annotations", {})
-        .get(res.ANNOTATION_DEACTIVATED)
-        == "true",
+        workload_deactivated_by_operator=deactivated_by_us,
     )
 
 
@@ -323,11 +331,7 @@ def _reconcile(namespace: str, name: str) -> Plan | None:
         for k, j in latest.items():
             if j.complete or j.failed:
                 continue
-            rank0 = [
-                p
-                for p in pods_of.get(j.name, [])
-                if (p.metadata.annotations or {}).get(INDEX_ANNOTATION) == "0" and p.status.phase == "Running"
-            ]
+            rank0 = [p for p in pods_of.get(j.name, []) if _is_rank0(p, "Running")]
             found = scrape_progress(rank0[0], spec.metrics.port) if rank0 and spec.metrics.enabled else None
             if found and found.get("epoch"):
                 progress[k] = found
