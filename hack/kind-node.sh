@@ -4,7 +4,7 @@
 #   - a Debian bookworm rootfs (mmdebstrap, apt mirror) with systemd, containerd, runc, the
 #     CNI plugins and iptables, plus hack/kind-node/ (entrypoint, kubelet unit, containerd
 #     config with a per-node bridge network, a runc wrapper for VMs without CAP_SYS_RESOURCE);
-#   - kubelet, kubeadm, kubectl built from the same k8s.io/kubernetes module as the test bed's
+#   - kubelet, kubeadm, kubectl (and crictl) built from the same k8s.io/kubernetes module as the test bed's
 #     control plane (hack/build-k8s.sh --node);
 #   - the images kubeadm runs (kube-apiserver, -controller-manager, -scheduler, kube-proxy,
 #     etcd, CoreDNS, pause), built here from those binaries and preloaded into the node's
@@ -34,7 +34,7 @@ inputs_hash() {
   {
     echo "$K8S_VERSION $ETCD_TAG $COREDNS_TAG $PAUSE_TAG $PACKAGES"
     cat hack/kind-node.sh hack/kind-node/*
-    for b in kubelet kubeadm kubectl kube-apiserver kube-controller-manager kube-scheduler kube-proxy etcd coredns; do
+    for b in kubelet kubeadm kubectl crictl kube-apiserver kube-controller-manager kube-scheduler kube-proxy etcd coredns; do
       sha256sum < "$(readlink -f "$BIN/$b")"
     done
   } | sha256sum | cut -c1-12
@@ -89,7 +89,7 @@ docker save "${IMAGES[@]}" -o "$WORK/images.tar"
 log "node rootfs (mmdebstrap: $PACKAGES)"
 mkdir -p "$WORK/files"
 cp hack/kind-node/* "$WORK/files/"
-for b in kubelet kubeadm kubectl; do cp "$(readlink -f "$BIN/$b")" "$WORK/files/$b"; done
+for b in kubelet kubeadm kubectl crictl; do cp "$(readlink -f "$BIN/$b")" "$WORK/files/$b"; done
 echo "$K8S_VERSION" > "$WORK/files/version"
 echo "$ETCD_TAG" > "$WORK/files/etcd-tag"
 echo "$COREDNS_TAG" > "$WORK/files/coredns-tag"
@@ -109,7 +109,7 @@ F="$WORK/files"
 mmdebstrap --quiet --variant=minbase --include="$PACKAGES" \
   --customize-hook="install -m 0755 $F/entrypoint \"\$1/usr/local/bin/entrypoint\"" \
   --customize-hook="install -m 0755 $F/runc-wrapper \"\$1/usr/local/sbin/runc-wrapper\"" \
-  --customize-hook="install -m 0755 $F/kubelet $F/kubeadm $F/kubectl \"\$1/usr/bin/\"" \
+  --customize-hook="install -m 0755 $F/kubelet $F/kubeadm $F/kubectl $F/crictl \"\$1/usr/bin/\"" \
   --customize-hook="install -D -m 0644 $F/containerd.toml \"\$1/etc/containerd/config.toml\"" \
   --customize-hook="install -m 0644 $F/cni.template \"\$1/etc/containerd/cni.template\"" \
   --customize-hook="install -m 0644 $F/kubelet.service \"\$1/etc/systemd/system/kubelet.service\"" \

@@ -80,6 +80,20 @@ pod_routes() {
   log "pod routes set between $(wc -l <<<"$lines") nodes"
 }
 
+# load IMAGE NODE...: what `kind load docker-image` does, streamed (no temporary tarball of the
+# 6 GB trainer image) and skipped on nodes whose containerd already has that image ID.
+load() {
+  local image=$1 id node have
+  shift
+  id=$(docker image inspect -f '{{.Id}}' "$image")
+  for node in "$@"; do
+    have=$(docker exec "$node" sh -c "crictl inspecti -o json '$image' 2>/dev/null | jq -r .status.id" || true)
+    if [ "$have" = "$id" ]; then continue; fi
+    log "loading $image into $node"
+    docker save "$image" | docker exec -i "$node" ctr -n k8s.io images import --snapshotter=overlayfs - >/dev/null
+  done
+}
+
 up() {
   local t0=$SECONDS node config
   engine
@@ -112,15 +126,21 @@ YAML
   fi
   [ "$node" = "$PUBLISHED_NODE" ] || pod_routes
   "${KUBECTL[@]}" wait --for=condition=Ready nodes --all --timeout=300s >/dev/null
-  log "loading images into the nodes"
-  local workers
-  workers=$("$KIND" get nodes --name "$CLUSTER" | grep -v control-plane | paste -sd, -)
-  "$KIND" load docker-image --name "$CLUSTER" "$REGISTRY/thaw-operator:$TAG" "$SEAWEEDFS_IMAGE" "$PROMETHEUS_IMAGE"
-  # The trainer image (torch with its CUDA libraries) goes only where stage pods run.
-  "$KIND" load docker-image --name "$CLUSTER" --nodes "$workers" "$REGISTRY/thaw-trainer:$TAG"
+  local nodes workers
+  nodes=$("$KIND" get nodes --name "$CLUSTER")
+  workers=$(grep -v control-plane <<<"$nodes")
+  load "$REGISTRY/thaw-operator:$TAG" $nodes
+  load "$SEAWEEDFS_IMAGE" $nodes
+  load "$PROMETHEUS_IMAGE" $nodes
+  # The trainer image (torch with its CUDA libraries, ~6 GB) goes only where stage pods run.
+  load "$REGISTRY/thaw-trainer:$TAG" $workers
   log "SeaweedFS, Prometheus"
   sed "s#SEAWEEDFS_IMAGE#$SEAWEEDFS_IMAGE#" hack/kind/seaweedfs.yaml | "${KUBECTL[@]}" apply -f - >/dev/null
-  sed "s#PROMETHEUS_IMAGE#$PROMETHEUS_IMAGE#" hack/kind/prometheus.yaml | "${KUBECTL[@]}" apply -f - >/dev/null
+  "${KUBECTL[@]}" create namespace monitoring --dry-run=client -o yaml | "${KUBECTL[@]}" apply -f - >/dev/null
+  "${KUBECTL[@]}" -n monitoring create configmap pod-sd --from-file=tests/cluster/pod_sd.py --dry-run=client -o yaml \
+    | "${KUBECTL[@]}" apply -f - >/dev/null
+  sed -e "s#PROMETHEUS_IMAGE#$PROMETHEUS_IMAGE#" -e "s#OPERATOR_IMAGE#$REGISTRY/thaw-operator:$TAG#" hack/kind/prometheus.yaml \
+    | "${KUBECTL[@]}" apply -f - >/dev/null
   log "Helm chart (operator image $REGISTRY/thaw-operator:$TAG)"
   "${HELM[@]}" upgrade --install thaw charts/thaw -n thaw-system --create-namespace \
     --set image.repository="$REGISTRY/thaw-operator" --set image.tag="$TAG" \

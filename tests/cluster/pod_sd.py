@@ -6,6 +6,8 @@ it: every 2 s it lists pods labelled thaw.dev/finetunejob that run and have an I
 labels (what the chart's PodMonitor keeps) to a JSON file that Prometheus' file_sd_configs re-reads.
 
     python -m tests.cluster.pod_sd --kubeconfig K --out targets.json
+    python pod_sd.py --out targets.json      (in a pod: the ServiceAccount's in-cluster config;
+                                              the kind cluster's Prometheus runs it as a sidecar)
 """
 
 from __future__ import annotations
@@ -38,13 +40,17 @@ def targets(pods) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kubeconfig", required=True)
+    ap.add_argument("--kubeconfig", help="default: the pod's in-cluster config")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--interval", type=float, default=2.0)
     args = ap.parse_args()
     from kubernetes import client, config
 
-    core = client.CoreV1Api(config.new_client_from_config(args.kubeconfig))
+    if args.kubeconfig:
+        core = client.CoreV1Api(config.new_client_from_config(args.kubeconfig))
+    else:
+        config.load_incluster_config()
+        core = client.CoreV1Api()
     while True:
         try:
             pods = core.list_pod_for_all_namespaces(label_selector="thaw.dev/finetunejob").items
