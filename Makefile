@@ -67,8 +67,6 @@ clean:
 
 # --- Install artefacts -------------------------------------------------------------------
 HELM = $(shell ls ~/.cache/thaw/bin/current/helm 2>/dev/null || echo helm)
-REGISTRY ?= ghcr.io/thaw-dev
-TAG ?= 0.1.0
 
 # The CRD is generated from trainer/spec.py; the chart and manifests/ carry copies.
 crd: install
@@ -91,25 +89,20 @@ docker-up:
 docker-down:
 	./hack/docker.sh down
 
-# Docker-based targets: need an engine (make docker-up) and, for now, registry access for the base images.
-images:
-	docker build --target trainer -t $(REGISTRY)/thaw-trainer:$(TAG) .
-	docker build --target operator -t $(REGISTRY)/thaw-operator:$(TAG) .
+# Thaw's two images (Dockerfile targets operator, trainer) as $REGISTRY/thaw-<target>:$TAG
+# (default thaw.local/...:dev; `make images REGISTRY=ghcr.io/you TAG=0.1.0`). The
+# base is python:3.11 slim where a registry answers, else a Debian base built from the apt mirror.
+images: docker-up
+	eval "$$(./hack/docker.sh env)" && ./hack/images.sh
 
-kind-up: images
-	kind create cluster --name thaw
-	kind load docker-image --name thaw $(REGISTRY)/thaw-trainer:$(TAG) $(REGISTRY)/thaw-operator:$(TAG)
-	$(HELM) install thaw charts/thaw -n thaw-system --create-namespace --wait \
-	  --set image.repository=$(REGISTRY)/thaw-operator --set image.tag=$(TAG) \
-	  --set trainerImage.repository=$(REGISTRY)/thaw-trainer --set trainerImage.tag=$(TAG)
+# A kind cluster (1 control plane, 2 workers) with the images loaded, SeaweedFS, the Helm chart
+# and Prometheus. Node image: kind's published one where a registry answers, else one assembled
+# offline (hack/kind-node.sh). `make kind-demo` then runs the quickstart on it.
+kind-up: install
+	./hack/kind.sh up
 
-# Needs an S3 endpoint reachable from the pods (S3_ENDPOINT) and a Secret thaw-s3 with its keys.
-S3_ENDPOINT ?= http://seaweedfs.default.svc:8333
-kind-demo:
-	sed -e 's#http://10.244.0.1:8333#$(S3_ENDPOINT)#' -e '/nodeSelector: {type: process}/d' \
-	  examples/quickstart-cluster.yaml | kubectl apply -f -
-	kubectl wait ftj/quickstart --for=jsonpath='{.status.phase}'=Succeeded --timeout=30m
-	kubectl get ftj quickstart
+kind-demo: install
+	$(PY) -m tests.cluster.kind_demo
 
 kind-down:
-	kind delete cluster --name thaw
+	./hack/kind.sh down

@@ -108,7 +108,8 @@ up() {
   fi
   install_engine
   if [ "$(id -u)" != 0 ]; then
-    log "starting a private dockerd needs root; none is running"
+    log "no Docker engine answers (DOCKER_HOST=${DOCKER_HOST:-unset}, /var/run/docker.sock) and starting"
+    log "a private dockerd needs root: run as root, or point DOCKER_HOST at a running engine"
     exit 1
   fi
   write_wrapper

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 CLUSTER=${KIND_CLUSTER:-thaw}
 REGISTRY=${REGISTRY:-thaw.local}
 TAG=${TAG:-dev}
-PUBLISHED_NODE=${PUBLISHED_NODE:-kindest/node:v1.34.3}
+PUBLISHED_NODE=${PUBLISHED_NODE:-kindest/node:v1.37.0}  # kind v0.33.0's default
 log() { printf '[kind %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "$*"; exit 1; }
 
@@ -80,18 +80,30 @@ pod_routes() {
   log "pod routes set between $(wc -l <<<"$lines") nodes"
 }
 
-# load IMAGE NODE...: what `kind load docker-image` does, streamed (no temporary tarball of the
-# 6 GB trainer image) and skipped on nodes whose containerd already has that image ID.
+# load IMAGE NODE...: what `kind load docker-image` does, streamed: one `docker save`, fanned out
+# to every node's containerd at once (no temporary tarball of the 6 GB trainer image), and
+# skipped on nodes whose containerd already has that image ID.
 load() {
-  local image=$1 id node have
+  local image=$1 id node have fifo
   shift
   id=$(docker image inspect -f '{{.Id}}' "$image")
+  local targets=() fifos=() pids=()
   for node in "$@"; do
     have=$(docker exec "$node" sh -c "crictl inspecti -o json '$image' 2>/dev/null | jq -r .status.id" || true)
-    if [ "$have" = "$id" ]; then continue; fi
-    log "loading $image into $node"
-    docker save "$image" | docker exec -i "$node" ctr -n k8s.io images import --snapshotter=overlayfs - >/dev/null
+    [ "$have" = "$id" ] || targets+=("$node")
   done
+  [ ${#targets[@]} -gt 0 ] || return 0
+  log "loading $image into ${targets[*]}"
+  for node in "${targets[@]}"; do
+    fifo=$(mktemp -u); mkfifo "$fifo"; fifos+=("$fifo")
+    docker exec -i "$node" ctr -n k8s.io images import --snapshotter=overlayfs - <"$fifo" >/dev/null &
+    pids+=($!)
+  done
+  docker save "$image" | tee "${fifos[@]}" >/dev/null
+  local failed=0
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  rm -f "${fifos[@]}"
+  [ $failed = 0 ] || die "loading $image failed"
 }
 
 up() {

@@ -138,6 +138,19 @@ def _env(ftj: dict, spec: FineTuneJobSpec, stage: int, jobname: str, nodes: int,
     return env
 
 
+def spread_affinity(name: str, stage: int, attempt: int) -> dict:
+    """By default a stage's pods prefer distinct nodes (spec.nodes means nodes): each gets a
+    node's GPUs and the gang survives one node's loss less often. Preferred, not required, so a
+    one-node cluster still runs it; a FineTuneJob's own spec.affinity replaces it."""
+    selector = {LABEL_JOB: name, LABEL_STAGE: str(stage), LABEL_ATTEMPT: str(attempt)}
+    term = {"labelSelector": {"matchLabels": selector}, "topologyKey": "kubernetes.io/hostname"}
+    return {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "podAffinityTerm": term}]
+        }
+    }
+
+
 def stage_job(
     ftj: dict, spec: FineTuneJobSpec, stage: int, stage_spec: StageSpec, attempt: int, image: str, suspend: bool = False
 ) -> dict:
@@ -200,7 +213,7 @@ def stage_job(
         "serviceAccountName": spec.service_account_name,
         "priorityClassName": spec.priority_class_name,
         "nodeSelector": spec.node_selector or None,
-        "affinity": spec.affinity,
+        "affinity": spec.affinity or spread_affinity(name, stage, attempt),
         "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations] or None,
         "imagePullSecrets": [{"name": s} for s in spec.image_pull_secrets] or None,
     }

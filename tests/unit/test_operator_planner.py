@@ -260,6 +260,27 @@ def test_stage_job_shape():
     assert pod["terminationGracePeriodSeconds"] == spec.checkpoint.upload_timeout_seconds + 30
 
 
+def test_a_stages_pods_prefer_distinct_nodes_unless_the_job_sets_its_own_affinity():
+    body = ftj(nodes=2)
+    spec = parse_job(body).spec
+    template = res.stage_job(body, spec, 1, spec.stages[1], 2, IMAGE)["spec"]["template"]
+    (pref,) = template["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    term = pref["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    # Exactly this attempt's gang (not the previous attempt's pods, still terminating), and the
+    # gang's pods carry those labels.
+    selector = {res.LABEL_JOB: "ft", res.LABEL_STAGE: "1", res.LABEL_ATTEMPT: "2"}
+    assert term["labelSelector"]["matchLabels"] == selector
+    assert template["metadata"]["labels"].items() >= selector.items()
+    own = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{}]}}}
+    own["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0] = {
+        "matchExpressions": [{"key": "gpu", "operator": "Exists"}]
+    }
+    body = ftj(nodes=2, affinity=own)
+    spec = parse_job(body).spec
+    assert res.stage_job(body, spec, 1, spec.stages[1], 2, IMAGE)["spec"]["template"]["spec"]["affinity"] == own
+
+
 def test_every_local_rank_declares_its_metrics_port():
     """Rank r serves port + r: the PodMonitor scrapes each, not only local rank 0's."""
     body = ftj(nodes=2, gpusPerNode=4, metrics={"port": 9400})

@@ -1,0 +1,43 @@
+"""The kind scripts' bad paths, without a cluster: no Docker engine and no root to start one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
+@pytest.mark.parametrize("command", [["hack/kind.sh", "up"], ["hack/images.sh"], ["hack/docker.sh", "up"]])
+def test_without_docker_and_without_root_the_scripts_say_what_is_missing(command):
+    if not shutil.which("setpriv"):
+        pytest.fail("setpriv (util-linux) is needed to run as another user")
+    tmp_path = Path(tempfile.mkdtemp(prefix="thaw-nodocker-"))  # pytest's own tmp is root-only
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "THAW_DOCKER_DIR": str(tmp_path / "docker"),  # no private engine of ours there
+        "DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock",  # and none the caller points at
+    }
+    tmp_path.chmod(0o777)
+    try:
+        out = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+    assert out.returncode != 0
+    said = out.stderr
+    assert "Docker engine" in said or "dockerd" in said, said
+    assert "root" in said or "DOCKER_HOST" in said, said  # what to do about it

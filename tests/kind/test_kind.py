@@ -1,0 +1,184 @@
+"""The user's path on a real kind cluster (`make kind-up`, `make kind-demo`): Thaw's images, the
+Helm chart's operator under its ServiceAccount, stage pods training in DDP across two worker
+nodes over the pod network, SeaweedFS and Prometheus in the cluster.
+
+One quickstart run carries the fault checks, so the suite pays for one training run: a stage
+pod deleted mid-epoch in stage 1, the operator pod deleted mid-stage in stage 2; while it runs,
+the containers' user and root filesystem are checked and Prometheus is asked for every rank.
+The cluster is created by `hack/kind.sh up` and deleted at the end (THAW_KIND_KEEP=1 keeps it
+for a warm re-run, which `up` then reuses).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.parse
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from tests.cluster import demo as demo_mod
+from tests.cluster import kind_demo
+from trainer import checkpoint as ckpt
+from trainer.spec import CheckpointSpec
+from trainer.storage import open_store
+
+pytestmark = [pytest.mark.kind]
+ROOT = demo_mod.ROOT
+NAME = "quickstart-kind"
+STAGES = ("head", "top3", "all")
+MIN_TEST_ACCURACY = 0.80  # as on the process node (tests/e2e/test_cluster_demo.py)
+OPERATOR_SA = "system:serviceaccount:thaw-system:thaw"
+
+
+@pytest.fixture(scope="module")
+def kind():
+    if os.geteuid() != 0:
+        pytest.fail("the kind tests start a Docker engine and a cluster: run as root")
+    up = subprocess.run(["hack/kind.sh", "up"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-5000:]
+    try:
+        yield kind_demo.Kind(kind_demo.bins() / "kubectl")
+    finally:
+        if not os.environ.get("THAW_KIND_KEEP"):
+            subprocess.run(["hack/kind.sh", "down"], cwd=ROOT, capture_output=True, timeout=600)
+
+
+def _pods(kind, selector: str, namespace: str = "default") -> list[dict]:
+    out = kind.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout
+    return json.loads(out)["items"]
+
+
+def _exec_python(kind, pod: str, code: str, namespace: str = "default") -> subprocess.CompletedProcess:
+    return kind.kubectl("exec", "-n", namespace, pod, "--", "python", "-c", code, check=False)
+
+
+# What a container may do to itself: print its uid, then try to write to /.
+PROBE = "import os; print(os.getuid())\ntry:\n    open('/probe', 'w')\nexcept OSError as e:\n    print(e.strerror)"
+
+
+def _prometheus(kind, expr: str) -> list[dict]:
+    path = "/api/v1/namespaces/monitoring/services/prometheus:web/proxy/api/v1/query?" + urllib.parse.urlencode(
+        {"query": expr}
+    )
+    out = json.loads(kind.kubectl("get", "--raw", path).stdout)
+    assert out["status"] == "success", out
+    return out["data"]["result"]
+
+
+@dataclass
+class Run:
+    status: dict = field(default_factory=dict)
+    deleted_stage_pod: str = ""
+    deleted_operator_pod: str = ""
+    probes: dict = field(default_factory=dict)  # pod -> (uid, write error)
+    nodes_by_stage: dict = field(default_factory=dict)  # stage -> node names of its first attempt
+    jobs: list = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def run(kind) -> Run:
+    """The quickstart on kind, with a stage pod and the operator pod deleted on the way."""
+    doc = kind_demo.job_manifest(yaml.safe_load(demo_mod.JOB.read_text()), name=NAME)
+    kind.kubectl("delete", "ftj", NAME, "--ignore-not-found", "--wait=true")
+    kind.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
+    r = Run()
+
+    def on_poll(status):
+        stages = status.get("stages") or []
+        running = [k for k, s in enumerate(stages) if s["phase"] == "Running"]
+        if not running:
+            return
+        k = running[0]
+        epoch = (stages[k].get("progress") or {}).get("epoch", 0)
+        pods = _pods(kind, f"thaw.dev/finetunejob={NAME},thaw.dev/stage={k}")
+        live = [p for p in pods if p["status"].get("phase") == "Running"]
+        for p in live:
+            if p["metadata"]["labels"].get("thaw.dev/attempt") == "1":
+                r.nodes_by_stage.setdefault(k, set()).add(p["spec"].get("nodeName"))
+        if k == 0 and live and not r.probes:
+            pod = live[0]["metadata"]["name"]
+            out = _exec_python(kind, pod, PROBE)
+            r.probes[pod] = tuple(out.stdout.split("\n")[:2])
+            op = _pods(kind, "app.kubernetes.io/name=thaw", "thaw-system")[0]["metadata"]["name"]
+            out = _exec_python(kind, op, PROBE, "thaw-system")
+            r.probes[op] = tuple(out.stdout.split("\n")[:2])
+        if k == 1 and epoch >= 1 and not r.deleted_stage_pod and live:
+            r.deleted_stage_pod = live[-1]["metadata"]["name"]
+            kind.kubectl("delete", "pod", r.deleted_stage_pod, "--wait=false")
+        if k == 2 and epoch >= 1 and not r.deleted_operator_pod:
+            op = _pods(kind, "app.kubernetes.io/name=thaw", "thaw-system")[0]["metadata"]["name"]
+            kind.kubectl("delete", "pod", "-n", "thaw-system", op, "--wait=false")
+            r.deleted_operator_pod = op
+
+    r.status = demo_mod.follow(kind, NAME, timeout=2400, quiet=True, on_poll=on_poll)
+    jobs = json.loads(kind.kubectl("get", "jobs", "-l", f"thaw.dev/finetunejob={NAME}", "-o", "json").stdout)
+    r.jobs = sorted(j["metadata"]["name"] for j in jobs["items"])
+    return r
+
+
+def test_the_quickstart_succeeds_on_kind_with_its_accuracy(kind, run, monkeypatch):
+    assert run.status["phase"] == "Succeeded", run.status
+    pf = kind.port_forward("svc/seaweedfs", 8333)
+    try:
+        for key, value in kind.s3_env().items():
+            monkeypatch.setenv(key, value)
+        spec = CheckpointSpec(uri="s3://thaw/checkpoints", endpoint=f"http://127.0.0.1:{pf.local_port}")
+        store = open_store(spec, NAME, write=False)
+        for k, stage in enumerate(STAGES):
+            prefix, _ = ckpt.read_final(store, k, stage)  # committed and verifying (sizes, sha256)
+            assert run.status["stages"][k]["checkpoint"].endswith(prefix)
+        final = ckpt.read_pointer(store, 2, "all")["metrics"]
+    finally:
+        pf.terminate()
+    assert final["test_accuracy"] > MIN_TEST_ACCURACY, final["test_accuracy"]
+
+
+def test_each_stage_trains_on_both_workers(run):
+    workers = {f"{kind_demo.CLUSTER}-worker", f"{kind_demo.CLUSTER}-worker2"}
+    assert run.nodes_by_stage == {0: workers, 1: workers, 2: workers}, run.nodes_by_stage
+
+
+def test_a_deleted_stage_pod_costs_one_retry_and_no_checkpoint(run):
+    assert run.deleted_stage_pod, "no stage-1 pod was deleted"
+    assert [s["attempts"] for s in run.status["stages"]] == [1, 2, 1]
+
+
+def test_a_deleted_operator_pod_converges_without_duplicate_jobs(run):
+    assert run.deleted_operator_pod, "the operator pod was not deleted during stage 2"
+    # One Job per attempt: the replacement operator adopted stage 2's Job instead of making another.
+    assert run.jobs == [f"{NAME}-0-a1", f"{NAME}-1-a1", f"{NAME}-1-a2", f"{NAME}-2-a1"], run.jobs
+
+
+def test_stage_and_operator_containers_run_as_10001_on_a_read_only_root(run):
+    assert len(run.probes) == 2, run.probes
+    for pod, (uid, write_error) in run.probes.items():
+        assert (uid, write_error) == ("10001", "Read-only file system"), pod
+
+
+def test_prometheus_has_every_ranks_training_loss(kind, run):
+    series = _prometheus(kind, f'count by (stage, rank) (last_over_time(thaw_train_loss{{finetunejob="{NAME}"}}[1h]))')
+    assert {(s["metric"]["stage"], s["metric"]["rank"]) for s in series} == {(s, r) for s in STAGES for r in "01"}
+
+
+@pytest.mark.parametrize(
+    ("verb", "resource", "namespace", "allowed"),
+    [
+        ("create", "jobs.batch", "default", True),
+        ("patch", "finetunejobs.thaw.dev --subresource=status", "default", True),
+        ("delete", "finetunejobs.thaw.dev", "default", False),  # a user's object is the user's
+        ("delete", "pods", "default", False),
+        ("get", "secrets", "default", False),  # S3 keys reach pods by reference only
+        ("create", "pods", "default", False),
+        ("delete", "nodes", "", False),
+        ("create", "clusterrolebindings", "", False),
+        ("update", "leases.coordination.k8s.io", "kube-system", False),
+    ],
+)
+def test_the_operators_service_account_gets_only_what_the_chart_grants(kind, verb, resource, namespace, allowed):
+    args = ["auth", "can-i", verb, *resource.split(), f"--as={OPERATOR_SA}"] + (["-n", namespace] if namespace else [])
+    out = kind.kubectl(*args, check=False)
+    assert out.stdout.strip() == ("yes" if allowed else "no"), (verb, resource, out.stdout, out.stderr)
