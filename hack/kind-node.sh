@@ -143,5 +143,8 @@ docker rm "$BUILD" >/dev/null
 docker tag "$IMAGE.partial" "$IMAGE"
 docker rmi "$IMAGE.partial" "$IMAGE.rootfs" >/dev/null
 docker rmi "${IMAGES[@]}" >/dev/null
+# Earlier builds (other input hashes) are of no further use; one a cluster still runs is kept.
+docker images --format '{{.Repository}}:{{.Tag}}' "$REGISTRY/kind-node" | grep -vxF "$IMAGE" \
+  | xargs -r docker rmi >/dev/null 2>&1 || true
 log "built $IMAGE in $((SECONDS - t0)) s ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}'))"
 echo "$IMAGE"

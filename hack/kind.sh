@@ -80,30 +80,23 @@ pod_routes() {
   log "pod routes set between $(wc -l <<<"$lines") nodes"
 }
 
-# load IMAGE NODE...: what `kind load docker-image` does, streamed: one `docker save`, fanned out
-# to every node's containerd at once (no temporary tarball of the 6 GB trainer image), and
-# skipped on nodes whose containerd already has that image ID.
+# load IMAGE NODE...: what `kind load docker-image` does, streamed (no temporary tarball of the
+# 5 GB trainer image) and skipped on nodes whose containerd already has that image ID. One node
+# at a time, and each node drops the layer blobs once they are unpacked: containers start from
+# the snapshots, and blobs beside them would double the disk a node needs (containerd's
+# discard_unpacked_layers does the same for pulled images).
 load() {
-  local image=$1 id node have fifo
+  local image=$1 id node have
   shift
   id=$(docker image inspect -f '{{.Id}}' "$image")
-  local targets=() fifos=() pids=()
   for node in "$@"; do
     have=$(docker exec "$node" sh -c "crictl inspecti -o json '$image' 2>/dev/null | jq -r .status.id" || true)
-    [ "$have" = "$id" ] || targets+=("$node")
+    [ "$have" = "$id" ] && continue
+    log "loading $image into $node"
+    docker save "$image" | docker exec -i "$node" ctr -n k8s.io images import --snapshotter=overlayfs - >/dev/null
+    docker exec "$node" sh -c "m=\$(ctr -n k8s.io images ls | awk '\$1 == \"$image\" {print \$3}');
+      ctr -n k8s.io content get \"\$m\" | jq -r '.layers[].digest' | xargs -r ctr -n k8s.io content rm >/dev/null"
   done
-  [ ${#targets[@]} -gt 0 ] || return 0
-  log "loading $image into ${targets[*]}"
-  for node in "${targets[@]}"; do
-    fifo=$(mktemp -u); mkfifo "$fifo"; fifos+=("$fifo")
-    docker exec -i "$node" ctr -n k8s.io images import --snapshotter=overlayfs - <"$fifo" >/dev/null &
-    pids+=($!)
-  done
-  docker save "$image" | tee "${fifos[@]}" >/dev/null
-  local failed=0
-  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-  rm -f "${fifos[@]}"
-  [ $failed = 0 ] || die "loading $image failed"
 }
 
 up() {
