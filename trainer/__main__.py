@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 
 from trainer import signals
 from trainer.signals import Terminated
@@ -44,7 +45,10 @@ def _run(args) -> int:
         from trainer.distributed import init_distributed
 
         if init_distributed().is_main and results:
-            _report(job)
+            try:
+                _report(job)
+            except Exception as err:  # noqa: BLE001 - the stage is committed; the table is a courtesy
+                print(f"warning: the per-stage report failed ({err}); the checkpoints stand", file=sys.stderr)
     finally:
         shutdown()
     return 0
@@ -67,9 +71,10 @@ def _report(job) -> None:
     if isinstance(store, LocalStore):
         print(f"curves: {plot_curves(rows, store.root / 'curves.png')}")
         return
-    local = plot_curves(rows, Path("runs") / f"{job.metadata.name}-curves.png")
-    store.put("curves.png", local.read_bytes())
-    print(f"curves: {store.uri}/curves.png (copy: {local})")
+    # Drawn in a temporary directory: rank 0 of a stage pod runs this on a read-only root.
+    with tempfile.TemporaryDirectory() as tmp:
+        store.put("curves.png", plot_curves(rows, Path(tmp) / "curves.png").read_bytes())
+    print(f"curves: {store.uri}/curves.png")
 
 
 def main(argv: list[str] | None = None) -> int:

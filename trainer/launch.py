@@ -81,6 +81,11 @@ def torchrun_args(job_file: str, stage: int | None) -> list[str]:
     return args + (["--stage", str(stage)] if stage is not None else [])
 
 
+def describe_failures(failures: dict) -> str:
+    """torchrun's failed workers ({global rank: ProcessFailure}) as one line."""
+    return ", ".join(f"rank {rank}: exit {f.exitcode}" for rank, f in sorted(failures.items()))
+
+
 def launch(job_file: str, stage: int | None) -> int:
     from trainer.storage import StoreError
 
@@ -104,8 +109,8 @@ def launch(job_file: str, stage: int | None) -> int:
         if found.get("configuration"):
             print(f"error: {found['error']}", file=sys.stderr, flush=True)
             return EXIT_CONFIG_ERROR
-        failures = [f"rank {f.rank}: exit {f.exitcode}" for f in err.failures.values()]
-        print(f"error: training failed ({', '.join(failures)}); see the worker output above", file=sys.stderr)
+        failed = describe_failures(err.failures)
+        print(f"error: training failed ({failed}); see the worker output above", file=sys.stderr)
         return 1
     except SignalException as err:  # SIGTERM (pod deleted, suspended): workers were stopped first
         print(f"terminated by {signal.Signals(err.sigval).name}", file=sys.stderr, flush=True)

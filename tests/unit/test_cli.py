@@ -34,3 +34,13 @@ def test_bad_spec_exits_2_with_one_line(tmp_path, capsys):
     assert main(["plan", str(path)]) == 2
     err = capsys.readouterr().err
     assert err == "error: spec.stages[0].epochs: must be greater than 0 (got 0)\n"
+
+
+def test_a_failed_torchrun_worker_is_named_by_its_global_rank():
+    """What the stage pod's launcher prints when a worker exits non-zero (a torchrun failure)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from trainer.launch import describe_failures
+
+    failures = {3: ProcessFailure(1, 20, 137, "<N/A>"), 2: ProcessFailure(0, 19, 1, "<N/A>")}
+    assert describe_failures(failures) == "rank 2: exit 1, rank 3: exit 137"
