@@ -32,8 +32,10 @@ demo-local: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m trainer run examples/quickstart.yaml
 
 # The Kubernetes binaries are built first (cached; cold ~15 min) so CI shows the build's progress.
+# The kind tests (tests/kind) build the images and a node image and start a Docker engine
+# themselves (docs/testing.md); --durations shows where the time goes.
 test: install k8s-binaries
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=12 tests
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
