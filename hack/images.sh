@@ -15,6 +15,8 @@ REGISTRY=${REGISTRY:-thaw.local}
 TAG=${TAG:-dev}
 PYTHON_IMAGE=${PYTHON_IMAGE:-}
 log() { printf '[images %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# The classic builder (no buildx here) warns on every build that it is deprecated: keep only real errors.
+quiet_build() { DOCKER_BUILDKIT=0 docker build -q "$@" >/dev/null 2> >(grep -v -e DEPRECATED -e BuildKit -e 'environment-variable' -e '^$' >&2); }
 
 if ! docker info >/dev/null 2>&1; then
   log "no Docker engine answers (DOCKER_HOST=${DOCKER_HOST:-unset}): run \`make docker-up\` and"
@@ -86,8 +88,7 @@ for target in "${targets[@]}"; do
   image="$REGISTRY/thaw-$target:$TAG"
   t0=$SECONDS
   log "building $image"
-  DOCKER_BUILDKIT=0 docker build -q --target "$target" --build-arg "PYTHON_IMAGE=$base" \
-    -t "$image.partial" . >/dev/null
+  quiet_build --target "$target" --build-arg "PYTHON_IMAGE=$base" -t "$image.partial" .
   docker tag "$image.partial" "$image" && docker rmi "$image.partial" >/dev/null
   log "$image: $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}') in $((SECONDS - t0)) s"
 done

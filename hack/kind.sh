@@ -57,8 +57,14 @@ service_images() {
   printf 'FROM %s\nCOPY prometheus /usr/local/bin/prometheus\nUSER 10001\nENTRYPOINT ["/usr/local/bin/prometheus"]\n' "$base" > "$work/Dockerfile.prom"
   SEAWEEDFS_IMAGE="$REGISTRY/seaweedfs:$(sha256sum "$weed" | cut -c1-12)"
   PROMETHEUS_IMAGE="$REGISTRY/prometheus:$(sha256sum "$prom" | cut -c1-12)"
-  docker image inspect "$SEAWEEDFS_IMAGE" >/dev/null 2>&1 || DOCKER_BUILDKIT=0 docker build -q -f "$work/Dockerfile.weed" -t "$SEAWEEDFS_IMAGE" "$work" >/dev/null
-  docker image inspect "$PROMETHEUS_IMAGE" >/dev/null 2>&1 || DOCKER_BUILDKIT=0 docker build -q -f "$work/Dockerfile.prom" -t "$PROMETHEUS_IMAGE" "$work" >/dev/null
+  local image file
+  for image in "$SEAWEEDFS_IMAGE:weed" "$PROMETHEUS_IMAGE:prom"; do
+    file=${image##*:}; image=${image%:*}
+    docker image inspect "$image" >/dev/null 2>&1 && continue
+    # (the classic builder's deprecation notice filtered out; errors still show)
+    DOCKER_BUILDKIT=0 docker build -q -f "$work/Dockerfile.$file" -t "$image" "$work" >/dev/null \
+      2> >(grep -v -e DEPRECATED -e BuildKit -e 'environment-variable' -e '^$' >&2)
+  done
   rm -rf "$work"
 }
 
