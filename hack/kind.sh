@@ -163,12 +163,14 @@ YAML
 }
 
 down() {
-  local kind
-  kind=$(hack/build-k8s.sh --node 2>/dev/null | tail -1)/kind
-  if ! eval "$(hack/docker.sh env 2>/dev/null)"; then
+  # The kind binary `up` built, if any; nothing is built just to delete.
+  local kind=${THAW_BIN_CACHE:-$HOME/.cache/thaw/bin}/current/kind
+  local env
+  if ! env=$(hack/docker.sh env 2>/dev/null); then
     log "no Docker engine is running: no kind cluster to delete"
     return
   fi
+  eval "$env"
   export DOCKER_HOST
   if [ -x "$kind" ]; then
     "$kind" delete cluster --name "$CLUSTER"

@@ -41,3 +41,19 @@ def test_without_docker_and_without_root_the_scripts_say_what_is_missing(command
     said = out.stderr
     assert "Docker engine" in said or "dockerd" in said, said
     assert "root" in said or "DOCKER_HOST" in said, said  # what to do about it
+
+
+def test_kind_down_with_nothing_to_delete_says_so_and_succeeds(tmp_path):
+    """`make kind-down` after a failed or never-run `kind-up`: nothing to delete is not an error.
+    A cluster name nobody uses, so a Docker engine that does answer here loses nothing."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "THAW_DOCKER_DIR": str(tmp_path / "docker"),
+        "DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock",
+        "KIND_CLUSTER": "thaw-never-created",
+    }
+    out = subprocess.run(["hack/kind.sh", "down"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    said = out.stderr
+    assert "no Docker engine is running: no kind cluster to delete" in said or "thaw-never-created deleted" in said
