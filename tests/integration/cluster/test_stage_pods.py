@@ -85,7 +85,12 @@ def test_configuration_errors_fail_at_once_with_the_trainers_line(cluster, api, 
         assert failed["reason"] == reason, (name, failed)
         assert failed["message"].startswith(message), (name, failed["message"])
         assert "\n" not in failed["message"]
-        assert any(r == "Failed" and m == failed["message"] for r, m in k.events(name))
+        # The event follows the status patch: wait for it rather than race it.
+        wait_for(
+            lambda: any(r == "Failed" and m == failed["message"] for r, m in k.events(name)),  # noqa: B023
+            30,
+            what=f"{name}'s Failed event",
+        )
     assert not k.jobs("top") and not k.jobs("glob")  # nothing started
     for name in ("nodata", "fp16"):
         assert sorted(k.jobs(name)) == [f"{name}-0-a1"]  # one attempt, not retried
