@@ -43,6 +43,14 @@ node_image() {
   fi
 }
 
+# build_service IMAGE DOCKERFILE CONTEXT: once per tag (the tag names the binary's hash); the
+# classic builder's deprecation notice is filtered out, errors still show.
+build_service() {
+  docker image inspect "$1" >/dev/null 2>&1 && return
+  DOCKER_BUILDKIT=0 docker build -q -f "$2" -t "$1" "$3" >/dev/null \
+    2> >(grep -v -e DEPRECATED -e BuildKit -e 'environment-variable' -e '^$' >&2)
+}
+
 # Images of the in-cluster services, from binaries already on this machine.
 service_images() {
   local base weed prom work
@@ -57,14 +65,8 @@ service_images() {
   printf 'FROM %s\nCOPY prometheus /usr/local/bin/prometheus\nUSER 10001\nENTRYPOINT ["/usr/local/bin/prometheus"]\n' "$base" > "$work/Dockerfile.prom"
   SEAWEEDFS_IMAGE="$REGISTRY/seaweedfs:$(sha256sum "$weed" | cut -c1-12)"
   PROMETHEUS_IMAGE="$REGISTRY/prometheus:$(sha256sum "$prom" | cut -c1-12)"
-  local image file
-  for image in "$SEAWEEDFS_IMAGE:weed" "$PROMETHEUS_IMAGE:prom"; do
-    file=${image##*:}; image=${image%:*}
-    docker image inspect "$image" >/dev/null 2>&1 && continue
-    # (the classic builder's deprecation notice filtered out; errors still show)
-    DOCKER_BUILDKIT=0 docker build -q -f "$work/Dockerfile.$file" -t "$image" "$work" >/dev/null \
-      2> >(grep -v -e DEPRECATED -e BuildKit -e 'environment-variable' -e '^$' >&2)
-  done
+  build_service "$SEAWEEDFS_IMAGE" "$work/Dockerfile.weed" "$work"
+  build_service "$PROMETHEUS_IMAGE" "$work/Dockerfile.prom" "$work"
   rm -rf "$work"
 }
 
