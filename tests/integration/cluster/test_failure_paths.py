@@ -40,7 +40,7 @@ def test_one_broken_job_among_ten_good_ones_and_all_ten_succeed(api, namespace, 
     assert stalled["status"] == "True" and stalled["reason"] == "ReconcileError"
     assert "ConfigMap" in stalled["message"] and "broken-job" in stalled["message"]
     assert "not owned by this FineTuneJob" in stalled["message"]
-    assert any(r == "ReconcileError" and "broken-job" in m for r, m in k.events("broken"))
+    wait_for(lambda: any(r == "ReconcileError" and "broken-job" in m for r, m in k.events("broken")), 30, what="event")
     assert not k.jobs("broken")  # nothing started on a job file that is not its own
     cm = k.core.read_namespaced_config_map("broken-job", namespace)
     assert cm.data == {"job.yaml": "not: yours\n"} and not cm.metadata.owner_references
@@ -81,7 +81,11 @@ def test_a_stage_job_deleted_before_it_finished_costs_an_attempt(api, namespace,
     k.batch.delete_namespaced_job("vanish-0-a1", namespace, propagation_policy="Background")
     wait_for(lambda: "vanish-0-a2" in k.jobs("vanish"), 30, what="a second attempt")
     assert k.status("vanish")["stages"][0]["attempts"] == 2
-    assert any("vanish-0-a1 was deleted" in m for r, m in k.events("vanish") if r == "StageRetrying")
+    wait_for(
+        lambda: any("vanish-0-a1 was deleted" in m for r, m in k.events("vanish") if r == "StageRetrying"),
+        30,
+        what="the StageRetrying event",
+    )
     k.batch.delete_namespaced_job("vanish-0-a2", namespace, propagation_policy="Background")
     st = k.phase("vanish", "Failed", 30)  # the budget counts it: no third attempt
     assert "retries exhausted" in st["message"] and sorted(k.jobs("vanish")) == []

@@ -146,7 +146,11 @@ def test_a_completed_stage_without_rank_zeros_result_is_not_trusted(api, namespa
     k.patch("mute", {"podAnnotations": {EXIT_CODE: "0", DELAY: "500ms", **reported({0: 0.5, 1: 0.6})}})
     st = k.phase("mute", "Succeeded", 90)
     assert st["stages"][0]["attempts"] == 3 and st["stages"][1]["attempts"] == 1
-    assert any("result was not found" in m for r, m in k.events("mute") if r == "StageRetrying")
+    wait_for(
+        lambda: any("result was not found" in m for r, m in k.events("mute") if r == "StageRetrying"),
+        30,
+        what="the StageRetrying event",
+    )
 
 
 def test_stage_failing_twice_then_succeeding(api, namespace, operator, tmp_path):
@@ -159,7 +163,7 @@ def test_stage_failing_twice_then_succeeding(api, namespace, operator, tmp_path)
     st = k.phase("flaky", "Succeeded", 60)
     assert st["stages"][0]["attempts"] == 3
     assert sorted(k.jobs("flaky")) == ["flaky-0-a1", "flaky-0-a2", "flaky-0-a3"]
-    assert [r for r, _ in k.events("flaky")].count("StageRetrying") == 2
+    wait_for(lambda: [r for r, _ in k.events("flaky")].count("StageRetrying") == 2, 30, what="two StageRetrying events")
 
 
 def test_stage_exhausting_retries_fails_the_job(api, namespace, operator, tmp_path):
@@ -196,7 +200,7 @@ def test_configuration_error_fails_without_retry_with_the_trainers_line(api, nam
     assert failed["reason"] == "InvalidConfiguration"
     assert failed["message"] == f"stage 0 (head) configuration error: {line}"
     assert sorted(k.jobs("badcfg")) == ["badcfg-0-a1"]
-    assert any(line in m for r, m in k.events("badcfg") if r == "Failed")
+    wait_for(lambda: any(line in m for r, m in k.events("badcfg") if r == "Failed"), 30, what="the Failed event")
 
 
 def test_an_oom_killed_stage_is_retried_within_the_budget_and_says_why(api, namespace, operator, tmp_path):
@@ -257,7 +261,7 @@ def test_suspend_stops_pods_and_resume_continues(api, namespace, operator, tmp_p
     k.phase("pause", "Running")
     st = k.phase("pause", "Succeeded", 60)
     assert st["stages"][0]["attempts"] == 1  # resumed, not retried
-    assert "Resumed" in [r for r, _ in k.events("pause")]
+    wait_for(lambda: "Resumed" in [r for r, _ in k.events("pause")], 30, what="the Resumed event")
 
 
 def test_deleting_the_finetunejob_cascades_but_keeps_checkpoints(api, namespace, operator, tmp_path):
