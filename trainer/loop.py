@@ -47,6 +47,12 @@ def feature_preparer(device: torch.device, non_blocking: bool):
     return lambda x: x.to(device, non_blocking=non_blocking)
 
 
+# Host syncs (a .item()) stall a launch-bound GPU loop: the CPU cannot queue the next step
+# until the device has finished this one. Metrics stay on the device and are read every
+# SYNC_EVERY steps (the progress bar and per-step metrics update then) and at the epoch's end.
+SYNC_EVERY = 25
+
+
 def train_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -58,17 +64,21 @@ def train_epoch(
     on_step: Callable[[float, float, int], None] | None = None,
 ) -> dict:
     model.train()
-    loss_sum = correct = count = 0.0
+    device = ctx.env.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
     data_wait = 0.0
     steps = len(loader)
     t0 = time.perf_counter()
-    mark = t0
+    mark = interval_start = t0
+    unread: list[tuple[float, int]] = []  # (data wait, images) of the steps since the last read
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
         waited = time.perf_counter() - mark
         data_wait += waited
         x = ctx.prepare(x)
-        y = y.to(ctx.env.device, non_blocking=ctx.non_blocking)
+        y = y.to(device, non_blocking=ctx.non_blocking)
         last_micro = (i + 1) % ctx.accumulation == 0 or i + 1 == steps
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
@@ -92,22 +102,29 @@ def train_epoch(
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        n = y.numel()
-        step_loss = loss.item()  # one device sync per step, not two
-        loss_sum += step_loss * n
-        correct += (logits.argmax(1) == y).sum().item()
+        n = y.shape[0]
+        loss_sum += loss.detach().double() * n
+        correct += (logits.argmax(1) == y).sum()
         count += n
-        progress.step(step_loss)
-        now = time.perf_counter()
-        if on_step is not None:
-            on_step(now - mark, waited, n)  # step time includes its data wait
-        mark = now
+        unread.append((waited, n))
+        mark = time.perf_counter()
+        if len(unread) == SYNC_EVERY or i + 1 == steps:
+            step_loss = loss.item()  # the one host sync of the interval
+            now = time.perf_counter()
+            per_step = (now - interval_start) / len(unread)  # a step's time includes its data wait
+            for step_wait, images in unread:
+                progress.step(step_loss)
+                if on_step is not None:
+                    on_step(per_step, step_wait, images)
+            unread = []
+            interval_start = mark = time.perf_counter()
     seconds = time.perf_counter() - t0
     rank_images = count
-    loss_sum, correct, count, images = all_sum([loss_sum, correct, count, count], ctx.env)
+    loss_total, correct_total = torch.stack([loss_sum, correct.double()]).tolist()
+    loss_total, correct_total, count, images = all_sum([loss_total, correct_total, count, count], ctx.env)
     return {
-        "train_loss": loss_sum / max(count, 1),
-        "train_accuracy": correct / max(count, 1),
+        "train_loss": loss_total / max(count, 1),
+        "train_accuracy": correct_total / max(count, 1),
         "seconds": seconds,
         "images_per_second": images / seconds if seconds else 0.0,
         "data_wait_seconds": data_wait,
@@ -117,19 +134,28 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, ctx: StepContext) -> dict:
-    """Loss and accuracy over this rank's shard, summed over all ranks (exact, no padding)."""
+def evaluate(model: nn.Module, loader: DataLoader, ctx: StepContext, pad_to: int | None = None) -> dict:
+    """Loss and accuracy over this rank's shard, summed over all ranks (exact, no padding of
+    the data set). A short last batch is padded to `pad_to` and the padding masked out, so
+    the model meets one batch shape (each new shape costs a GPU its kernel plans again)."""
     was_training = model.training
     model.eval()
-    loss_sum = correct = count = 0.0
+    device = ctx.env.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
     for x, y in loader:
+        n = y.shape[0]
+        if pad_to is not None and n < pad_to:
+            x = torch.cat([x, x.new_zeros((pad_to - n, *x.shape[1:]))])
         x = ctx.prepare(x)
-        y = y.to(ctx.env.device, non_blocking=ctx.non_blocking)
+        y = y.to(device, non_blocking=ctx.non_blocking)
         with ctx.autocast():
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        count += y.numel()
-    loss_sum, correct, count = all_sum([loss_sum, correct, count], ctx.env)
+            logits = model(x)[:n]
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+        count += n
+    loss_total, correct_total = torch.stack([loss_sum, correct.double()]).tolist()  # one host sync
+    loss_total, correct_total, count = all_sum([loss_total, correct_total, count], ctx.env)
     model.train(was_training)
-    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "count": int(count)}
+    return {"loss": loss_total / max(count, 1), "accuracy": correct_total / max(count, 1), "count": int(count)}

@@ -47,6 +47,7 @@ from trainer.signals import Terminated
 from trainer.spec import DataSpec, FineTuneJob, ModelSpec, SpecError, training_hash
 from trainer.storage import Store, StoreError, open_store
 from trainer.uploader import CheckpointWriter, retrying
+from trainer.warmup import DEPTHWISE_FAMILIES, Background, warm_up
 
 CONV_FAMILIES = ("resnet", "efficientnet", "mobilenet", "convnext", "regnet", "densenet", "efficientnet_lite")
 
@@ -134,6 +135,10 @@ def _loader(dataset, batch_size: int, env: DistEnv, shuffle: bool, seed: int, jo
         dataset,
         batch_size=batch_size,
         sampler=sampler,
+        # One batch shape per stage: the ragged last batch would cost a GPU a second set of
+        # kernel plans (and a tiny noisy step). The shuffle drops different images each epoch.
+        # A shard smaller than one batch keeps its single short batch.
+        drop_last=len(sampler) >= batch_size,
         num_workers=workers,
         pin_memory=data.pin_memory and env.device.type == "cuda",
         persistent_workers=data.persistent_workers and workers > 0,
@@ -296,7 +301,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
 
     # 2. Optimizer and scheduler for this stage's parameters only; DDP over the frozen state.
     groups = param_groups(model, setup.groups, setup.group_of, stage, spec.optimizer.weight_decay)
-    optimizer = build_optimizer(groups, spec.optimizer)
+    optimizer = build_optimizer(groups, spec.optimizer, env.device)
     # batchSize is global: every rank takes its share, so the optimization does not depend on
     # how many processes run it (the same YAML locally and on a cluster).
     batch = stage.batch_size // env.world
@@ -371,7 +376,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         train_seconds += m["seconds"]
         if trains_bn:
             average_buffers(net, env)
-        val = evaluate(net, val_loader, ctx)
+        val = evaluate(net, val_loader, ctx, pad_to=batch)
         elapsed = time.perf_counter() - t_start
         done_here = epoch + 1 - first_epoch
         row = {
@@ -430,8 +435,9 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     test_prepare = image_preparer(setup.mean, setup.std, env.device, setup.channels_last, False)
     test = evaluate(
         model,
-        _eval_loader(data.test, stage.batch_size, env, job),
+        _eval_loader(data.test, batch, env, job),  # the training batch shape: no new kernel plans
         StepContext(env, test_prepare, setup.autocast_dtype, None),
+        pad_to=batch,
     )
     result = StageResult(
         index=stage.index,
@@ -600,6 +606,40 @@ def build_setup(job: FineTuneJob, env: DistEnv, progress: Progress, first_stage:
     )
 
 
+def start_warmup(setup: Setup, stage: PlannedStage) -> Background | None:
+    """The stage's passes on a frozen copy of the model, in a thread (trainer/warmup.py)."""
+    spec, env = setup.job.spec, setup.env
+    cuda = env.device.type == "cuda"
+    if spec.speed.warmup == "off" or (spec.speed.warmup == "auto" and not cuda):
+        return None
+    measure = cuda and spec.speed.channels_last == "auto" and family_of(spec.model.architecture) in DEPTHWISE_FAMILIES
+    # A head-only stage on cached features runs the network forward only, at the cache's batch.
+    train = not _use_feature_cache(setup, stage)
+    n = stage.batch_size // env.world if train else stage.batch_size
+    size = spec.data.image_size
+    raw = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = image_preparer(setup.mean, setup.std, env.device, setup.channels_last, False)(raw)
+    twin = copy.deepcopy(setup.model)  # here, before the main thread loads weights into the model
+    apply_stage(twin, setup.groups, stage, no_grad_prefix=spec.speed.frozen_prefix_no_grad)
+    autocast = StepContext(env, lambda t: t, setup.autocast_dtype, None).autocast
+    return Background(lambda: warm_up(twin, x, autocast, train, measure))
+
+
+def finish_warmup(setup: Setup, warming: Background) -> None:
+    """Join the warm-up; adopt the layout it measured faster, as rank 0 measured it (DDP's
+    gradient buckets follow each parameter's strides: ranks must not differ)."""
+    r = warming.result()
+    text = f"warm-up: {r.seconds:.1f} s beside loading the checkpoint and the data"
+    if r.channels_last is not None:
+        use = decided_by_main(lambda: r.channels_last, setup.env)
+        per_step = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in r.step_seconds.items())
+        text += f"; channelsLast auto: {per_step} per step -> {'channels_last' if use else 'contiguous'}"
+        if use != setup.channels_last:
+            setup.channels_last = use
+            setup.model.to(memory_format=torch.channels_last if use else torch.contiguous_format)
+    setup.progress.message(text)
+
+
 def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult]:
     env = init_distributed()
     progress = Progress(env.is_main)
@@ -628,8 +668,11 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
     first = pending[0].index
     if first > 0 and only_stage is None:
         progress.message(f"resuming at stage {first} ({pending[0].name}); stages before it are finished")
+    warming = start_warmup(setup, pending[0])  # runs while the checkpoint and the data load
     _load_start(setup, first, done.get(first - 1))  # verified above when it was in todo
     data = build_datasets(local_data(job.spec.data, env), job.spec.model.num_classes, job.spec.seed)
+    if warming is not None:
+        finish_warmup(setup, warming)
     results = []
     for stage in pending:
         progress.message(

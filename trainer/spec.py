@@ -240,7 +240,14 @@ class GradualSpec(_Model):
 class SpeedSpec(_Model):
     amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
     channels_last: Literal["auto", "on", "off"] = Field(
-        "auto", description="auto: on for convolutional families (measured faster on CPU too)"
+        "auto",
+        description="auto: on for convolutional families (measured faster on CPU too); on CUDA, depthwise-heavy "
+        "families (EfficientNet, MobileNet, ConvNeXt) time both layouts during warm-up and keep the faster",
+    )
+    warmup: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="a forward and backward pass on the stage's batch shape, on a copy of the model, while the "
+        "checkpoint and data load (builds a GPU's kernel plans before the first step); auto: on CUDA",
     )
     frozen_prefix_no_grad: bool = Field(
         True, description="run frozen groups below the first trainable one under no_grad"

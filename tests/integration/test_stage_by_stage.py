@@ -27,12 +27,17 @@ def test_stage_by_stage_equals_one_process(tmp_path, small_job):
     b = tmp_path / "b"
     a.mkdir(), b.mkdir()
     job_a = write_job(a, json.loads(json.dumps(small_job)))
+    # b also warms up (the default on CUDA only): a frozen copy runs the stage's passes in a
+    # thread while the checkpoint and data load. The weights must not notice.
+    small_job["spec"]["speed"] = {"warmup": "on"}
     job_b = write_job(b, json.loads(json.dumps(small_job)))
-    run([PY, "-m", "trainer", "run", str(job_a)])
+    out_a = run([PY, "-m", "trainer", "run", str(job_a)]).stdout
+    assert "warm-up" not in out_a
     missing = run_fail([PY, "-m", "trainer", "run", str(job_b), "--stage", "1"])
     assert "stage 0 (head) has no final checkpoint" in missing
-    run([PY, "-m", "trainer", "run", str(job_b), "--stage", "0"])
-    run([PY, "-m", "trainer", "run", str(job_b), "--stage", "1"])
+    for k in (0, 1):  # stage 0 warms the feature-cache pass (forward only), stage 1 fwd + bwd
+        out = run([PY, "-m", "trainer", "run", str(job_b), "--stage", str(k)]).stdout
+        assert "warm-up: " in out and "beside loading the checkpoint and the data" in out
     fa, fb = _finals(a / "store"), _finals(b / "store")
     assert [f["weights_sha256"] for f in fa] == [f["weights_sha256"] for f in fb]
     assert [f["test_accuracy"] for f in fa] == [f["test_accuracy"] for f in fb]

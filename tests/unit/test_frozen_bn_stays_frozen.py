@@ -20,7 +20,7 @@ def _setup(doc):
 
 
 def _train_steps(job, model, groups, group_of, stage, steps=3, reapply_train=True):
-    opt = build_optimizer(param_groups(model, groups, group_of, stage, 0.1), job.spec.optimizer)
+    opt = build_optimizer(param_groups(model, groups, group_of, stage, 0.1), job.spec.optimizer, torch.device("cpu"))
     sched = build_scheduler(opt, stage, steps)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):

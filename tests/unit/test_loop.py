@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -69,3 +71,65 @@ def test_precision_choice_and_fp16_on_cpu_is_a_clear_error():
     assert _autocast_dtype(parse_job(job_doc(speed={"amp": "bf16"})), cpu) == torch.bfloat16
     with pytest.raises(SpecError, match="spec.speed.amp: fp16 needs a CUDA device"):
         _autocast_dtype(parse_job(job_doc(speed={"amp": "fp16"})), cpu)
+
+
+def test_a_padded_last_batch_gives_the_exact_metrics_and_one_batch_shape():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    data = TensorDataset(torch.randn(10, 6), torch.randint(0, 3, (10,)))
+    ctx = StepContext(ENV, lambda x: x, None, None)
+    shapes = []
+    model.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
+    exact = evaluate(model, DataLoader(data, batch_size=10), ctx)
+    shapes.clear()
+    padded = evaluate(model, DataLoader(data, batch_size=4), ctx, pad_to=4)
+    assert shapes == [(4, 6)] * 3  # 4 + 4 + (2 padded to 4)
+    assert padded["count"] == 10
+    assert padded["accuracy"] == exact["accuracy"]
+    assert padded["loss"] == pytest.approx(exact["loss"], rel=1e-6)
+
+
+def test_metrics_read_from_the_device_match_a_direct_computation():
+    """lr 0: the model does not move, so the epoch's loss and accuracy are those of one pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(60, 6, generator=g), torch.randint(0, 3, (60,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    steps, losses = [], []
+
+    class Count(Progress):
+        def step(self, loss):
+            losses.append(loss)
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=2)  # 30 steps: one read at 25, one at 30
+    out = train_epoch(
+        model,
+        loader,
+        opt,
+        sched,
+        StepContext(ENV, lambda t: t, None, None),
+        Count(False),
+        None,
+        lambda t, w, n: steps.append(n),
+    )
+    with torch.no_grad():
+        logits = model(x)
+    assert out["train_loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert out["train_accuracy"] == (logits.argmax(1) == y).sum().item() / 60
+    assert steps == [2] * 30 and len(losses) == 30
+    assert len(set(losses[:25])) == 1 and losses[25] != losses[0]  # read every SYNC_EVERY steps
+
+
+def test_the_training_loader_drops_a_ragged_batch_but_keeps_a_lone_short_one():
+    from tests.builders import job_doc
+    from trainer.runner import _loader
+    from trainer.spec import parse_job
+
+    job = parse_job(job_doc())
+    ds = lambda n: TensorDataset(torch.zeros(n, 2), torch.zeros(n, dtype=torch.long))  # noqa: E731
+    assert [len(b[1]) for b in _loader(ds(10), 4, ENV, True, 0, job)] == [4, 4]
+    assert [len(b[1]) for b in _loader(ds(3), 4, ENV, True, 0, job)] == [3]
+    two = DistEnv(1, 2, 1, 2, torch.device("cpu"))  # rank 1 of 2: a shard of 5
+    assert [len(b[1]) for b in _loader(ds(10), 2, two, True, 0, job)] == [2, 2]
