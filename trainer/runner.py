@@ -43,6 +43,7 @@ from trainer.models import BuiltModel, build_model
 from trainer.optim import build_optimizer, build_scheduler, param_groups
 from trainer.plan import PlannedStage, resolve_stages, stages_to_run
 from trainer.progress import Progress
+from trainer.resident import ResidentBatches, ResidentImages, fits
 from trainer.signals import Terminated
 from trainer.spec import DataSpec, FineTuneJob, ModelSpec, SpecError, training_hash
 from trainer.storage import Store, StoreError, open_store
@@ -130,15 +131,18 @@ def _autocast_dtype(job: FineTuneJob, device: torch.device) -> torch.dtype | Non
 def _loader(dataset, batch_size: int, env: DistEnv, shuffle: bool, seed: int, job: FineTuneJob) -> DataLoader:
     data = job.spec.data
     sampler = DistributedSampler(dataset, num_replicas=env.world, rank=env.rank, shuffle=shuffle, seed=seed)
+    # One batch shape per stage: the ragged last batch would cost a GPU a second set of
+    # kernel plans (and a tiny noisy step). The shuffle drops different images each epoch.
+    # A shard smaller than one batch keeps its single short batch.
+    drop_last = len(sampler) >= batch_size
+    if isinstance(dataset, ResidentImages):
+        return ResidentBatches(dataset, batch_size, sampler, drop_last, env.rank, torch.Generator().manual_seed(seed))
     workers = 0 if isinstance(dataset, TensorDataset) else data.workers
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        # One batch shape per stage: the ragged last batch would cost a GPU a second set of
-        # kernel plans (and a tiny noisy step). The shuffle drops different images each epoch.
-        # A shard smaller than one batch keeps its single short batch.
-        drop_last=len(sampler) >= batch_size,
+        drop_last=drop_last,
         num_workers=workers,
         pin_memory=data.pin_memory and env.device.type == "cuda",
         persistent_workers=data.persistent_workers and workers > 0,
@@ -148,7 +152,10 @@ def _loader(dataset, batch_size: int, env: DistEnv, shuffle: bool, seed: int, jo
 
 def _eval_loader(dataset, batch_size: int, env: DistEnv, job: FineTuneJob) -> DataLoader:
     """Each rank takes every world-th sample: no padding, so summed metrics are exact."""
-    shard = Subset(dataset, range(env.rank, len(dataset), env.world))
+    mine = range(env.rank, len(dataset), env.world)
+    if isinstance(dataset, ResidentImages):
+        return ResidentBatches(dataset, batch_size, mine, drop_last=False)
+    shard = Subset(dataset, mine)
     workers = job.spec.data.workers if not isinstance(dataset, TensorDataset) else 0
     return DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=env.device.type == "cuda")
 
@@ -166,7 +173,10 @@ def _cached_features(setup: Setup, datasets: list, batch_size: int) -> list[Tens
         for ds in datasets:
             captured.clear()
             idx = list(range(env.rank, len(ds), env.world))
-            loader = DataLoader(Subset(ds, idx), batch_size=batch_size, num_workers=setup.job.spec.data.workers)
+            if isinstance(ds, ResidentImages):
+                loader = ResidentBatches(ds, batch_size, idx, drop_last=False)
+            else:
+                loader = DataLoader(Subset(ds, idx), batch_size=batch_size, num_workers=setup.job.spec.data.workers)
             with torch.no_grad():
                 for x, _ in loader:
                     with StepContext(env, prepare, setup.autocast_dtype, None).autocast():
@@ -669,8 +679,14 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
     if first > 0 and only_stage is None:
         progress.message(f"resuming at stage {first} ({pending[0].name}); stages before it are finished")
     warming = start_warmup(setup, pending[0])  # runs while the checkpoint and the data load
-    _load_start(setup, first, done.get(first - 1))  # verified above when it was in todo
-    data = build_datasets(local_data(job.spec.data, env), job.spec.model.num_classes, job.spec.seed)
+    try:
+        _load_start(setup, first, done.get(first - 1))  # verified above when it was in todo
+        data = build_datasets(local_data(job.spec.data, env), job.spec.model.num_classes, job.spec.seed)
+        data = resident_data(data, job.spec, env.device)
+    except BaseException:
+        if warming is not None:
+            warming.join()  # a process must not exit under a thread running torch (it aborts)
+        raise
     if warming is not None:
         finish_warmup(setup, warming)
     results = []
@@ -695,6 +711,22 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
     if setup.metrics is not None and job.spec.metrics.linger_seconds:
         time.sleep(job.spec.metrics.linger_seconds)
     return results
+
+
+def resident_data(data: Datasets, spec, device: torch.device) -> Datasets:
+    """The splits held on the device (trainer/resident.py) where spec.speed.dataOnDevice says so."""
+    mode = spec.speed.data_on_device
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return data
+    splits = [data.train, data.val, data.test]
+    if not fits(splits, device):
+        if mode == "on":
+            raise SpecError(
+                f"spec.speed.dataOnDevice: on needs an in-memory source that takes under a quarter of the "
+                f"device's free memory; {spec.data.source} does not (use auto or off)"
+            )
+        return data
+    return Datasets(*(ResidentImages(s, device) for s in splits), data.classes)
 
 
 def local_data(spec: DataSpec, env: DistEnv) -> DataSpec:

@@ -244,6 +244,11 @@ class SpeedSpec(_Model):
         description="auto: on for convolutional families (measured faster on CPU too); on CUDA, depthwise-heavy "
         "families (EfficientNet, MobileNet, ConvNeXt) time both layouts during warm-up and keep the faster",
     )
+    data_on_device: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="in-memory sources (fashion-mnist, digits) resized once and held on the device as uint8, "
+        "batches drawn and augmented there; auto: on CUDA when they take under a quarter of free memory",
+    )
     warmup: Literal["auto", "on", "off"] = Field(
         "auto",
         description="a forward and backward pass on the stage's batch shape, on a copy of the model, while the "

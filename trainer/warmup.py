@@ -106,6 +106,9 @@ class Background:
         except BaseException as err:  # surfaced in result(), on the main thread
             self._err = err
 
+    def join(self) -> None:
+        self._thread.join()
+
     def result(self) -> WarmupResult:
         self._thread.join()
         if self._err is not None:

@@ -43,6 +43,13 @@ def test_stage_by_stage_equals_one_process(tmp_path, small_job):
     assert [f["test_accuracy"] for f in fa] == [f["test_accuracy"] for f in fb]
     assert fa[0]["weights_sha256"] != fa[1]["weights_sha256"]
 
+    # The data held in memory as one resized tensor (the default on CUDA): the same batches.
+    c = tmp_path / "c"
+    c.mkdir()
+    small_job["spec"]["speed"] = {"dataOnDevice": "on"}
+    run([PY, "-m", "trainer", "run", str(write_job(c, json.loads(json.dumps(small_job))))])
+    assert [f["weights_sha256"] for f in _finals(c / "store")] == [f["weights_sha256"] for f in fa]
+
     again = run([PY, "-m", "trainer", "run", str(job_a)])
     assert "already finished; nothing to do" in again.stdout
     assert _finals(a / "store") == fa, "a finished job run again must not touch its checkpoints"
