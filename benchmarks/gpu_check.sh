@@ -4,8 +4,9 @@
 # row of the quality table. Wheels the GPU image lacks travel in .whl/, Fashion-MNIST in .data/
 # (both ignored by git). Results land in $OUT. Each run has its own time cap: checks + quality fit one
 # 10-minute call (quality takes what is left of 570 s), bench needs about 5 minutes on its own.
-# Usage: bash benchmarks/gpu_check.sh [STEP...]   steps: checks quality bench (default: checks quality;
-# each has run once: docs/results.md "Reference", docs/benchmarks.md "on CUDA").
+# Usage: bash benchmarks/gpu_check.sh [STEP...]   steps: checks quality bench perf (default: checks quality;
+# the first three have run once: docs/results.md "Reference", docs/benchmarks.md "on CUDA"; perf has not).
+# benchmarks/gpu_prepare.sh makes .whl/ and .data/ here first.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -46,8 +47,21 @@ bench() {
     --thaw-speed amp=off --thaw-speed channelsLast=off
   cp docs/benchmarks.md "$OUT/benchmarks.md"
 }
+# 6. Speed on the GPU, one call of under 8 minutes (run's timeout_s=540): Thaw's defaults (warm-up beside
+#    loading, one batch shape, data on the device, fused SGD, bf16, channelsLast measured) against the plain
+#    fp32 loop: steady state and whole stages of 100 and 1,000 steps, EfficientNet-Lite0 at batch 1,024
+#    (goal 40,000 img/s), ResNet-50 at 224 px from random init, bf16, batch 256. Sections trainer-cuda-*.
+perf() {
+  local b=(python3 benchmarks/bench_trainer.py --out docs/benchmarks.md)
+  run perf-100 110 "${b[@]}" --per-class 500 --batch 256 --steps 100 --section trainer-cuda-100
+  run perf-1000 130 "${b[@]}" --per-class 500 --batch 256 --steps 1000 --cases full --section trainer-cuda-1000
+  run perf-b1024 100 "${b[@]}" --per-class 5000 --batch 1024 --steps 200 --cases full --section trainer-cuda-b1024
+  run perf-resnet50 120 "${b[@]}" --arch resnet50 --weights none --image-size 224 --per-class 260 --batch 256 \
+    --steps 100 --cases full --section trainer-cuda-resnet50
+  cp docs/benchmarks.md "$OUT/benchmarks.md"
+}
 steps=("$@"); [ $# -gt 0 ] || steps=(checks quality)
 for step in "${steps[@]}"; do
-  case $step in checks | quality | bench) $step ;; *) echo "unknown step $step" >&2; exit 2 ;; esac
+  case $step in checks | quality | bench | perf) $step ;; *) echo "unknown step $step" >&2; exit 2 ;; esac
 done
 exit 0
