@@ -32,11 +32,16 @@ STATUS_FIELDS = {
     "test_accuracy": "testAccuracy",
     "epochs_run": "epochs",
     "trainable_params": "trainableParams",
+    "diverged": "diverged",
 }
+GATE_STATUS_FIELDS = ("decision", "metric", "value", "previous", "reason")
 
 
 def status_summary(result: dict) -> dict:
-    return {out: result[k] for k, out in STATUS_FIELDS.items() if k in result}
+    out = {name: result[k] for k, name in STATUS_FIELDS.items() if result.get(k) is not None}
+    if result.get("gate"):  # the verdict, without the metrics it passes on
+        out["gate"] = {k: result["gate"][k] for k in GATE_STATUS_FIELDS if result["gate"].get(k) not in (None, "")}
+    return out
 
 
 def stage_prefix(index: int, name: str) -> str:

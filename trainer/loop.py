@@ -62,7 +62,10 @@ def train_epoch(
     progress: Progress,
     check_grads: list[nn.Parameter] | None = None,
     on_step: Callable[[float, float, int], None] | None = None,
+    on_read: Callable[[float, int, int], None] | None = None,
 ) -> dict:
+    """One pass over `loader`. `on_read(loss sum, images, step)` sees the loss of the steps since
+    the last read (the divergence guard); what it raises stops the epoch."""
     model.train()
     device = ctx.env.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -73,6 +76,7 @@ def train_epoch(
     t0 = time.perf_counter()
     mark = interval_start = t0
     unread: list[tuple[float, int]] = []  # (data wait, images) of the steps since the last read
+    read_sum, read_count = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
         waited = time.perf_counter() - mark
@@ -109,7 +113,10 @@ def train_epoch(
         unread.append((waited, n))
         mark = time.perf_counter()
         if len(unread) == SYNC_EVERY or i + 1 == steps:
-            step_loss = loss.item()  # the one host sync of the interval
+            total = loss_sum.item()  # the one host sync of the interval
+            interval_sum, interval_count = total - read_sum, count - read_count
+            read_sum, read_count = total, count
+            step_loss = interval_sum / interval_count
             now = time.perf_counter()
             per_step = (now - interval_start) / len(unread)  # a step's time includes its data wait
             for step_wait, images in unread:
@@ -117,6 +124,8 @@ def train_epoch(
                 if on_step is not None:
                     on_step(per_step, step_wait, images)
             unread = []
+            if on_read is not None:
+                on_read(interval_sum, interval_count, i + 1)
             interval_start = mark = time.perf_counter()
     seconds = time.perf_counter() - t0
     rank_images = count

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from trainer.layer_table import LayerGroup
-from trainer.spec import FineTuneJobSpec, ScheduleSpec, SpecError, StageSpec
+from trainer.spec import FineTuneJobSpec, GateSpec, ScheduleSpec, SpecError, StageSpec
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class PlannedStage:
     group_lrs: dict[int, float]  # group index -> learning rate
     trainable_params: frozenset[str]
     field: str  # where this stage came from in the spec, for error messages
+    gate: GateSpec  # the stage's own, or spec.gate
 
     def trains_only_head(self, n_groups: int) -> bool:
         return self.trainable_groups == (n_groups - 1,)
@@ -131,6 +132,7 @@ def resolve_stages(
                 group_lrs=lrs,
                 trainable_params=frozenset(params),
                 field=field,
+                gate=stage.gate or spec.gate,
             )
         )
     names = [s.name for s in planned]

@@ -18,14 +18,21 @@ def stage_summaries(store: Store, stages) -> list[dict]:
     return out
 
 
+GATE_WORDS = {"first": "", "advanced": "advanced", "rolled_back": "rolled back", "kept": "worse, kept"}
+
+
 def format_table(rows: list[dict]) -> str:
-    head = f"{'stage':<14}{'trainable':>12}{'epochs':>8}{'best val':>10}{'test acc':>10}{'wall s':>9}"
+    head = f"{'stage':<14}{'trainable':>12}{'epochs':>8}{'best val':>10}{'test acc':>10}{'wall s':>9}  gate"
     lines = [head, "-" * len(head)]
     for r in rows:
         name = r["name"] + (" (cached)" if r.get("feature_cache") else "")
+        best = r["best_val_accuracy"]
+        gate = GATE_WORDS.get((r.get("gate") or {}).get("decision", "first"), "")
+        if r.get("diverged"):
+            gate = f"{gate} (diverged)".strip()
         lines.append(
-            f"{name:<14}{r['trainable_params']:>12,}{r['epochs_run']:>8}{r['best_val_accuracy']:>10.4f}"
-            f"{r['test_accuracy']:>10.4f}{r['seconds']:>9.1f}"
+            f"{name:<14}{r['trainable_params']:>12,}{r['epochs_run']:>8}"
+            f"{'-' if best is None else f'{best:.4f}':>10}{r['test_accuracy']:>10.4f}{r['seconds']:>9.1f}  {gate}"
         )
     return "\n".join(lines)
 

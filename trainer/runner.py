@@ -29,6 +29,7 @@ from trainer.data import Datasets, build_datasets
 from trainer.distributed import (
     DistEnv,
     all_gather_objects,
+    all_sum,
     average_buffers,
     barrier,
     decided_by_main,
@@ -36,6 +37,16 @@ from trainer.distributed import (
 )
 from trainer.early_stopping import EarlyStopping
 from trainer.freezing import apply_stage
+from trainer.gates import (
+    METRICS,
+    Diverged,
+    DivergenceGuard,
+    GateOutcome,
+    StageDiverged,
+    decide,
+    previous_carried,
+    rolled_back,
+)
 from trainer.layers import LayerGroup, assign_groups, head_module_name, layer_groups
 from trainer.loop import StepContext, evaluate, feature_preparer, image_preparer, train_epoch
 from trainer.metrics import TrainerMetrics
@@ -60,7 +71,7 @@ class StageResult:
     trainable_params: int
     total_params: int
     epochs_run: int
-    best_val_accuracy: float
+    best_val_accuracy: float | None  # None when it diverged before an epoch ended
     test_accuracy: float
     test_loss: float
     seconds: float
@@ -68,6 +79,8 @@ class StageResult:
     feature_cache: bool
     weights_sha256: str  # of the stage's final state_dict: equal weights, equal digest
     history: list[dict] = field(default_factory=list)
+    gate: dict | None = None  # gates.GateOutcome: advanced, rolled back, kept
+    diverged: str | None = None  # why the divergence guard stopped it
 
 
 def state_digest(model: nn.Module) -> str:
@@ -348,6 +361,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     history: list[dict] = []
     best_state, best_dir, last_dir = None, None, None
     first_epoch = 0
+    guard, diverged = DivergenceGuard(spec.divergence), None
     if resume is not None:
         st = resume.train_state
         optimizer.load_state_dict(st["optimizer"])
@@ -357,6 +371,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         for k, v in st["tracker"].items():
             setattr(tracker, k, v)
         history, best_dir, last_dir = st["history"], st["best_dir"], resume.prefix
+        guard.reference = st.get("divergence_reference")
         train_seconds += st["train_seconds"]
         first_epoch = st["epoch"] + 1
         if resume.best_state is not None:
@@ -380,9 +395,27 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
             on_step = lambda t, w, n: metrics.step(
                 t, w, n, {g["name"].split("/")[0]: g["lr"] for g in optimizer.param_groups}
             )
-        m = train_epoch(
-            wrapped, train_loader, optimizer, scheduler, ctx, setup.progress, trainable if epoch == 0 else None, on_step
-        )
+
+        def on_read(loss_sum: float, images: int, step: int, epoch: int = epoch) -> None:
+            total, n = all_sum([loss_sum, images], env)  # every rank reaches the same verdict
+            guard.check(total / max(n, 1), f"epoch {epoch + 1} step {step}")
+
+        try:
+            m = train_epoch(
+                wrapped,
+                train_loader,
+                optimizer,
+                scheduler,
+                ctx,
+                setup.progress,
+                trainable if epoch == 0 else None,
+                on_step,
+                on_read,
+            )
+        except Diverged as err:
+            diverged = str(err)
+            setup.progress.message(f"{stage.name}: diverged ({diverged}); stopping the stage")
+            break
         train_seconds += m["seconds"]
         if trains_bn:
             average_buffers(net, env)
@@ -419,6 +452,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
                 "tracker": tracker.state_dict(),
                 "history": history,
                 "best_dir": best_dir,
+                "divergence_reference": guard.reference,
                 "train_seconds": train_seconds,
                 "rng": rngs,
                 "spec_hash": training_hash(spec),
@@ -435,13 +469,26 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
             )
             break
 
-    # 4. Restore best, test, commit the stage.
+    # 4. Restore best (after a divergence: always), pass the gate, test, commit the stage.
+    if diverged is not None and best_state is None and best_dir is not None:
+        setup.writer.flush()  # the best epoch may still be uploading
+        barrier(env)
+        best_state = ckpt.load_object(setup.store, best_dir, "model.pt")
     final_dir = last_dir
     if best_state is not None:
         model.load_state_dict(best_state)
         final_dir = best_dir
     freeze.remove()
     del wrapped
+    final_row = next((r for r in history if ckpt.epoch_prefix(stage.index, stage.name, r["epoch"]) == final_dir), None)
+    outcome = _gate(setup, stage, final_row, diverged)
+    if outcome.decision == "rolled_back":
+        prev = setup.stages[stage.index - 1]
+        final_dir, _ = decided_by_main(lambda: ckpt.read_final(setup.store, prev.index, prev.name), env)
+        model.load_state_dict(ckpt.load_object(setup.store, final_dir, "model.pt"))
+        setup.progress.message(f"{stage.name}: rolled back ({outcome.reason}); the next stage starts from its input")
+    elif outcome.decision == "kept":
+        setup.progress.message(f"{stage.name}: worse than the stage before ({outcome.reason}); kept (gate: keep)")
     test_prepare = image_preparer(setup.mean, setup.std, env.device, setup.channels_last, False)
     test = evaluate(
         model,
@@ -455,7 +502,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         trainable_params=n_trainable,
         total_params=n_total,
         epochs_run=len(history),
-        best_val_accuracy=max(r["val_accuracy"] for r in history),
+        best_val_accuracy=max((r["val_accuracy"] for r in history), default=None),
         test_accuracy=test["accuracy"],
         test_loss=test["loss"],
         seconds=time.perf_counter() - t_start,
@@ -463,6 +510,8 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         feature_cache=use_cache,
         weights_sha256=state_digest(model),
         history=history,
+        gate=outcome.as_dict(),
+        diverged=diverged,
     )
     if metrics is not None:
         metrics.end_stage(len(history))
@@ -470,6 +519,23 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         _commit_stage(setup, stage, final_dir, result)
     barrier(env)
     return result
+
+
+def _gate(setup: Setup, stage: PlannedStage, final_row: dict | None, diverged: str | None) -> GateOutcome:
+    """The gate's verdict on the weights the stage would commit (trainer/gates.py), against
+    what the stage before it passed on (its committed summary, read once by rank 0)."""
+    previous = None
+    if stage.index > 0:
+        prev = setup.stages[stage.index - 1]
+        pointer = decided_by_main(lambda: ckpt.read_pointer(setup.store, prev.index, prev.name), setup.env)
+        previous = previous_carried(pointer.get("metrics") if pointer else None)
+    if final_row is None:  # diverged before its first epoch ended: nothing of its own to keep
+        if previous is None:
+            raise StageDiverged(
+                f"stage {stage.name} diverged before its first epoch ended ({diverged}); lower {stage.field}.lr"
+            )
+        return rolled_back(stage.gate, None, previous, f"diverged before its first epoch ended: {diverged}")
+    return decide(stage.gate, {m: final_row[m] for m in METRICS}, previous)
 
 
 def _save_epoch(
@@ -487,7 +553,9 @@ def _save_epoch(
     }
     objects = {"model.pt": model.state_dict(), "train_state.pt": train_state}
     best_dir = train_state["best_dir"]
-    keep = {best_dir} if best_dir and (spec.checkpoint.keep_best or spec.early_stopping) else set()
+    # The divergence guard restores the best epoch: keep it while the guard is on.
+    kept = spec.checkpoint.keep_best or spec.early_stopping or spec.divergence.enabled
+    keep = {best_dir} if best_dir and kept else set()
     store, keep_last = setup.store, spec.checkpoint.keep_last
     trusted = setup.writer.trusted
     after = lambda _m: ckpt.prune(store, stage.index, stage.name, keep_last, keep, upto=epoch_dir, trusted=trusted)
@@ -706,6 +774,11 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
         except Terminated:  # what is queued still commits
             progress.message("SIGTERM: waiting for pending checkpoint uploads")
             setup.writer.flush()
+            raise
+        except BaseException:
+            # A failed gate or any other error: queued epochs still commit (a rerun resumes
+            # from them), and no uploading thread outlives the process (exiting under one aborts).
+            setup.writer.close()
             raise
     setup.writer.close()
     if setup.metrics is not None and job.spec.metrics.linger_seconds:

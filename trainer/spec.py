@@ -41,6 +41,8 @@ class SpecError(ValueError):
 # The exit code of a process that found a SpecError: retrying cannot help (the stage Job's
 # podFailurePolicy fails at once on it).
 EXIT_CONFIG_ERROR = 2
+# How a stage that failed its gate (gate.onRegression: fail) begins its one-line reason.
+GATE_FAILED = "stage gate:"
 
 
 class _Model(BaseModel):
@@ -157,6 +159,29 @@ class EarlyStoppingSpec(_Model):
         return self.mode or ("max" if self.metric == "val_accuracy" else "min")
 
 
+class GateSpec(_Model):
+    """What happens when a stage leaves the model worse than the stage before it left it."""
+
+    metric: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="compared between stages")
+    on_regression: Literal["rollback", "keep", "fail"] = Field(
+        "rollback",
+        description="rollback: the next stage starts from the previous stage's weights; keep: go on with this "
+        "stage's; fail: the job fails",
+    )
+    min_gain: float = Field(
+        0.0, ge=0, description="the least gain that advances: absolute, or a fraction of the previous value"
+    )
+    relative: bool = Field(False, description="minGain is a fraction of the previous stage's value")
+
+
+class DivergenceSpec(_Model):
+    """A stage whose loss turns non-finite or grows past lossFactor x its first reading stops,
+    restores its best epoch (or its input weights), and the gate decides what follows."""
+
+    enabled: bool = True
+    loss_factor: float = Field(4.0, gt=1, description="a running loss above this multiple of the stage's first")
+
+
 class Top(_Model):
     top: int = Field(gt=0, description="this many layer groups counted from the head")
 
@@ -194,6 +219,7 @@ class StageSpec(_Model):
     freeze_bn_stats: bool = Field(
         False, description="keep every BatchNorm in eval mode, trainable ones too (small batches, domain shift)"
     )
+    gate: GateSpec | None = Field(None, description="overrides spec.gate for this stage")
     nodes: int | None = Field(None, gt=0, description="cluster: overrides spec.nodes for this stage")
     gpus_per_node: int | None = Field(None, ge=0, description="cluster: overrides spec.gpusPerNode for this stage")
 
@@ -367,6 +393,8 @@ class FineTuneJobSpec(_Model):
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: ScheduleSpec = ScheduleSpec()
     early_stopping: EarlyStoppingSpec | None = None
+    gate: GateSpec = Field(default_factory=lambda: GateSpec(), description="after each stage: compare with the last")
+    divergence: DivergenceSpec = Field(default_factory=lambda: DivergenceSpec())
     seed: int = Field(0, ge=0)
     gradient_accumulation: int = Field(1, gt=0)
     deterministic: bool = Field(False, description="deterministic kernels (slower; exact reruns)")
@@ -444,6 +472,10 @@ TRAINING_FIELDS = {
 def training_hash(spec: FineTuneJobSpec) -> str:
     """Digest of the training-relevant part of a spec, stored in every checkpoint manifest."""
     dumped = spec.model_dump(mode="json", include=TRAINING_FIELDS)
+    # Gates and the divergence guard decide what is kept after an epoch, not what an epoch
+    # computes: changing them resumes (and older checkpoints keep their digest).
+    for stage in dumped.get("stages") or []:
+        stage.pop("gate", None)
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from thaw_operator import resources as res
 from trainer.plan import expand_stages, stage_names
-from trainer.spec import FineTuneJobSpec
+from trainer.spec import GATE_FAILED, FineTuneJobSpec
 
 PENDING, RUNNING, QUEUED, SUSPENDED = "Pending", "Running", "Queued", "Suspended"
 SUCCEEDED, FAILED = "Succeeded", "Failed"
@@ -258,12 +258,21 @@ def plan(
                     f"{label} succeeded" + (f", val accuracy {acc:.4f}" if isinstance(acc, (int, float)) else ""),
                 )
             )
+            gate = st["result"].get("gate") or {}
+            if gate.get("decision") == "rolled_back":
+                why = f"{label} rolled back: {gate.get('reason')}; the next stage starts from the weights before it"
+                out.events.append(("Warning", "StageRolledBack", why))
+            elif gate.get("decision") == "kept":
+                why = f"{label} left the model worse: {gate.get('reason')}; kept (spec.gate.onRegression: keep)"
+                out.events.append(("Warning", "StageRegressed", why))
             continue
 
         if latest.failed:
             cause = latest.failure or f"{latest.failed_reason or 'Failed'}: {latest.failed_message}"
-            if latest.failed_reason == "PodFailurePolicy":  # the trainer said: configuration error
+            if latest.failed_reason == "PodFailurePolicy":  # the trainer said: not worth retrying
                 st["phase"] = FAILED
+                if GATE_FAILED in cause:
+                    return finish(FAILED, "StageRegressed", f"{label} failed its gate: {cause}", stages, k)
                 return finish(FAILED, "InvalidConfiguration", f"{label} configuration error: {cause}", stages, k)
             if latest.pods_left:
                 # Its ranks may still be committing checkpoints: the next attempt must not choose

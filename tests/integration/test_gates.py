@@ -1,0 +1,84 @@
+"""Gates and the divergence guard with real training, one process and stage by stage (the path
+a stage pod runs): the weights a regressing stage passes on are its input's, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.conftest import ROOT, run, write_job
+from trainer.checkpoint import FINAL, stage_prefix
+
+pytestmark = pytest.mark.integration
+PY = sys.executable
+
+
+def _pointers(store, names=("head", "top3")):
+    return [json.loads((store / "t" / stage_prefix(k, n) / FINAL).read_text()) for k, n in enumerate(names)]
+
+
+def test_a_stage_that_does_not_gain_enough_is_rolled_back_the_same_both_ways(tmp_path, small_job):
+    small_job["spec"]["stages"][1]["gate"] = {"minGain": 0.5}  # no stage gains 50 points: a sure regression
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    out = run([PY, "-m", "trainer", "run", str(write_job(a, json.loads(json.dumps(small_job))))]).stdout
+    assert "top3: rolled back (val_accuracy" in out and "the next stage starts from its input" in out
+    head, top3 = _pointers(a / "store")
+    assert top3["checkpoint"] == head["checkpoint"]  # what stage 2 would load: stage 0's weights
+    assert top3["metrics"]["weights_sha256"] == head["metrics"]["weights_sha256"]
+    assert top3["metrics"]["test_accuracy"] == head["metrics"]["test_accuracy"]
+    gate = top3["metrics"]["gate"]
+    assert gate["decision"] == "rolled_back" and gate["previous"] == head["metrics"]["gate"]["value"]
+    assert gate["carried"] == head["metrics"]["gate"]["carried"]
+    report = run([PY, "-m", "trainer", "report", str(a / "job.yaml")]).stdout
+    assert report.splitlines()[3].rstrip().endswith("rolled back")
+
+    job_b = write_job(b, json.loads(json.dumps(small_job)))
+    for k in (0, 1):  # as stage pods run it
+        run([PY, "-m", "trainer", "run", str(job_b), "--stage", str(k)])
+    assert [p["metrics"]["weights_sha256"] for p in _pointers(b / "store")] == [
+        p["metrics"]["weights_sha256"] for p in (head, top3)
+    ]
+
+
+def test_keep_goes_on_with_the_worse_stage_and_fail_stops_with_one_line(tmp_path, small_job):
+    small_job["spec"]["gate"] = {"minGain": 0.5, "onRegression": "keep"}
+    out = run([PY, "-m", "trainer", "run", str(write_job(tmp_path, json.loads(json.dumps(small_job))))]).stdout
+    assert "top3: worse than the stage before" in out
+    head, top3 = _pointers(tmp_path / "store")
+    assert top3["checkpoint"] != head["checkpoint"] and top3["metrics"]["gate"]["decision"] == "kept"
+
+    small_job["spec"]["gate"]["onRegression"] = "fail"
+    failing = tmp_path / "fail"
+    failing.mkdir()
+    proc = subprocess.run(
+        [PY, "-m", "trainer", "run", str(write_job(failing, small_job))], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: stage gate: val_accuracy") and line.endswith("spec.gate.onRegression is fail")
+    assert not (failing / "store" / "t" / stage_prefix(1, "top3") / FINAL).exists()  # nothing committed
+
+
+def test_a_diverging_stage_stops_and_what_it_passes_on_is_its_input(tmp_path, small_job):
+    small_job["spec"]["stages"][1].update(trainable="all", lr=1e6)  # SGD at a million: the loss explodes
+    out = run([PY, "-m", "trainer", "run", str(write_job(tmp_path, small_job))]).stdout
+    assert "top3: diverged (loss" in out
+    head, top3 = _pointers(tmp_path / "store")
+    assert top3["metrics"]["diverged"].startswith("loss ")
+    assert top3["metrics"]["gate"]["decision"] == "rolled_back"
+    assert top3["checkpoint"] == head["checkpoint"]
+
+
+def test_a_first_stage_that_diverges_fails_with_one_line_naming_its_lr(tmp_path, small_job):
+    small_job["spec"]["stages"][0].update(trainable="all", lr=1e6)
+    proc = subprocess.run(
+        [PY, "-m", "trainer", "run", str(write_job(tmp_path, small_job))], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: stage head diverged before its first epoch ended (loss ")
+    assert line.endswith("lower spec.stages[0].lr")

@@ -1,0 +1,129 @@
+"""Stage gates and the divergence guard: the verdicts, the spec, the status and the operator's events."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.builders import job_doc
+from trainer.checkpoint import status_summary
+from trainer.gates import Diverged, DivergenceGuard, GateFailed, decide, previous_carried, rolled_back
+from trainer.spec import DivergenceSpec, GateSpec, SpecError, parse_job, training_hash
+
+BEFORE = {"val_accuracy": 0.809, "val_loss": 0.55}
+
+
+def test_a_stage_that_improves_or_ties_advances_and_passes_its_own_weights_on():
+    for acc in (0.84, 0.809):
+        out = decide(GateSpec(), {"val_accuracy": acc, "val_loss": 0.5}, BEFORE)
+        assert out.decision == "advanced" and out.carried == {"val_accuracy": acc, "val_loss": 0.5}
+    first = decide(GateSpec(), {"val_accuracy": 0.3, "val_loss": 2.0}, None)
+    assert first.decision == "first" and first.previous is None
+
+
+def test_a_regression_rolls_back_by_default_and_passes_the_previous_weights_on():
+    out = decide(GateSpec(), {"val_accuracy": 0.784, "val_loss": 0.6}, BEFORE)
+    assert out.decision == "rolled_back" and out.carried == BEFORE
+    assert out.reason == "val_accuracy 0.7840 against 0.8090 from the stage before (gain -0.0250, needed +0.0000)"
+    kept = decide(GateSpec(on_regression="keep"), {"val_accuracy": 0.784, "val_loss": 0.6}, BEFORE)
+    assert kept.decision == "kept" and kept.carried["val_accuracy"] == 0.784
+
+
+def test_fail_is_one_line_naming_the_field():
+    with pytest.raises(GateFailed) as err:
+        decide(GateSpec(on_regression="fail"), {"val_accuracy": 0.7, "val_loss": 0.6}, BEFORE)
+    assert str(err.value).startswith("stage gate: val_accuracy 0.7000 against 0.8090")
+    assert str(err.value).endswith("spec.gate.onRegression is fail") and "\n" not in str(err.value)
+    assert isinstance(err.value, SpecError)  # exit 2: a deterministic outcome is not retried
+
+
+def test_a_required_gain_absolute_relative_and_for_a_loss():
+    need = GateSpec(min_gain=0.02)
+    assert decide(need, {"val_accuracy": 0.82, "val_loss": 0.5}, BEFORE).decision == "rolled_back"
+    assert decide(need, {"val_accuracy": 0.83, "val_loss": 0.5}, BEFORE).decision == "advanced"
+    rel = GateSpec(min_gain=0.05, relative=True)  # 5% of 0.809 = 0.04045
+    assert decide(rel, {"val_accuracy": 0.85, "val_loss": 0.5}, BEFORE).decision == "advanced"
+    assert decide(rel, {"val_accuracy": 0.849, "val_loss": 0.5}, BEFORE).decision == "rolled_back"
+    loss = GateSpec(metric="val_loss")
+    assert decide(loss, {"val_accuracy": 0.9, "val_loss": 0.56}, BEFORE).decision == "rolled_back"
+    assert decide(loss, {"val_accuracy": 0.1, "val_loss": 0.54}, BEFORE).decision == "advanced"
+
+
+def test_what_the_stage_before_passed_on_is_read_from_its_summary():
+    out = decide(GateSpec(), {"val_accuracy": 0.7, "val_loss": 0.9}, BEFORE)
+    summary = {"best_val_accuracy": 0.75, "gate": out.as_dict()}
+    assert previous_carried(summary) == BEFORE  # rolled back: its input's metrics, not its own
+    assert previous_carried({"best_val_accuracy": 0.75}) == {"val_accuracy": 0.75}  # written before gates
+    assert previous_carried(None) is None
+    early = rolled_back(GateSpec(), None, BEFORE, "diverged before its first epoch ended: loss nan")
+    assert early.value is None and early.carried == BEFORE
+
+
+def test_the_guard_stops_on_a_non_finite_or_exploding_loss_only():
+    g = DivergenceGuard(DivergenceSpec(loss_factor=4))
+    g.check(2.3, "epoch 1 step 25")
+    g.check(9.0, "epoch 1 step 50")  # under 4 x 2.3
+    with pytest.raises(Diverged, match=r"loss 9.3 above 4 x 2.3 \(the stage's first reading\) at epoch 2 step 25"):
+        g.check(9.3, "epoch 2 step 25")
+    with pytest.raises(Diverged, match="loss nan at epoch 1 step 25"):
+        DivergenceGuard(DivergenceSpec()).check(math.nan, "epoch 1 step 25")
+    DivergenceGuard(DivergenceSpec(enabled=False)).check(math.inf, "anywhere")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"gate": {"metric": "f1"}}, "spec.gate.metric: must be 'val_accuracy' or 'val_loss' (got 'f1')"),
+        ({"gate": {"onRegression": "ignore"}}, "spec.gate.onRegression: must be 'rollback', 'keep' or 'fail'"),
+        ({"gate": {"minGain": -0.1}}, "spec.gate.minGain: must be greater than or equal to 0"),
+        ({"divergence": {"lossFactor": 1}}, "spec.divergence.lossFactor: must be greater than 1"),
+    ],
+)
+def test_bad_gate_and_guard_fields_are_one_line_errors(override, message):
+    with pytest.raises(SpecError) as err:
+        parse_job(job_doc(**override))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_stage_overrides_the_jobs_gate_and_gates_do_not_change_the_training_digest():
+    from trainer.runner import plan_job
+
+    doc = job_doc(gate={"onRegression": "keep"})
+    doc["spec"]["stages"][1]["gate"] = {"minGain": 0.01}
+    _, _, _, stages = plan_job(parse_job(doc))
+    assert stages[0].gate.on_regression == "keep" and stages[1].gate == GateSpec(min_gain=0.01)
+    assert training_hash(parse_job(doc).spec) == training_hash(parse_job(job_doc()).spec)
+
+
+def test_the_status_shows_the_verdict_without_the_metrics_it_passes_on():
+    out = decide(GateSpec(), {"val_accuracy": 0.784, "val_loss": 0.6}, BEFORE).as_dict()
+    summary = status_summary({"best_val_accuracy": 0.79, "test_accuracy": 0.78, "gate": out, "diverged": None})
+    assert summary["gate"] == {
+        "decision": "rolled_back",
+        "metric": "val_accuracy",
+        "value": 0.784,
+        "previous": 0.809,
+        "reason": out["reason"],
+    }
+    assert "diverged" not in summary
+
+
+def test_the_operator_says_when_a_stage_was_rolled_back_or_failed_its_gate():
+    from tests.unit.test_operator_planner import cond, ftj, job, reasons, result, run
+
+    rolled = result(1)
+    rolled["metrics"]["gate"] = {"decision": "rolled_back", "reason": "val_accuracy 0.78 against 0.81"}
+    status = run(ftj()).status
+    p = run(ftj(status), [job(0, 1, complete=True, result=result(0))])
+    p = run(ftj(p.status), [job(0, 1, complete=True, result=result(0)), job(1, 1, complete=True, result=rolled)])
+    assert p.status["phase"] == "Succeeded" and "StageRolledBack" in reasons(p)
+    event = next(m for _, r, m in p.events if r == "StageRolledBack")
+    assert event.startswith("stage 1 (top3) rolled back: val_accuracy 0.78 against 0.81")
+    assert p.status["stages"][1]["result"]["gate"]["decision"] == "rolled_back"
+
+    line = "stage gate: val_accuracy 0.7000 against 0.8090 from the stage before; spec.gate.onRegression is fail"
+    bad = job(0, 1, failed=True, failed_reason="PodFailurePolicy", failed_message="exit code 2", failure=line)
+    p = run(ftj(run(ftj()).status), [bad])
+    assert p.status["phase"] == "Failed" and cond(p, "Failed")["reason"] == "StageRegressed"
+    assert cond(p, "Failed")["message"] == f"stage 0 (head) failed its gate: {line}"

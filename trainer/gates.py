@@ -1,0 +1,102 @@
+"""What keeps a stage from making the model worse: the gate between stages and the divergence
+guard inside one. Pure decisions; the runner acts on them (trainer/runner.py)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from trainer.spec import GATE_FAILED, DivergenceSpec, GateSpec, SpecError
+
+METRICS = ("val_accuracy", "val_loss")
+
+
+class GateFailed(SpecError):
+    """gate.onRegression: fail. A deterministic outcome: retrying the stage would repeat it, so
+    it leaves like a configuration error (exit 2, not retried), with this line as the reason."""
+
+
+class StageDiverged(SpecError):
+    """The first stage diverged before an epoch ended: there is nothing to keep or roll back to.
+    Deterministic like a configuration error (exit 2, not retried)."""
+
+
+class Diverged(Exception):
+    """The stage's loss turned non-finite or grew past the guard's factor."""
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    metric: str
+    value: float | None  # this stage's committed weights; None when it has none (diverged early)
+    previous: float | None  # what the stage before carried forward; None for the first stage
+    decision: str  # first | advanced | rolled_back | kept
+    reason: str = ""
+    carried: dict[str, float] = field(default_factory=dict)  # metric -> value of the weights passed on
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def gain(metric: str, value: float, previous: float) -> float:
+    return value - previous if metric == "val_accuracy" else previous - value
+
+
+def decide(gate: GateSpec, own: dict[str, float], previous: dict[str, float] | None) -> GateOutcome:
+    """Compare a stage's committed weights (`own`: val metrics) with what the stage before it
+    passed on. A regression rolls back (the previous weights are passed on), is kept, or fails."""
+    m = gate.metric
+    if previous is None or previous.get(m) is None:
+        return GateOutcome(m, own[m], None, "first", carried=dict(own))
+    before = previous[m]
+    g = gain(m, own[m], before)
+    need = gate.min_gain * abs(before) if gate.relative else gate.min_gain
+    if g >= need:
+        return GateOutcome(m, own[m], before, "advanced", carried=dict(own))
+    why = f"{m} {own[m]:.4f} against {before:.4f} from the stage before (gain {g:+.4f}, needed {need:+.4f})"
+    if gate.on_regression == "fail":
+        raise GateFailed(f"{GATE_FAILED} {why}; spec.gate.onRegression is fail")
+    if gate.on_regression == "rollback":
+        return GateOutcome(m, own[m], before, "rolled_back", why, carried=dict(previous))
+    return GateOutcome(m, own[m], before, "kept", why, carried=dict(own))
+
+
+def rolled_back(gate: GateSpec, own: dict[str, float] | None, previous: dict[str, float], why: str) -> GateOutcome:
+    """A stage that has nothing of its own to keep (it diverged before an epoch ended)."""
+    value = own[gate.metric] if own else None
+    return GateOutcome(gate.metric, value, previous.get(gate.metric), "rolled_back", why, carried=dict(previous))
+
+
+def previous_carried(summary: dict | None) -> dict[str, float] | None:
+    """The metrics the stage before passed on, from its committed result summary. Summaries
+    written before gates existed carry only their best validation accuracy."""
+    if not summary:
+        return None
+    gate = summary.get("gate")
+    if gate and gate.get("carried"):
+        return {k: v for k, v in gate["carried"].items() if k in METRICS}
+    if summary.get("best_val_accuracy") is not None:
+        return {"val_accuracy": summary["best_val_accuracy"]}
+    return None
+
+
+@dataclass
+class DivergenceGuard:
+    """Watches the running training loss, read every few steps (loop.SYNC_EVERY) and summed over
+    ranks, so every rank reaches the same verdict at the same step."""
+
+    spec: DivergenceSpec
+    reference: float | None = None  # the stage's first reading
+
+    def check(self, mean_loss: float, where: str) -> None:
+        if not self.spec.enabled:
+            return
+        if not math.isfinite(mean_loss):
+            raise Diverged(f"loss {mean_loss} at {where}")
+        if self.reference is None:
+            self.reference = mean_loss
+        elif mean_loss > self.spec.loss_factor * self.reference:
+            raise Diverged(
+                f"loss {mean_loss:.4g} above {self.spec.loss_factor:g} x {self.reference:.4g} (the stage's first "
+                f"reading) at {where}"
+            )
