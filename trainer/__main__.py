@@ -31,6 +31,10 @@ def _plan(args) -> int:
             f"  [{s.index}] {s.name}: {s.epochs} epochs, batch {s.batch_size}, {s.schedule.name}, "
             f"trainable {n:,} ({100 * n / total:.1f}%), lr {lrs}"
         )
+    from trainer.plan import recipe_warnings
+
+    for line in recipe_warnings(job.spec, stages):
+        print(line)
     return 0
 
 

@@ -141,6 +141,21 @@ def resolve_stages(
     return planned
 
 
+def recipe_warnings(spec: FineTuneJobSpec, stages: list[PlannedStage]) -> list[str]:
+    """Recipes known to go wrong (docs/results.md), said before anything trains. The gate
+    (rollback by default) keeps such a stage from costing the model; this keeps it from being silent."""
+    out = []
+    one_rate = [s for s in stages if len(s.trainable_groups) > 2 and len(set(s.group_lrs.values())) == 1]
+    if spec.gradual is not None and one_rate and spec.gate.on_regression != "fail":
+        out.append(
+            f"warning: spec.gradual: stage {one_rate[-1].name} trains {len(one_rate[-1].trainable_groups)} groups at "
+            "one learning rate; gradual unfreezing at one rate collapsed to one class on every seed in "
+            "docs/results.md (the gate rolls such a stage back when it regresses). "
+            "Set lrDecay (1.5-2.6) for discriminative rates"
+        )
+    return out
+
+
 def stages_to_run(stages: list[PlannedStage], only_stage: int | None, world: int) -> list[PlannedStage]:
     """The stages a run executes (all, or `--stage K`), checked against the number of training
     processes; SpecError otherwise. The runner and a stage pod's preflight both ask here."""

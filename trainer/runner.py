@@ -52,7 +52,7 @@ from trainer.loop import StepContext, evaluate, feature_preparer, image_preparer
 from trainer.metrics import TrainerMetrics
 from trainer.models import BuiltModel, build_model
 from trainer.optim import build_optimizer, build_scheduler, param_groups
-from trainer.plan import PlannedStage, resolve_stages, stages_to_run
+from trainer.plan import PlannedStage, recipe_warnings, resolve_stages, stages_to_run
 from trainer.progress import Progress
 from trainer.resident import ResidentBatches, ResidentImages, fits
 from trainer.signals import Terminated
@@ -723,6 +723,8 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
     progress = Progress(env.is_main)
     setup = build_setup(job, env, progress, only_stage or 0)
     todo = stages_to_run(setup.stages, only_stage, env.world)
+    for line in recipe_warnings(job.spec, setup.stages):
+        progress.message(line)
 
     # A finished stage is not run again: its committed checkpoint stands.
     done = {s.index: ckpt.read_final(setup.store, s.index, s.name) for s in todo}

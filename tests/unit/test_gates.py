@@ -127,3 +127,21 @@ def test_the_operator_says_when_a_stage_was_rolled_back_or_failed_its_gate():
     p = run(ftj(run(ftj()).status), [bad])
     assert p.status["phase"] == "Failed" and cond(p, "Failed")["reason"] == "StageRegressed"
     assert cond(p, "Failed")["message"] == f"stage 0 (head) failed its gate: {line}"
+
+
+def test_one_rate_gradual_unfreezing_is_warned_about_before_anything_trains():
+    from trainer.plan import recipe_warnings
+    from trainer.runner import plan_job
+
+    def warnings(**gradual):
+        doc = job_doc(gradual={"stages": 3, "epochsPerStage": 1, "lr": 0.01, "lastAll": True, **gradual})
+        doc["spec"].pop("stages")
+        job = parse_job(doc)
+        return recipe_warnings(job.spec, plan_job(job)[3])
+
+    [line] = warnings()
+    assert line.startswith("warning: spec.gradual: stage all trains 10 groups at one learning rate")
+    assert line.endswith("Set lrDecay (1.5-2.6) for discriminative rates")
+    assert warnings(lrDecay=1.5) == []
+    job = parse_job(job_doc())  # explicit stages: one rate for "all" is full fine-tuning, a sound recipe
+    assert recipe_warnings(job.spec, plan_job(job)[3]) == []
