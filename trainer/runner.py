@@ -608,6 +608,14 @@ def _load_start(setup: Setup, first: int, found: tuple[str, dict] | None = None)
     """Weights the first stage to run starts from: a user checkpoint or stage first-1's final
     (`found`: that final, when the caller has verified it already)."""
     spec = setup.job.spec
+    if first == 0 and spec.model.weights_uri is not None:
+        from trainer.weights import fit, parse_state_dict, read_bytes
+
+        uri = spec.model.weights_uri
+        state = parse_state_dict(read_bytes(uri, spec.checkpoint.endpoint), uri)
+        for note in fit(setup.model, state, head_module_name(spec.model.architecture), uri, spec.model.architecture):
+            setup.progress.message(f"{uri}: {note}")
+        return
     if first == 0 and spec.model.checkpoint is None:
         return
     if first == 0:

@@ -63,6 +63,11 @@ class ModelSpec(_Model):
         "efficientnet_lite0, or null for random init",
     )
     checkpoint: str | None = Field(None, description="URI of a Thaw checkpoint to start from instead of weights")
+    weights_uri: str | None = Field(
+        None,
+        description="weights you bring: file://, s3:// or https:// to a safetensors file or a torch state_dict "
+        "for this architecture (a head of another class count is replaced)",
+    )
     num_classes: int = Field(ge=2, description="classes of the new task")
     replace_head: bool = Field(
         True, description="replace the head's last Linear with a fresh one of numClasses outputs"
@@ -77,8 +82,15 @@ class ModelSpec(_Model):
 
     @model_validator(mode="after")
     def _weights_fit_architecture(self) -> ModelSpec:
-        if self.weights and self.checkpoint:
-            raise ValueError("set either weights or checkpoint, not both")
+        given = [
+            n
+            for n, v in (("weights", self.weights), ("checkpoint", self.checkpoint), ("weightsUri", self.weights_uri))
+            if v
+        ]
+        if len(given) > 1:
+            raise ValueError(f"set one of weights, checkpoint and weightsUri (got {' and '.join(given)})")
+        if self.weights_uri and not re.match(r"(file|s3|https)://.", self.weights_uri):
+            raise ValueError(f"weightsUri must start with file://, s3:// or https:// (got {self.weights_uri!r})")
         if self.architecture == BUNDLED and self.weights not in (None, "BUNDLED"):
             raise ValueError(f"weights for {BUNDLED} must be BUNDLED or null (got {self.weights!r})")
         if self.architecture != BUNDLED and self.weights == "BUNDLED":
@@ -476,6 +488,8 @@ def training_hash(spec: FineTuneJobSpec) -> str:
     # computes: changing them resumes (and older checkpoints keep their digest).
     for stage in dumped.get("stages") or []:
         stage.pop("gate", None)
+    if dumped["model"].get("weights_uri") is None:  # a field newer than older checkpoints' digests
+        dumped["model"].pop("weights_uri", None)
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -38,7 +38,17 @@ BAD_SPECS = [
     (
         "weights and checkpoint",
         with_path(job_doc(), "spec.model.checkpoint", "file:///x.pt"),
-        "spec.model: set either weights or checkpoint, not both",
+        "spec.model: set one of weights, checkpoint and weightsUri (got weights and checkpoint)",
+    ),
+    (
+        "weights and weightsUri",
+        with_path(job_doc(), "spec.model.weightsUri", "file:///w.safetensors"),
+        "spec.model: set one of weights, checkpoint and weightsUri (got weights and weightsUri)",
+    ),
+    (
+        "weightsUri scheme",
+        with_path(with_path(job_doc(), "spec.model.weights", "DELETE"), "spec.model.weightsUri", "/w.pt"),
+        "spec.model: weightsUri must start with file://, s3:// or https:// (got '/w.pt')",
     ),
     (
         "torchvision weights on bundled",
