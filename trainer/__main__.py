@@ -27,6 +27,8 @@ def _plan(args) -> int:
     for s in stages:
         n = sum(p.numel() for name, p in built.model.named_parameters() if name in s.trainable_params)
         lrs = ", ".join(f"{groups[g].name}={lr:.3g}" for g, lr in s.group_lrs.items())
+        if s.lr_auto:
+            lrs = f"auto (a range test picks the head's at the stage's start; relative: {lrs})"
         print(
             f"  [{s.index}] {s.name}: {s.epochs} epochs, batch {s.batch_size}, {s.schedule.name}, "
             f"trainable {n:,} ({100 * n / total:.1f}%), lr {lrs}"

@@ -33,6 +33,7 @@ STATUS_FIELDS = {
     "epochs_run": "epochs",
     "trainable_params": "trainableParams",
     "diverged": "diverged",
+    "lr_found": "lrFound",
 }
 GATE_STATUS_FIELDS = ("decision", "metric", "value", "previous", "reason")
 

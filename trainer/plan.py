@@ -30,6 +30,7 @@ class PlannedStage:
     trainable_params: frozenset[str]
     field: str  # where this stage came from in the spec, for error messages
     gate: GateSpec  # the stage's own, or spec.gate
+    lr_auto: bool = False  # group_lrs are relative (head 1.0) until the range test scales them
 
     def trains_only_head(self, n_groups: int) -> bool:
         return self.trainable_groups == (n_groups - 1,)
@@ -118,7 +119,8 @@ def resolve_stages(
                 )
             lrs = dict(zip(trainable, stage.group_lrs))
         else:
-            lrs = {g: stage.lr / stage.lr_decay**depth for depth, g in enumerate(trainable)}
+            base = 1.0 if stage.lr == "auto" else stage.lr  # auto: rates relative to the head's, scaled later
+            lrs = {g: base / stage.lr_decay**depth for depth, g in enumerate(trainable)}
         planned.append(
             PlannedStage(
                 index=index,
@@ -133,6 +135,7 @@ def resolve_stages(
                 trainable_params=frozenset(params),
                 field=field,
                 gate=stage.gate or spec.gate,
+                lr_auto=stage.lr == "auto",
             )
         )
     names = [s.name for s in planned]

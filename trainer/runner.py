@@ -81,6 +81,7 @@ class StageResult:
     history: list[dict] = field(default_factory=list)
     gate: dict | None = None  # gates.GateOutcome: advanced, rolled back, kept
     diverged: str | None = None  # why the divergence guard stopped it
+    lr_found: float | None = None  # lr: auto, the head's rate the range test picked
 
 
 def state_digest(model: nn.Module) -> str:
@@ -322,6 +323,11 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         train_ds, val_ds, net = data.train, data.val, model
         prepare = image_preparer(setup.mean, setup.std, env.device, setup.channels_last, spec.data.pin_memory)
 
+    lr_found = None
+    if stage.lr_auto:  # the range test's rate, found once per stage (trainer/lr_finder.py)
+        lr_found = _auto_lr(setup, stage, train_ds, prepare, use_cache)
+        stage = dataclasses.replace(stage, group_lrs={g: r * lr_found for g, r in stage.group_lrs.items()})
+
     # 2. Optimizer and scheduler for this stage's parameters only; DDP over the frozen state.
     groups = param_groups(model, setup.groups, setup.group_of, stage, spec.optimizer.weight_decay)
     optimizer = build_optimizer(groups, spec.optimizer, env.device)
@@ -512,6 +518,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         history=history,
         gate=outcome.as_dict(),
         diverged=diverged,
+        lr_found=lr_found,
     )
     if metrics is not None:
         metrics.end_stage(len(history))
@@ -519,6 +526,38 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         _commit_stage(setup, stage, final_dir, result)
     barrier(env)
     return result
+
+
+def _auto_lr(setup: Setup, stage: PlannedStage, train_ds, prepare, use_cache: bool) -> float:
+    """Rank 0 runs the range test on a copy of the frozen model, or reads the rate an earlier
+    attempt stored; every rank gets the same. The random streams are left as they were, so
+    a stage trains the same whether the test ran in this process or before it."""
+    from trainer.lr_finder import plot, range_test, suggest
+
+    spec, env, store = setup.job.spec, setup.env, setup.store
+    prefix = ckpt.stage_prefix(stage.index, stage.name)
+
+    def find() -> float:
+        if store.exists(f"{prefix}/lr_find.json"):
+            return json.loads(store.get(f"{prefix}/lr_find.json"))["lr"]
+        one = DistEnv(0, 1, 0, 1, env.device)
+        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+            twin = copy.deepcopy(setup.model)
+            net = twin.get_submodule(head_module_name(spec.model.architecture)) if use_cache else twin
+            groups = param_groups(twin, setup.groups, setup.group_of, stage, spec.optimizer.weight_decay)
+            optimizer = build_optimizer(groups, spec.optimizer, env.device)
+            loader = _loader(train_ds, stage.batch_size // env.world, one, True, spec.seed, setup.job)
+            autocast = StepContext(env, prepare, setup.autocast_dtype, None).autocast
+            lrs, losses = range_test(net, loader, optimizer, prepare, env.device, autocast)
+            del twin, optimizer
+        lr = suggest(lrs, losses)
+        store.put(f"{prefix}/lr_find.json", json.dumps({"lr": lr, "lrs": lrs, "losses": losses}).encode())
+        store.put(f"{prefix}/lr_find.png", plot(lrs, losses, lr))
+        return lr
+
+    lr = decided_by_main(find, env)
+    setup.progress.message(f"{stage.name}: lr auto -> {lr:.3g} (range test: {store.uri}/{prefix}/lr_find.png)")
+    return lr
 
 
 def _gate(setup: Setup, stage: PlannedStage, final_row: dict | None, diverged: str | None) -> GateOutcome:

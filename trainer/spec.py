@@ -222,7 +222,9 @@ class StageSpec(_Model):
     name: str | None = Field(None, description="default: stage-<index>")
     trainable: Trainable = Field(description="all | {top: N} | {modules: [globs]}")
     epochs: int = Field(gt=0)
-    lr: float = Field(gt=0, description="learning rate of the head group")
+    lr: float | Literal["auto"] = Field(
+        description="learning rate of the head group; auto: a range test on rank 0 picks it when the stage starts"
+    )
     lr_decay: float = Field(1.0, ge=1, description="each lower trainable group gets lr / lrDecay^depth (ULMFiT: 2.6)")
     group_lrs: list[PositiveFloat] | None = Field(None, description="explicit rates per trainable group, head first")
     batch_size: int | None = Field(None, gt=0, description="overrides data.batchSize")
@@ -234,6 +236,19 @@ class StageSpec(_Model):
     gate: GateSpec | None = Field(None, description="overrides spec.gate for this stage")
     nodes: int | None = Field(None, gt=0, description="cluster: overrides spec.nodes for this stage")
     gpus_per_node: int | None = Field(None, ge=0, description="cluster: overrides spec.gpusPerNode for this stage")
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _number_or_auto(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError(f"must be a positive number or auto (got {v!r})")
+
+    @model_validator(mode="after")
+    def _auto_lr_picks_every_rate(self) -> StageSpec:
+        if self.lr == "auto" and self.group_lrs is not None:
+            raise ValueError("groupLrs fixes the rates that lr: auto would pick; give one of them")
+        return self
 
     @field_validator("trainable", mode="before")
     @classmethod
