@@ -99,7 +99,11 @@ BAD_SPECS = [
         "spec: give stages or gradual, not both",
     ),
     ("zero epochs", with_path(job_doc(), f"{S}.epochs", 0), "spec.stages[0].epochs: must be greater than 0 (got 0)"),
-    ("negative lr", with_path(job_doc(), f"{S}.lr", -0.1), "spec.stages[0].lr: must be a positive number or auto (got -0.1)"),
+    (
+        "negative lr",
+        with_path(job_doc(), f"{S}.lr", -0.1),
+        "spec.stages[0].lr: must be a positive number or auto (got -0.1)",
+    ),
     ("zero lr", with_path(job_doc(), f"{S}.lr", 0), "spec.stages[0].lr: must be a positive number or auto (got 0)"),
     (
         "top zero",
