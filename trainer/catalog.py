@@ -7,6 +7,7 @@ torch); tests/unit/test_catalog.py fails if it drifts from torchvision's own lis
 from __future__ import annotations
 
 import difflib
+import re
 
 BUNDLED = "efficientnet_lite0"
 
@@ -46,11 +47,21 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 ARCHITECTURES: dict[str, str] = {a: fam for fam, archs in FAMILIES.items() for a in archs}
 
 
+# Any timm model by name: "timm/<name>". Its groups come from timm's own group_matcher
+# (trainer/timm_models.py); whether the name exists is known only where timm is installed.
+TIMM = "timm/"
+TIMM_NAME = re.compile(r"timm/[a-z0-9_.]+")
+
+
+def is_known(architecture: str) -> bool:
+    return architecture in ARCHITECTURES or bool(TIMM_NAME.fullmatch(architecture))
+
+
 def family_of(architecture: str) -> str:
-    return ARCHITECTURES[architecture]
+    return "timm" if architecture.startswith(TIMM) else ARCHITECTURES[architecture]
 
 
 def unknown_architecture_message(name: str) -> str:
     close = difflib.get_close_matches(name, ARCHITECTURES, n=3)
-    hint = f"did you mean {', '.join(close)}?" if close else f"families: {', '.join(FAMILIES)}"
+    hint = f"did you mean {', '.join(close)}?" if close else f"families: {', '.join(FAMILIES)}, or timm/<name>"
     return f"unknown architecture {name!r}; {hint}"

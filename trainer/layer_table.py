@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.catalog import ARCHITECTURES
+from trainer.catalog import ARCHITECTURES, TIMM
 from trainer.spec import FineTuneJobSpec, SpecError
 
 TABLE = Path(__file__).with_name("layer_table.json.gz")
@@ -74,6 +74,8 @@ def resolve_offline(spec: FineTuneJobSpec):
     checks (SpecError naming the field), run without torch."""
     from trainer.plan import resolve_stages
 
+    if spec.model.architecture.startswith(TIMM):
+        return None  # timm's groups are known where timm is: the trainer checks at its start (exit 2)
     lay = layout(spec.model.architecture)
     if not spec.model.replace_head and spec.model.checkpoint is None and lay.head_outputs != spec.model.num_classes:
         raise SpecError(  # the words of trainer.models._replace_head

@@ -96,6 +96,10 @@ def layer_groups(model: nn.Module, architecture: str) -> list[LayerGroup]:
         ]
     elif family == "efficientnet_lite":
         body = _lite_stages(model)
+    elif family == "timm":
+        from trainer.timm_models import layer_groups as timm_groups
+
+        return timm_groups(model)
     else:  # pragma: no cover - catalog and this table are tested together
         raise KeyError(architecture)
     return body + [_g(HEAD, head_module_name(architecture))]
@@ -117,4 +121,8 @@ _HEAD_MODULE = {
 
 def head_module_name(architecture: str) -> str:
     """The module applied last in forward(); its input is what the feature cache stores."""
+    if family_of(architecture) == "timm":
+        from trainer.timm_models import head_of
+
+        return head_of(architecture)
     return _HEAD_MODULE[family_of(architecture)]

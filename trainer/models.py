@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.catalog import BUNDLED
+from trainer.catalog import BUNDLED, TIMM
 from trainer.layers import head_module_name
 from trainer.spec import ModelSpec, SpecError
 
@@ -132,6 +132,11 @@ def _replace_head(model: nn.Module, spec: ModelSpec) -> None:
 def build_model(spec: ModelSpec, device: str = "cpu") -> BuiltModel:
     """The network with starting weights (none for a checkpoint source) and the new head."""
     pretrained = spec.weights is not None and spec.checkpoint is None
+    if spec.architecture.startswith(TIMM):  # its head is built for numClasses already
+        from trainer.timm_models import create
+
+        model, mean, std = create(spec, device)
+        return BuiltModel(model, mean, std)
     if spec.architecture == BUNDLED:
         model = _bundled(pretrained, device)
         mean, std = LITE_MEAN, LITE_STD

@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from trainer.catalog import ARCHITECTURES, BUNDLED, unknown_architecture_message
+from trainer.catalog import BUNDLED, TIMM, is_known, unknown_architecture_message
 
 API_VERSION = "thaw.dev/v1alpha1"
 KIND = "FineTuneJob"
@@ -76,7 +76,7 @@ class ModelSpec(_Model):
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, v: str) -> str:
-        if v not in ARCHITECTURES:
+        if not is_known(v):
             raise ValueError(unknown_architecture_message(v))
         return v
 
@@ -93,6 +93,8 @@ class ModelSpec(_Model):
             raise ValueError(f"weightsUri must start with file://, s3:// or https:// (got {self.weights_uri!r})")
         if self.architecture == BUNDLED and self.weights not in (None, "BUNDLED"):
             raise ValueError(f"weights for {BUNDLED} must be BUNDLED or null (got {self.weights!r})")
+        if self.architecture.startswith(TIMM) and self.weights not in (None, "DEFAULT"):
+            raise ValueError(f"weights for a timm model must be DEFAULT (hub weights) or null (got {self.weights!r})")
         if self.architecture != BUNDLED and self.weights == "BUNDLED":
             raise ValueError(f"weights BUNDLED exist only for {BUNDLED}")
         if self.weights and self.weights != "BUNDLED" and not re.fullmatch(r"[A-Z0-9_]+", self.weights):
