@@ -56,11 +56,13 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 class ModelSpec(_Model):
     """Where the pretrained network comes from and what its new head predicts."""
 
-    architecture: str = Field(description="torchvision builder name, or efficientnet_lite0 (bundled, offline)")
+    architecture: str = Field(
+        description="torchvision builder name, efficientnet_lite0 (bundled, offline), or timm/<name> (any timm model)"
+    )
     weights: str | None = Field(
         None,
         description="torchvision weights enum name (IMAGENET1K_V1, DEFAULT), BUNDLED for "
-        "efficientnet_lite0, or null for random init",
+        "efficientnet_lite0, DEFAULT (hub weights) for a timm model, or null for random init",
     )
     checkpoint: str | None = Field(None, description="URI of a Thaw checkpoint to start from instead of weights")
     weights_uri: str | None = Field(
