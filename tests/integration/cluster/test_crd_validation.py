@@ -102,6 +102,22 @@ def test_api_server_rejects_invalid_finetunejob(api, namespace, crd, case, doc, 
     assert expected in _message(err.value), _message(err.value)
 
 
+def test_the_api_server_takes_lr_auto_and_the_new_policy_fields(api, namespace, crd):
+    doc = with_path(_doc(name="auto"), "spec.stages.1.lr", "auto")
+    doc["spec"]["gate"] = {"onRegression": "keep", "minGain": 0.01}
+    doc["spec"]["divergence"] = {"lossFactor": 3}
+    doc["spec"]["model"] = {
+        "architecture": "timm/convnext_atto",
+        "weightsUri": "s3://w/convnext.safetensors",
+        "numClasses": 10,
+    }
+    custom = client.CustomObjectsApi(api)
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, doc)
+    stored = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "auto")["spec"]
+    assert stored["stages"][1]["lr"] == "auto" and stored["gate"]["onRegression"] == "keep"
+    assert stored["model"]["weightsUri"] == "s3://w/convnext.safetensors"
+
+
 def test_training_fields_cannot_change_but_suspend_can(api, namespace, crd):
     custom = client.CustomObjectsApi(api)
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _doc(name="fixed"))
