@@ -10,14 +10,12 @@ worktree of the base commit and from this tree, alternating, best of --repeats.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from report import write_section  # benchmarks/ is the script's own directory
+from bench_trainer import measure  # benchmarks/ is the script's own directory
+from report import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"top block": {"top": 3}, "full": "all"}
@@ -48,24 +46,7 @@ def doc(trainable, store: str) -> dict:
 
 def thaw_images_per_second(tree: Path, trainable) -> float:
     with tempfile.TemporaryDirectory() as store:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(tree / "benchmarks/bench_trainer.py"),
-                "--child",
-                "thaw",
-                json.dumps(doc(trainable, store)),
-            ],
-            cwd=tree,
-            env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(tree)},
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not line:
-        raise RuntimeError(f"{tree}: {proc.stderr[-2000:]}")
-    return json.loads(line[-1][len("RESULT ") :])["images_per_second"]
+        return measure("thaw", doc(trainable, store), tree)["images_per_second"]
 
 
 def main() -> None:

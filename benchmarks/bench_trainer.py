@@ -176,12 +176,14 @@ def child(side: str, doc_json: str) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def measure(side: str, doc: dict) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(doc["spec"]["speed"]["threads"])}
+def measure(side: str, doc: dict, tree: Path = ROOT) -> dict:
+    """One side in its own process; `tree` runs another checkout's copy of this script
+    (benchmarks/ab_commits.py compares commits)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(doc["spec"]["speed"]["threads"]), "PYTHONPATH": str(tree)}
     spawned = time.time()  # the child reports when its stage was done on the same clock
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", side, json.dumps(doc)],
-        cwd=ROOT,
+        [sys.executable, str(tree / "benchmarks/bench_trainer.py"), "--child", side, json.dumps(doc)],
+        cwd=tree,
         env=env,
         capture_output=True,
         text=True,
@@ -193,7 +195,8 @@ def measure(side: str, doc: dict) -> dict:
     out = json.loads(line[-1][len("RESULT ") :])
     # The whole stage as a user waits for it: process start, imports, model, data, warm-up,
     # training, and Thaw's evaluation and verified checkpoints (not the benchmark's own checks after).
-    out["whole_stage_images_per_second"] = out["images"] / (out["stage_done_at"] - spawned)
+    if "stage_done_at" in out:  # older checkouts do not report it
+        out["whole_stage_images_per_second"] = out["images"] / (out["stage_done_at"] - spawned)
     return out
 
 
