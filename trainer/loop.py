@@ -111,17 +111,20 @@ def train_epoch(
         correct += (logits.argmax(1) == y).sum()
         count += n
         unread.append((waited, n))
+        reading = len(unread) == SYNC_EVERY or i + 1 == steps
+        if not reading:
+            progress.step()  # the bar moves every step; the loss shows at each read
         mark = time.perf_counter()
-        if len(unread) == SYNC_EVERY or i + 1 == steps:
+        if reading:
             total = loss_sum.item()  # the one host sync of the interval
             interval_sum, interval_count = total - read_sum, count - read_count
             read_sum, read_count = total, count
             step_loss = interval_sum / interval_count
             now = time.perf_counter()
             per_step = (now - interval_start) / len(unread)  # a step's time includes its data wait
-            for step_wait, images in unread:
-                progress.step(step_loss)
-                if on_step is not None:
+            progress.step(step_loss)
+            if on_step is not None:
+                for step_wait, images in unread:
                     on_step(per_step, step_wait, images)
             unread = []
             if on_read is not None:

@@ -20,10 +20,12 @@ class Progress:
 
             self._bar = tqdm(total=steps, desc=f"{stage} {epoch + 1}/{epochs}", leave=False, file=sys.stderr)
 
-    def step(self, loss: float) -> None:
+    def step(self, loss: float | None = None) -> None:
+        """One step done; `loss` when the loop has read one (every few steps on a GPU)."""
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{loss:.3f}")
+            if loss is not None:
+                self._bar.set_postfix(loss=f"{loss:.3f}")
 
     def end_epoch(self, row: dict) -> None:
         if self._bar is not None:
