@@ -47,16 +47,10 @@ EXTRA: dict[tuple[str, ...], dict] = {
     ("data", "endpoint"): {"pattern": ENDPOINT_PATTERN},
     # Stage names become object names; bounded lengths also keep the CEL cost estimate in budget.
     ("stages", "*", "name"): {"maxLength": 32},
-    # A number or "auto": no structural schema type holds both, so the rule says what the type cannot.
-    ("stages", "*", "lr"): {
-        "x-kubernetes-validations": [
-            {
-                "rule": "type(self) == string ? self == 'auto' : "
-                "(type(self) == int ? self > 0 : (type(self) == double ? self > 0.0 : false))",
-                "message": "must be a positive number or auto",
-            }
-        ]
-    },
+    # lr is a number or "auto": no structural type holds both, and CEL cannot see a field without
+    # one. OpenAPI applies `minimum` to numbers only and `pattern` to strings only, so together
+    # they say "a positive number, or the word auto".
+    ("stages", "*", "lr"): {"minimum": 0, "exclusiveMinimum": True, "pattern": "^auto$"},
 }
 
 

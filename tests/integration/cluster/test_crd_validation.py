@@ -38,8 +38,8 @@ INVALID = [
         with_path(_doc(), "spec.stages.0.epochs", 0),
         "spec.stages[0].epochs in body should be greater than 0",
     ),
-    ("negative lr", with_path(_doc(), "spec.stages.1.lr", -0.1), "must be a positive number or auto"),
-    ("lr as a word", with_path(_doc(), "spec.stages.1.lr", "fast"), "must be a positive number or auto"),
+    ("negative lr", with_path(_doc(), "spec.stages.1.lr", -0.1), "spec.stages[1].lr in body should be greater than 0"),
+    ("lr as a word", with_path(_doc(), "spec.stages.1.lr", "fast"), "spec.stages[1].lr in body should match '^auto$'"),
     (
         "one class",
         with_path(_doc(), "spec.model.numClasses", 1),
