@@ -48,7 +48,8 @@ def passes(
     if train:
         with autocast():
             out = model(x)
-        out.float().square().mean().backward()
+        if out.requires_grad:  # a warm-up never fails a stage that would train
+            out.float().square().mean().backward()
         model.zero_grad(set_to_none=True)
     with torch.no_grad(), autocast():
         model.eval()
