@@ -180,11 +180,18 @@ def split_train_val(labels: torch.Tensor, spec: DataSpec, seed: int) -> tuple[np
     return rest[pick], val
 
 
+def resize_batch_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, h, w) uint8 -> (N, C, size, size) uint8, antialiased; image by image the same
+    whether resized alone or in a batch (trainer/resident.py resizes whole splits)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def resize_uint8(img: torch.Tensor, size: int) -> torch.Tensor:
     """(C, h, w) uint8 -> (3, size, size) uint8, antialiased; grayscale becomes RGB."""
-    if img.shape[-1] != size or img.shape[-2] != size:
-        x = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        img = x[0].round_().clamp_(0, 255).to(torch.uint8)
+    img = resize_batch_uint8(img[None], size)[0]
     if img.shape[0] == 1:
         img = img.expand(3, -1, -1)
     return img

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from trainer.data import Images
+from trainer.data import Images, resize_batch_uint8
 from trainer.spec import AugmentationSpec
 
 RESIZE_CHUNK = 2048  # images resized per call: bounds the float32 working set
@@ -32,11 +32,7 @@ class ResidentImages(Dataset):
         idx = torch.from_numpy(source.indices)
         chunks = []
         for part in idx.split(RESIZE_CHUNK):
-            x = split.images[part].to(device)
-            if x.shape[-1] != size or x.shape[-2] != size:
-                x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-                x = x.round_().clamp_(0, 255).to(torch.uint8)
-            chunks.append(x)
+            chunks.append(resize_batch_uint8(split.images[part].to(device), size))
         self.pixels = torch.cat(chunks) if chunks else torch.empty(0, 3, size, size, dtype=torch.uint8, device=device)
         self.labels = source.labels  # on the host: the feature cache and the samplers read it there
         self.device_labels = self.labels.to(device)

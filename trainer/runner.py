@@ -186,11 +186,8 @@ def _cached_features(setup: Setup, datasets: list, batch_size: int) -> list[Tens
         model.eval()
         for ds in datasets:
             captured.clear()
-            idx = list(range(env.rank, len(ds), env.world))
-            if isinstance(ds, ResidentImages):
-                loader = ResidentBatches(ds, batch_size, idx, drop_last=False)
-            else:
-                loader = DataLoader(Subset(ds, idx), batch_size=batch_size, num_workers=setup.job.spec.data.workers)
+            idx = list(range(env.rank, len(ds), env.world))  # the shard _eval_loader reads
+            loader = _eval_loader(ds, batch_size, env, setup.job)
             with torch.no_grad():
                 for x, _ in loader:
                     with StepContext(env, prepare, setup.autocast_dtype, None).autocast():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 
+import torch
 from torch import nn
 
 from trainer.catalog import TIMM
@@ -41,7 +42,7 @@ def create(spec: ModelSpec, device: str) -> tuple[nn.Module, tuple, tuple]:
         raise SpecError(f"spec.model.architecture: timm has no model {name!r}{hint}")
     pretrained = spec.weights == "DEFAULT" and device != "meta"
     try:
-        with __import__("torch").device(device):
+        with torch.device(device):
             model = timm.create_model(name, pretrained=pretrained, num_classes=spec.num_classes)
     except Exception as err:  # hub errors of every kind mean "not reachable"
         if not pretrained:
