@@ -1,23 +1,28 @@
-"""Operator at scale on the local control plane: many FineTuneJobs x stages x nodes on kwok nodes.
+"""Operator at scale on the local control plane: many FineTuneJobs x stages x pods on kwok nodes.
 
-    python benchmarks/bench_operator.py --jobs 100 --nodes 200 --out docs/benchmarks.md
+    python benchmarks/bench_operator.py --runs 100x3,1000x3,100x20 --nodes 2000 --out docs/benchmarks.md
 
-Every stage's kwok pods end with rank 0's termination message (annotations), so a stage's
-next Job can start as soon as the operator sees the previous one complete with its result.
-A watch in this process timestamps each Job's Complete condition and each Job's creation with
-one clock; latency = next stage Job created - previous stage Job seen complete. API requests
-are the reconciler's own (thaw_operator_api_requests_total); peak RSS is the operator
-process' VmHWM.
+Each run starts a fresh control plane (etcd, kube-apiserver, controller-manager, scheduler,
+kwok) and one operator process. Every stage's kwok pods end with rank 0's termination message
+(annotations), so a stage's next Job can start as soon as the operator sees the previous one
+complete with its result. A watch in this process timestamps each Job's Complete condition and
+each Job's creation with one clock: hand-off latency = next stage Job created - previous stage
+Job seen complete. Sampled every second: the operator's work-queue depth (its own gauge), the
+hand-offs waiting at that moment (seen from outside), its TCP connections to the API server.
+API requests are the reconciler's own (thaw_operator_api_requests_total); peak RSS is the
+operator process' VmHWM, CPU its utime + stime.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,24 +30,36 @@ sys.path.insert(0, str(ROOT))
 
 from report import write_section  # noqa: E402
 
-from tests.cluster.control_plane import DELAY, EXIT_CODE, ControlPlane  # noqa: E402
+from tests.cluster.control_plane import DELAY, EXIT_CODE, MESSAGE, ControlPlane  # noqa: E402
 from tests.integration.cluster.conftest import OperatorProcess  # noqa: E402
-from tests.integration.cluster.test_operator import KWOK, reported  # noqa: E402
+from tests.integration.cluster.test_operator import KWOK  # noqa: E402
 from tests.services.net import http_get  # noqa: E402
 
-STAGES = 3
+
+def stage_names(stages: int) -> list[str]:
+    return ["head", "top3", "all"] if stages == 3 else [f"s{k:02d}" for k in range(stages)]
 
 
-def doc(name: str, store: str, nodes: int) -> dict:
+def doc(name: str, store: str, pods: int, stages: int) -> dict:
     from tests.builders import job_doc
 
-    annotations = {EXIT_CODE: "0", DELAY: "0s", **reported({0: 0.5, 1: 0.5, 2: 0.5})}
-    d = job_doc(nodes=nodes, checkpoint={"uri": store}, podAnnotations=annotations, **KWOK)
+    names = stage_names(stages)
+    trainable = [{"top": 1}, {"top": 3}, "all"] if stages == 3 else [{"top": 1 + k % 10} for k in range(stages)]
+    messages = {
+        f"{MESSAGE}{k}": json.dumps(
+            {
+                "stage": k,
+                "name": n,
+                "checkpoint": f"{store}/{n}/epoch-0000",
+                "manifestSha256": "0" * 64,
+                "metrics": {"valAccuracy": 0.5, "testAccuracy": 0.5, "epochs": 1},
+            }
+        )
+        for k, n in enumerate(names)
+    }
+    d = job_doc(nodes=pods, checkpoint={"uri": store}, podAnnotations={EXIT_CODE: "0", DELAY: "0s", **messages}, **KWOK)
     d["spec"]["data"]["batchSize"] = 32
-    d["spec"]["stages"] = [
-        {"name": n, "trainable": t, "epochs": 1, "lr": 0.01}
-        for n, t in [("head", {"top": 1}), ("top3", {"top": 3}), ("all", "all")]
-    ]
+    d["spec"]["stages"] = [{"name": n, "trainable": t, "epochs": 1, "lr": 0.01} for n, t in zip(names, trainable)]
     d["metadata"] = {"name": name}
     return d
 
@@ -59,99 +76,215 @@ def vm_hwm_mib(pid: int) -> float:
     return 0.0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--jobs", type=int, default=100)
-    ap.add_argument("--nodes", type=int, default=200, help="kwok nodes")
-    ap.add_argument("--pods-per-stage", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=1200)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
+
+def connections_to(pid: int, port: int) -> int:
+    """ESTABLISHED TCP connections of one process to a local port (its sockets' inodes in /proc/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == port and cols[9] in inodes:
+                count += 1
+    return count
+
+
+@dataclass
+class Run:
+    jobs: int
+    stages: int
+    pods: int
+    nodes: int
+    succeeded: int = 0
+    wall: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    requests: float = 0.0
+    reconciles: float = 0.0
+    rss: float = 0.0
+    cpu: float = 0.0
+    connections: int = 0
+    samples: list[tuple[float, float, int]] = field(default_factory=list)  # (t, queue depth, hand-offs waiting)
+
+    @property
+    def label(self) -> str:
+        return f"{self.jobs} jobs x {self.stages} stages"
+
+    def q(self, p: float) -> float:
+        lat = sorted(self.latencies)
+        return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+
+
+def run(r: Run, timeout: float) -> Run:
     from kubernetes import client, config, watch
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cp = ControlPlane(tmp / "cluster", kwok_nodes=args.nodes, process_nodes=0)
-        cp.start()
+        for attempt in range(3):  # a port picked free can be taken before the server binds it
+            cp = ControlPlane(tmp / f"cluster-{attempt}", kwok_nodes=0, process_nodes=0)
+            try:
+                cp.start()
+                break
+            except RuntimeError as err:
+                cp.stop()
+                if attempt == 2 or "address already in use" not in str(err):
+                    raise
+        cp.add_kwok_nodes(r.nodes, timeout=max(60, r.nodes / 10))
         op = None
+        stop = threading.Event()
         try:
             cp.kubectl("apply", "--server-side", "-k", str(ROOT / "manifests" / "crd"))
             cp.kubectl("wait", "--for", "condition=established", "crd/finetunejobs.thaw.dev", "--timeout=60s")
             api = config.new_client_from_config(str(cp.kubeconfig_path))
-            docs = [doc(f"ft-{i:03d}", f"file://{tmp}/store", args.pods_per_stage) for i in range(args.jobs)]
+            api_port = int(api.configuration.host.rsplit(":", 1)[1])
+            docs = [doc(f"ft-{i:04d}", f"file://{tmp}/store", r.pods, r.stages) for i in range(r.jobs)]
             completed: dict[str, float] = {}
             created: dict[str, float] = {}
-            stop = threading.Event()
 
             def watch_jobs():
-                w = watch.Watch()
                 batch = client.BatchV1Api(api)
                 while not stop.is_set():
-                    for ev in w.stream(batch.list_namespaced_job, "default", timeout_seconds=5):
+                    for ev in watch.Watch().stream(batch.list_namespaced_job, "default", timeout_seconds=5):
                         j, now = ev["object"], time.monotonic()
                         created.setdefault(j.metadata.name, now)
                         if any(c.type == "Complete" and c.status == "True" for c in j.status.conditions or []):
                             completed.setdefault(j.metadata.name, now)
 
-            watcher = threading.Thread(target=watch_jobs, daemon=True)
-            watcher.start()
-            op = OperatorProcess(cp.kubeconfig_path, tmp / "operator.log").start()
+            def waiting_handoffs() -> int:
+                n = 0
+                for name in list(completed):
+                    job, k, attempt = name.rsplit("-", 2)
+                    if int(k) < r.stages - 1 and f"{job}-{int(k) + 1}-a1" not in created:
+                        n += 1
+                return n
+
+            def sample():
+                while not stop.wait(1.0):
+                    try:
+                        depth = scrape(op.metrics_port, "thaw_operator_queue_depth")
+                        r.connections = max(r.connections, connections_to(op.proc.pid, api_port))
+                    except OSError:
+                        continue
+                    r.samples.append((time.monotonic() - t0, depth, waiting_handoffs()))
+
+            threading.Thread(target=watch_jobs, daemon=True).start()
+            # As the chart deploys it (resyncSeconds: 60; the test suite's 5 s is for test speed).
+            op = OperatorProcess(cp.kubeconfig_path, tmp / "operator.log", extra=["--resync-seconds=60"]).start()
             custom = client.CustomObjectsApi(api)
             t0 = time.monotonic()
+            threading.Thread(target=sample, daemon=True).start()
             for d in docs:
                 custom.create_namespaced_custom_object("thaw.dev", "v1alpha1", "default", "finetunejobs", d)
-            deadline = t0 + args.timeout
+            deadline = t0 + timeout
             while time.monotonic() < deadline:
                 items = custom.list_namespaced_custom_object("thaw.dev", "v1alpha1", "default", "finetunejobs")["items"]
-                if sum((o.get("status") or {}).get("phase") == "Succeeded" for o in items) == args.jobs:
+                r.succeeded = sum((o.get("status") or {}).get("phase") == "Succeeded" for o in items)
+                if r.succeeded == r.jobs:
                     break
-                time.sleep(1)
-            wall = time.monotonic() - t0
+                time.sleep(2)
+            r.wall = time.monotonic() - t0
             stop.set()
-            succeeded = sum((o.get("status") or {}).get("phase") == "Succeeded" for o in items)
-            latencies = []
             for d in docs:
                 n = d["metadata"]["name"]
-                for k in range(STAGES - 1):
+                for k in range(r.stages - 1):
                     a, b = f"{n}-{k}-a1", f"{n}-{k + 1}-a1"
                     if a in completed and b in created:
-                        latencies.append(created[b] - completed[a])
-            requests = scrape(op.metrics_port, "thaw_operator_api_requests_total")
-            reconciles = scrape(op.metrics_port, "thaw_operator_reconciles_total")
-            rss = vm_hwm_mib(op.proc.pid)
+                        r.latencies.append(created[b] - completed[a])
+            r.requests = scrape(op.metrics_port, "thaw_operator_api_requests_total")
+            r.reconciles = scrape(op.metrics_port, "thaw_operator_reconciles_total")
+            r.rss = vm_hwm_mib(op.proc.pid)
+            r.cpu = cpu_seconds(op.proc.pid)
         finally:
+            stop.set()
             if op is not None:
                 op.stop()
             cp.stop()
+    return r
 
-    latencies.sort()
-    q = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")
+
+def plot(runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.6 * len(runs)), squeeze=False)
+    for ax, r in zip(axes[:, 0], runs):
+        t = [s[0] for s in r.samples]
+        ax.plot(t, [s[1] for s in r.samples], label="operator work queue depth")
+        ax.plot(t, [s[2] for s in r.samples], label="hand-offs waiting (seen from outside)")
+        ax.set_title(f"{r.label} x {r.pods} pods, {r.nodes} kwok nodes")
+        ax.set_xlabel("seconds since the first create")
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def table(runs: list[Run], argv: str) -> str:
+    cols = " | ".join(r.label for r in runs)
+    rows = [
+        ("FineTuneJobs succeeded", lambda r: f"{r.succeeded}/{r.jobs}", "all"),
+        ("stage hand-offs measured", lambda r: f"{len(r.latencies)}/{r.jobs * (r.stages - 1)}", "all"),
+        ("hand-off latency p50 (Job seen complete -> next Job created)", lambda r: f"{r.q(0.5):.2f} s", ""),
+        ("hand-off latency p99", lambda r: f"**{r.q(0.99):.2f} s**", "< 1 s"),
+        ("total wall time, first create -> all Succeeded", lambda r: f"{r.wall:.0f} s", ""),
+        ("reconciler API requests per FineTuneJob", lambda r: f"{r.requests / r.jobs:.0f}", "no more than at 100"),
+        ("... per stage", lambda r: f"{r.requests / r.jobs / r.stages:.1f}", ""),
+        ("reconciliations per FineTuneJob", lambda r: f"{r.reconciles / r.jobs:.0f}", ""),
+        ("operator peak RSS", lambda r: f"**{r.rss:.0f} MiB**", "< 300 MiB"),
+        ("operator CPU (user + system)", lambda r: f"{r.cpu:.0f} s", ""),
+        ("operator TCP connections to the API server (max)", lambda r: f"{r.connections}", ""),
+        ("max work-queue depth", lambda r: f"{max((s[1] for s in r.samples), default=0):.0f}", ""),
+        ("max hand-offs waiting at once", lambda r: f"{max((s[2] for s in r.samples), default=0)}", ""),
+    ]
     lines = [
         "## Operator at scale (local control plane, kwok nodes)",
         "",
-        f"Command: `python benchmarks/bench_operator.py --jobs {args.jobs} --nodes {args.nodes} "
-        "--out docs/benchmarks.md`",
+        f"Command: `python benchmarks/bench_operator.py {argv}`",
         "",
-        f"{args.jobs} FineTuneJobs x {STAGES} stages x {args.pods_per_stage} pods on {args.nodes} kwok GPU nodes; "
-        f"real kube-apiserver, etcd, controller-manager and scheduler on the same {os.cpu_count()}-CPU machine as "
-        "the operator (one process, kopf + kubernetes client).",
+        f"Each column a fresh control plane: real kube-apiserver, etcd, controller-manager and scheduler, kwok, "
+        f"and the operator (one process, kopf + kubernetes client), all on one {os.cpu_count()}-CPU machine; "
+        f"{runs[0].pods} pods per stage. Queue depth over time: [operator-queue.png](operator-queue.png).",
         "",
-        "| measure | value | goal |",
-        "|---|---|---|",
-        f"| FineTuneJobs succeeded | {succeeded}/{args.jobs} | all |",
-        f"| stage hand-off latency p50 (Job seen complete -> next Job created) | {q(0.5):.2f} s | |",
-        f"| stage hand-off latency p99 | {q(0.99):.2f} s | < 2 s |",
-        f"| hand-offs measured | {len(latencies)} | {args.jobs * (STAGES - 1)} |",
-        f"| total wall time, first create -> all Succeeded | {wall:.0f} s | |",
-        f"| reconciler API requests per FineTuneJob | {requests / args.jobs:.0f} | |",
-        f"| reconciliations per FineTuneJob | {reconciles / args.jobs:.0f} | |",
-        f"| operator peak RSS | {rss:.0f} MiB | < 200 MiB |",
+        f"| measure | {cols} | goal |",
+        "|---|" + "---|" * len(runs) + "---|",
+        *(f"| {name} | " + " | ".join(fn(r) for r in runs) + f" | {goal} |" for name, fn, goal in rows),
     ]
-    table = "\n".join(lines)
-    print(table)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", default="100x3", help="comma-separated JOBSxSTAGES, one fresh cluster each")
+    ap.add_argument("--nodes", type=int, default=200, help="kwok GPU nodes")
+    ap.add_argument("--pods-per-stage", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=3600, help="per run")
+    ap.add_argument("--out", type=Path, help="docs/benchmarks.md; the plot goes beside it")
+    args = ap.parse_args()
+    runs = []
+    for spec in args.runs.split(","):
+        jobs, stages = (int(x) for x in spec.split("x"))
+        r = run(Run(jobs, stages, args.pods_per_stage, args.nodes), args.timeout)
+        print(
+            f"{r.label}: {r.succeeded}/{r.jobs} in {r.wall:.0f} s, p99 {r.q(0.99):.2f} s, RSS {r.rss:.0f} MiB",
+            flush=True,
+        )
+        runs.append(r)
+    text = table(runs, " ".join(sys.argv[1:]))
+    print(text)
     if args.out:
-        write_section(args.out, "operator", table)
+        write_section(args.out, "operator", text)
+        plot(runs, args.out.parent / "operator-queue.png")
 
 
 if __name__ == "__main__":

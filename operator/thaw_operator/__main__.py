@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--metrics-port", type=int, default=8080)
     ap.add_argument("--health-port", type=int, default=8081)
     ap.add_argument("--resync-seconds", type=float, default=60.0)
+    ap.add_argument("--workers", type=int, default=4, help="threads reconciling FineTuneJobs (one per job at a time)")
     ap.add_argument("--standalone", action="store_true", help="no leader election: assume this is the only replica")
     ap.add_argument(
         "--leader-election-namespace",
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     controller.CONFIG.leader = elector
     stop = threading.Event()
     threading.Thread(target=controller.resync_forever, args=(stop,), name="resync", daemon=True).start()
+    for i in range(args.workers):
+        threading.Thread(target=controller.work_forever, args=(stop,), name=f"worker-{i}", daemon=True).start()
     for ns in args.namespace or [None]:
         threading.Thread(target=controller.watch_jobs, args=(stop,), kwargs={"namespace": ns}, daemon=True).start()
     try:

@@ -1,10 +1,11 @@
 """Thin kopf handlers: observe, call the pure planner, apply its plan.
 
-Every FineTuneJob event and every event of a stage Job it owns triggers `reconcile` for that
-FineTuneJob; a background loop re-runs it for jobs waiting (for a failed attempt's pods, a
-TTL) and resyncs all of them every minute (level-triggered: a missed event costs latency,
-never correctness). kopf's `on.event` handlers keep no state in the objects, so no
-finalizers: deletion cascades through ownerReferences alone, even with the operator down.
+Every FineTuneJob event and every event of a stage Job it owns queues that FineTuneJob
+(thaw_operator.workqueue) for a worker to `reconcile`; a background loop queues jobs waiting
+(for a failed attempt's pods, a TTL) when due and all of them every minute, behind the
+event-driven ones (level-triggered: a missed event costs latency, never correctness). kopf's
+`on.event` handlers keep no state in the objects, so no finalizers: deletion cascades through
+ownerReferences alone, even with the operator down.
 
 The operator never talks to the object store and holds no storage credentials: a stage's
 result comes from rank 0's termination message, its live progress from rank 0's metrics
@@ -28,6 +29,7 @@ from thaw_operator import metrics
 from thaw_operator import resources as res
 from thaw_operator.crd import GROUP, PLURAL, VERSION
 from thaw_operator.planner import TERMINAL, TIME_FORMAT, JobView, Plan, plan
+from thaw_operator.workqueue import HANDOFF, SPEC, SWEEP, WorkQueue
 from trainer.layer_table import resolve_offline
 from trainer.spec import SpecError, parse_job
 
@@ -56,14 +58,10 @@ def resync_now() -> None:
     _resync_now.set()
 
 
-_locks: dict[tuple[str, str], threading.Lock] = {}
-_locks_guard = threading.Lock()
+QUEUE = WorkQueue()  # (namespace, name) keys; one worker per key at a time
+_generations: dict[tuple[str, str], int] = {}  # the last FineTuneJob generation queued, per key
+metrics.QUEUE_DEPTH.set_function(lambda: len(QUEUE))
 _requeue: dict[tuple[str, str], float] = {}
-
-
-def _lock(key: tuple[str, str]) -> threading.Lock:
-    with _locks_guard:
-        return _locks.setdefault(key, threading.Lock())
 
 
 def now() -> str:
@@ -218,29 +216,43 @@ def reconcile(namespace: str, name: str) -> Plan | None:
     """Observe, plan, apply one FineTuneJob. Its errors stay its own: they are logged, counted,
     reported on it (a Stalled condition and an Event) and retried, never raised to the caller."""
     key = (namespace, name)
-    with _lock(key):
-        t0 = time.perf_counter()
-        result = None
-        try:
-            result = _reconcile(namespace, name)
-        except ApiException as err:
-            if err.status != 409:
-                return _stalled(key, err)
-            # The FineTuneJob changed since it was read (a spec edit, another writer): plan
-            # again from fresh observations, soon; nothing is wrong with it.
-            log.info("%s/%s: changed while reconciling; again in 1 s", namespace, name)
-            _requeue[key] = time.monotonic() + 1.0
-            return None
-        except Exception as err:  # noqa: BLE001 - one broken job must not stall the others
+    t0 = time.perf_counter()
+    result = None
+    try:
+        result = _reconcile(namespace, name)
+    except ApiException as err:
+        if err.status != 409:
             return _stalled(key, err)
+        # The FineTuneJob changed since it was read (a spec edit, another writer): plan
+        # again from fresh observations, soon; nothing is wrong with it.
+        log.info("%s/%s: changed while reconciling; again in 1 s", namespace, name)
+        _requeue[key] = time.monotonic() + 1.0
+        return None
+    except Exception as err:  # noqa: BLE001 - one broken job must not stall the others
+        return _stalled(key, err)
+    finally:
+        metrics.RECONCILES.inc()
+        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - t0)
+    if result is not None and result.requeue_after:
+        _requeue[key] = time.monotonic() + result.requeue_after
+    else:
+        _requeue.pop(key, None)
+    return result
+
+
+def work_forever(stop: threading.Event) -> None:
+    """One of the workers: reconcile keys from the queue until stopped."""
+    while not stop.is_set():
+        item = QUEUE.get(timeout=1.0)
+        if item is None:
+            continue
+        key, waited = item
+        metrics.QUEUE_WAIT_SECONDS.observe(waited)
+        try:
+            if acting():
+                reconcile(*key)
         finally:
-            metrics.RECONCILES.inc()
-            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - t0)
-        if result is not None and result.requeue_after:
-            _requeue[key] = time.monotonic() + result.requeue_after
-        else:
-            _requeue.pop(key, None)
-        return result
+            QUEUE.done(key)
 
 
 STALLED_RETRY_SECONDS = 10.0
@@ -492,8 +504,8 @@ def list_finetunejobs() -> list[dict]:
 
 
 def resync_forever(stop: threading.Event) -> None:
-    """Requeued jobs (waiting for pods to stop, a TTL, a stalled one) when due; every unfinished
-    job (and finished ones with a TTL) every resync_seconds. reconcile() never raises."""
+    """Queues requeued jobs (waiting for pods to stop, a TTL, a stalled one) when due, and every
+    unfinished job (and finished ones with a TTL) every resync_seconds, behind event-driven keys."""
     last_full = time.monotonic()
     while not stop.wait(1.0):
         if not acting():
@@ -506,19 +518,13 @@ def resync_forever(stop: threading.Event) -> None:
                 last_full = time.monotonic()
                 items = list_finetunejobs()
                 metrics.set_phases(items)
-                due = sorted(
-                    {
-                        *due,
-                        *(
-                            (o["metadata"]["namespace"], o["metadata"]["name"])
-                            for o in items
-                            if (o.get("status") or {}).get("phase") not in TERMINAL
-                            or ((o.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None
-                        ),
-                    }
-                )
-            for ns, name in due:
-                reconcile(ns, name)
+                for o in items:
+                    if (o.get("status") or {}).get("phase") not in TERMINAL or (
+                        ((o.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None
+                    ):
+                        QUEUE.add((o["metadata"]["namespace"], o["metadata"]["name"]), SWEEP)
+            for key in due:
+                QUEUE.add(key, SPEC)
         except Exception:  # noqa: BLE001 - the loop must survive API hiccups
             log.exception("resync failed")
 
@@ -528,16 +534,21 @@ def resync_forever(stop: threading.Event) -> None:
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def on_finetunejob(type, body, namespace, name, **_):  # noqa: A002 - kopf's argument name
+    key = (namespace, name)
     if type == "DELETED":
         metrics.forget(namespace, name, [s["name"] for s in (body.get("status") or {}).get("stages", [])])
+        _generations.pop(key, None)
         return
-    if acting():
-        reconcile(namespace, name)
+    # Same generation: a status or metadata change, almost always the echo of our own status
+    # patch. Still reconciled (level-triggered), but behind hand-offs and spec changes.
+    generation = body["metadata"].get("generation")
+    echo = _generations.get(key) == generation
+    _generations[key] = generation
+    QUEUE.add(key, SWEEP if echo else SPEC)
 
 
 def on_stage_job(job) -> None:
-    if acting():
-        reconcile(job.metadata.namespace, job.metadata.labels[res.LABEL_JOB])
+    QUEUE.add((job.metadata.namespace, job.metadata.labels[res.LABEL_JOB]), HANDOFF)
 
 
 def watch_jobs(stop: threading.Event, handle=on_stage_job, namespace: str | None = None) -> None:

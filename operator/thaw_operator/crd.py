@@ -21,7 +21,7 @@ from trainer.spec import API_VERSION, ENDPOINT_PATTERN, KIND, NAME_PATTERN, TRAI
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "finetunejobs"
-MAX_STAGES = 16
+MAX_STAGES = 32  # ULMFiT-style schedules stay far below; the CEL cost budget scales with it
 MAX_NAME = 40  # stage Jobs are named <name>-<k>-a<attempt>: Job and pod names stay within 63
 
 

@@ -28,6 +28,12 @@ API_REQUESTS = Counter("thaw_operator_api_requests", "Requests the reconciler se
 STAGE_ATTEMPTS = Gauge(
     "thaw_operator_stage_attempts", "Attempts (Jobs) of each stage so far", ["namespace", "finetunejob", "stage"]
 )
+QUEUE_DEPTH = Gauge("thaw_operator_queue_depth", "FineTuneJobs waiting in the work queue for a reconcile")
+QUEUE_WAIT_SECONDS = Histogram(
+    "thaw_operator_queue_wait_seconds",
+    "Time a FineTuneJob waited in the work queue before a worker took it",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 PHASES = (PENDING, RUNNING, QUEUED, SUSPENDED, SUCCEEDED, FAILED)
 FINETUNEJOBS = Gauge("thaw_operator_finetunejobs", "FineTuneJobs by phase", ["phase"])
 

@@ -136,6 +136,7 @@ class ControlPlane:
     gpus_per_node: int = 8
     bins: Path | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    argv: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def kubeconfig_path(self) -> Path:
@@ -154,11 +155,21 @@ class ControlPlane:
         # Own process group: stop() can signal the whole tree, and Ctrl-C on pytest does not
         # kill the cluster half-way through a test's clean-up.
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.argv[name] = args
         self.procs[name] = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env
         )
         (self.state / "pids").mkdir(exist_ok=True)
         (self.state / "pids" / name).write_text(str(self.procs[name].pid))
+
+    def restart(self, name: str, down_seconds: float = 0.0) -> None:
+        """Stop one component (SIGTERM to its group, as systemd or a kubelet would) and start it
+        again with the same arguments: a control-plane upgrade or crash, for the chaos trials."""
+        p = self.procs[name]
+        _terminate(p.pid)
+        p.wait()
+        time.sleep(down_seconds)
+        self._spawn(name, self.argv[name])
 
     def _check_alive(self) -> None:
         for name, p in self.procs.items():
@@ -335,7 +346,7 @@ class ControlPlane:
             time.sleep(0.3)
         raise TimeoutError("the default ServiceAccount never appeared (controller-manager not working?)")
 
-    def add_kwok_nodes(self, count: int) -> None:
+    def add_kwok_nodes(self, count: int, timeout: float = 60) -> None:
         docs = []
         for i in range(count):
             docs.append(
@@ -371,7 +382,7 @@ class ControlPlane:
         if not docs:
             return
         self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
-        self._wait_nodes("type=kwok", count)
+        self._wait_nodes("type=kwok", count, timeout)
 
     def _wait_nodes(self, selector: str, count: int, timeout: float = 60) -> None:
         """`kubectl wait` fails at once when nothing matches yet, so poll for the nodes first."""
