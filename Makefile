@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-local test test-unit lint bench constraints clean k8s-binaries cluster-up cluster-down \
+.PHONY: install demo demo-local test test-unit lint bench chaos load constraints clean k8s-binaries cluster-up cluster-down \
 	crd manifests helm-lint images kind-up kind-demo kind-down demo-down docker-up docker-down
 
 install: $(STAMP)
@@ -47,6 +47,15 @@ lint: install
 bench: install
 	$(PY) benchmarks/bench_trainer.py --repeats 3 --out docs/benchmarks.md
 	$(PY) benchmarks/bench_checkpoint.py --repeats 5 --out docs/benchmarks.md
+
+# Faults at random moments against real training through the operator (needs root; ~1 h):
+# every trial of docs/reliability.md's chaos table, written there. The reduced set runs in `make test`.
+chaos: install k8s-binaries
+	$(PY) -m tests.cluster.chaos --out docs/reliability.md
+
+# The operator at scale on kwok nodes (needs root; ~1 h), written to docs/benchmarks.md.
+load: install k8s-binaries
+	$(PY) benchmarks/bench_operator.py --runs 100x3,1000x3,100x20 --nodes 2000 --out docs/benchmarks.md
 
 constraints: install
 	$(PY) -m pip freeze --exclude-editable | grep -v '^thaw' > constraints.txt.new && \

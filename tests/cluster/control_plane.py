@@ -167,7 +167,11 @@ class ControlPlane:
         again with the same arguments: a control-plane upgrade or crash, for the chaos trials."""
         p = self.procs[name]
         _terminate(p.pid)
-        p.wait()
+        try:
+            p.wait(timeout=30)  # a kubelet's default grace period; an apiserver drains watches ~60 s
+        except subprocess.TimeoutExpired:
+            _kill_group(p.pid, signal.SIGKILL)
+            p.wait()
         time.sleep(down_seconds)
         self._spawn(name, self.argv[name])
 

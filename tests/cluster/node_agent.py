@@ -307,11 +307,32 @@ class NodeAgent:
             status["reason"] = reason
         if message:
             status["message"] = message
-        try:
-            self.v1.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
-        except ApiException as err:
-            if err.status != 404:
-                log.warning("status of %s/%s: %s", pod.metadata.namespace, pod.metadata.name, err.reason)
+        # Retried until the API server takes it, as a kubelet's status manager does: a status
+        # lost while the API server restarts would leave a finished pod Running for good.
+        delay = 0.5
+        while True:
+            try:
+                self.v1.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
+                return
+            except ApiException as err:
+                if err.status < 500 and err.status != 429:
+                    if err.status != 404:  # 404: the pod is gone, nothing to report
+                        log.warning("status of %s/%s: %s", pod.metadata.namespace, pod.metadata.name, err.reason)
+                    return
+                reason = err.reason
+            except Exception as err:  # noqa: BLE001 - connection refused or reset: the server is away
+                reason = type(err).__name__
+            if self.stopping.is_set():
+                return
+            log.warning(
+                "status of %s/%s not sent (%s); again in %.1fs",
+                pod.metadata.namespace,
+                pod.metadata.name,
+                reason,
+                delay,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     @staticmethod
     def _container(c, state: dict, running: bool = False, **extra) -> dict:
@@ -648,7 +669,14 @@ class NodeAgent:
 
     def _finish(self, pod, run: PodRun, codes: dict[str, tuple[int, str | None]], message: str | None = None) -> None:
         if run.deleting:
-            return  # the deletion path reports nothing: the pod is going away
+            return  # the deletion path reports the pod's end itself (delete_pod)
+        self._report_terminated(pod, run, codes, message)
+        run.finished = True
+        self._release(run)
+
+    def _report_terminated(
+        self, pod, run: PodRun, codes: dict[str, tuple[int, str | None]], message: str | None = None
+    ) -> None:
         t = now()
         containers = []
         for c in pod.spec.containers:
@@ -662,8 +690,6 @@ class NodeAgent:
             containers.append(self._container(c, {"terminated": terminated}))
         phase = "Succeeded" if all(code == 0 for code, _ in codes.values()) else "Failed"
         self._status(pod, phase, containers, message=message, run=run)
-        run.finished = True
-        self._release(run)
         log.info("%s/%s %s %s", run.namespace, run.name, phase, {k: v[0] for k, v in codes.items()})
 
     def kill(self, run: PodRun, grace: float) -> None:
@@ -700,6 +726,12 @@ class NodeAgent:
         self.kill(run, grace)
         with self.lock:
             self.runs.pop(run.uid, None)
+        if not run.finished:
+            # As a kubelet does: the terminal phase (143 after SIGTERM, 137 after SIGKILL) goes to
+            # the API server before the pod is removed; the Job controller's pod-tracking finalizer
+            # waits for it, so without it a deleted pod stays Terminating for good.
+            codes = {n: (128 - p.returncode if p.returncode < 0 else p.returncode, None) for n, p in run.procs.items()}
+            self._report_terminated(pod, run, codes)
         self._force_delete(pod)
 
     def _force_delete(self, pod) -> None:
