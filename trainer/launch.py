@@ -86,6 +86,16 @@ def describe_failures(failures: dict) -> str:
     return ", ".join(f"rank {rank}: exit {f.exitcode}" for rank, f in sorted(failures.items()))
 
 
+def torchrun(args: list[str]) -> None:
+    """torchrun in this process, deaf to SIGTERM no longer than signals.install_for_launcher allows."""
+    from torch.distributed.run import parse_args, run
+
+    from trainer import signals
+
+    signals.install_for_launcher()
+    run(parse_args(args))
+
+
 def launch(job_file: str, stage: int | None) -> int:
     from trainer.storage import StoreError
 
@@ -100,10 +110,9 @@ def launch(job_file: str, stage: int | None) -> int:
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
 
     try:
-        run(parse_args(torchrun_args(job_file, stage)))
+        torchrun(torchrun_args(job_file, stage))
     except ChildFailedError as err:
         found = read_termination() or {}
         if found.get("configuration"):

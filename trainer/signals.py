@@ -15,6 +15,8 @@ import os
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
 
 STUCK_SECONDS = 10.0
 _handled = threading.Event()
@@ -62,3 +64,56 @@ def install(stuck_seconds: float = STUCK_SECONDS) -> None:
     # A forked DataLoader worker must not report its own signals into this process's pipe.
     os.register_at_fork(after_in_child=_detach)
     threading.Thread(target=_watch, args=(read, stuck_seconds), name="sigterm-watchdog", daemon=True).start()
+
+
+def _has_children(pid: int) -> bool:
+    """A live child (an exited worker stays a zombie until the blocked main thread reaps it)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if int(ppid) == pid and state not in ("Z", "X"):
+            return True
+    return False
+
+
+def _watch_launcher(fd: int, stuck_seconds: float) -> None:
+    while True:
+        try:
+            data = os.read(fd, 64)
+        except OSError:
+            return
+        if not data:
+            return
+        if signal.SIGTERM not in data:
+            continue
+        idle_since = None
+        while True:  # the process normally exits long before this loop ends
+            time.sleep(0.5)
+            if _has_children(os.getpid()):
+                idle_since = None  # workers still stopping (committing queued checkpoints): torchrun's job
+                continue
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since >= stuck_seconds:
+                print(
+                    f"SIGTERM: no worker left and still here after {stuck_seconds:g}s (torchrun's exit barrier "
+                    "waits for peers that are gone): exiting 143",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(143)
+
+
+def install_for_launcher(stuck_seconds: float = STUCK_SECONDS) -> None:
+    """The stage pod's launcher: torchrun's agent handles SIGTERM itself (it stops the workers,
+    which commit what is queued), but once its own workers have finished it waits in its exit
+    barrier, in native code, up to 300 s for agents that may be dead (a failed peer pod), deaf
+    to SIGTERM, and the Job's next attempt waits for this pod to stop. So: after SIGTERM, once
+    no worker is left, exit 143 within stuck_seconds. torchrun installs the Python handler;
+    the wakeup fd reports any handled signal whichever handler it is."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    os.register_at_fork(after_in_child=_detach)
+    threading.Thread(target=_watch_launcher, args=(read, stuck_seconds), name="sigterm-watchdog", daemon=True).start()

@@ -3,6 +3,7 @@
 `resume STORE OUT`: rank 1 sees the store through a stale listing (the newest epoch missing, as
 when a dying attempt commits between two ranks' reads); both ranks record what they resume from.
 `stuck`: rank 0 enters an all_reduce that rank 1 never joins, then waits for SIGTERM there.
+`finish OUT`: rank 0 finishes at once (its agent then waits in torchrun's exit barrier), rank 1 sleeps.
 """
 
 from __future__ import annotations
@@ -62,8 +63,20 @@ def stuck(out: str) -> None:
     time.sleep(120)
 
 
+def finish(out: str) -> None:
+    import os
+
+    rank = int(os.environ["RANK"])
+    with open(f"{out}/done{rank}", "w"):
+        pass
+    if rank != 0:
+        time.sleep(600)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "resume":
         resume(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "finish":
+        finish(sys.argv[2])
     else:
         stuck(sys.argv[2])

@@ -91,3 +91,57 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
     except (OSError, IndexError):
         return "Z"
+
+
+def test_a_launcher_waiting_for_a_dead_peer_exits_soon_after_sigterm(tmp_path):
+    """A stage pod whose worker finished while its peer pod died: torchrun's agent waits in its
+    exit barrier (native code, up to 300 s) for the dead agent, deaf to SIGTERM, and the next
+    attempt waits for this pod to stop. The launcher's watchdog exits 143 soon after SIGTERM."""
+    from tests.services.net import free_port
+
+    port = free_port()
+    code = "import sys; from trainer.launch import torchrun; torchrun(sys.argv[1:])"
+
+    def agent(node: int) -> subprocess.Popen:
+        args = ["--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--master_addr=127.0.0.1"]
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                code,
+                *args,
+                f"--master_port={port}",
+                "tests/integration/rank_worker.py",
+                "finish",
+                str(tmp_path),
+            ],
+            cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    node0, node1 = agent(0), agent(1)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"done{r}").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline and node0.poll() is None, "workers did not start"
+            time.sleep(0.2)
+        os.killpg(node1.pid, signal.SIGKILL)  # the peer pod dies: its agent never reaches the barrier
+        time.sleep(3)  # node 0's worker has exited; its agent waits in the exit barrier
+        assert node0.poll() is None
+        t0 = time.monotonic()
+        node0.send_signal(signal.SIGTERM)
+        out = node0.communicate(timeout=STUCK_SECONDS + 30)[0]
+        waited = time.monotonic() - t0
+    finally:
+        for p in (node0, node1):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert node0.returncode == 143, out[-2000:]
+    assert waited < STUCK_SECONDS + 5, waited
+    assert "exit barrier" in out, out[-2000:]
