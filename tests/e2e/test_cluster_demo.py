@@ -1,6 +1,7 @@
 """`make demo`, headless: the quickstart through the operator on the local cluster, stage pods
-training in DDP on the process node, checkpoints in SeaweedFS, metrics in Prometheus; then the
-same job with a stage pod deleted mid-epoch."""
+training in DDP on the process node, checkpoints in SeaweedFS, metrics in Prometheus. A stage pod
+deleted mid-epoch is tested under a real kubelet (tests/kind) and, SIGKILLed at random moments,
+by the chaos trials (tests/integration/cluster/test_chaos.py, `make chaos`)."""
 
 from __future__ import annotations
 
@@ -74,33 +75,3 @@ def test_quickstart_runs_through_the_operator(demo, tmp_path, monkeypatch):
 
     table = demo_mod.report(demo, tmp_path / "quickstart.yaml")
     assert "head" in table and "all" in table and "curves: s3://thaw/checkpoints/quickstart/curves.png" in table
-
-
-def test_a_stage_pod_deleted_mid_epoch_is_retried_and_nothing_is_lost(demo, tmp_path, monkeypatch):
-    name = "quickstart-fault"
-    _apply(demo, tmp_path, name)
-    deleted = []
-
-    def kill_once(status):
-        stages = status.get("stages") or []
-        if deleted or len(stages) < 2 or stages[1]["phase"] != "Running":
-            return
-        if (stages[1].get("progress") or {}).get("epoch", 0) >= 1:  # stage 1 has committed an epoch
-            pods = demo.kubectl(
-                "get", "pods", "-l", f"thaw.dev/finetunejob={name},thaw.dev/stage=1", "-o", "name"
-            ).stdout.split()
-            if pods:
-                demo.kubectl("delete", pods[-1], "--wait=false")
-                deleted.append(pods[-1])
-
-    status = demo_mod.follow(demo, name, timeout=1500, quiet=True, on_poll=kill_once)
-    assert deleted, "no stage-1 pod was deleted"
-    assert status["phase"] == "Succeeded", status
-    assert len(status["stages"]) == 3
-    assert [s["attempts"] for s in status["stages"]] == [1, 2, 1]
-    store = _store(demo, name, monkeypatch)
-    for k, stage in enumerate(STAGES):
-        assert ckpt.read_final(store, k, stage) is not None
-    # The retried stage resumed from its checkpoint rather than starting over.
-    logs = list((demo.state / "nodes" / "process-0" / "pods").glob(f"default_{name}-1-a2-*/trainer.log"))
-    assert logs and any("top3: resuming after epoch" in p.read_text() for p in logs)
