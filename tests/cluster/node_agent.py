@@ -158,6 +158,7 @@ class PodRun:
     net_ready: bool = False
     names: list[str] = field(default_factory=list)
     cgroups: dict[str, Path] = field(default_factory=dict)  # container -> its memory cgroup
+    released: bool = False  # network namespace, address and cgroups given back
 
 
 class NodeAgent:
@@ -712,6 +713,14 @@ class NodeAgent:
         self._release(run)
 
     def _release(self, run: PodRun) -> None:
+        # Every process left in the pod's network namespace dies with it, as with a container's
+        # PID namespace: torchrun starts workers in sessions of their own, which a signal to the
+        # process group misses; one left behind would keep the pod's address alive on the bridge.
+        for pid in sh("ip", "netns", "pids", run.netns, check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
         for cg in run.cgroups.values():
             try:
                 cg.rmdir()
@@ -720,7 +729,11 @@ class NodeAgent:
         sh("ip", "netns", "delete", run.netns, check=False)
         sh("rm", "-rf", f"/etc/netns/{run.netns}", check=False)
         with self.lock:
-            self.used_ips.discard(run.ip)
+            # Once per pod: a second release (the pod finished, then its DELETED event) must not
+            # free an address a newer pod was given meanwhile (two pods with one IP on the bridge).
+            if not run.released:
+                run.released = True
+                self.used_ips.discard(run.ip)
 
     def delete_pod(self, run: PodRun, pod, grace: int) -> None:
         self.kill(run, grace)
