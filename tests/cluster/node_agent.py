@@ -171,6 +171,7 @@ class NodeAgent:
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.used_ips: set[str] = set()
+        self.last_ip = -1  # index of the last address given
 
     # -- node ---------------------------------------------------------------------------
 
@@ -270,11 +271,16 @@ class NodeAgent:
             threading.Thread(target=self.start_pod, args=(pod,), daemon=True).start()
 
     def _alloc_ip(self) -> str:
+        """The next free address after the last one given, as CNI's host-local IPAM does: an
+        address just freed is not handed out again at once (a dying pod's namespace can keep it
+        on the bridge for a moment, and its peers' ARP caches keep it longer)."""
+        hosts = [str(h) for h in list(SUBNET.hosts())[1:]]
         with self.lock:
-            for host in list(SUBNET.hosts())[1:]:
-                ip = str(host)
+            for k in range(len(hosts)):
+                ip = hosts[(self.last_ip + 1 + k) % len(hosts)]
                 if ip not in self.used_ips:
                     self.used_ips.add(ip)
+                    self.last_ip = hosts.index(ip)
                     return ip
         raise RuntimeError("pod subnet exhausted")
 
