@@ -31,7 +31,8 @@ def _raise(signum, frame):
     raise Terminated()
 
 
-def _watch(fd: int, stuck_seconds: float) -> None:
+def _sigterms(fd: int):
+    """Yields each time the wakeup pipe reports a SIGTERM; returns when the pipe closes."""
     while True:
         try:
             data = os.read(fd, 64)
@@ -39,7 +40,13 @@ def _watch(fd: int, stuck_seconds: float) -> None:
             return
         if not data:
             return
-        if signal.SIGTERM in data and not _handled.wait(stuck_seconds):
+        if signal.SIGTERM in data:
+            yield
+
+
+def _watch(fd: int, stuck_seconds: float) -> None:
+    for _ in _sigterms(fd):
+        if not _handled.wait(stuck_seconds):
             print(
                 f"SIGTERM not handled within {stuck_seconds:g}s (blocked in native code, e.g. a collective "
                 "whose peer is gone): exiting 143 without waiting for it",
@@ -79,15 +86,7 @@ def _has_children(pid: int) -> bool:
 
 
 def _watch_launcher(fd: int, stuck_seconds: float) -> None:
-    while True:
-        try:
-            data = os.read(fd, 64)
-        except OSError:
-            return
-        if not data:
-            return
-        if signal.SIGTERM not in data:
-            continue
+    for _ in _sigterms(fd):
         idle_since = None
         while True:  # the process normally exits long before this loop ends
             time.sleep(0.5)
