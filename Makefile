@@ -48,7 +48,7 @@ bench: install
 	$(PY) benchmarks/bench_trainer.py --repeats 3 --out docs/benchmarks.md
 	$(PY) benchmarks/bench_checkpoint.py --repeats 5 --out docs/benchmarks.md
 
-# Faults at random moments against real training through the operator (needs root; ~1 h):
+# Faults at random moments against real training through the operator (needs root; ~80 min):
 # every trial of docs/reliability.md's chaos table, written there. The reduced set runs in `make test`.
 chaos: install k8s-binaries
 	$(PY) -m tests.cluster.chaos --out docs/reliability.md

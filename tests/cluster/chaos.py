@@ -620,7 +620,7 @@ def run_trials(
 
 def report(outcomes: list[Outcome], ref: Reference, seed: int, argv: str) -> str:
     lines = [
-        "## Chaos trials (random fault timing, real training)",
+        "### Chaos trials (random fault timing, real training)",
         "",
         f"Command: `make chaos` (`python -m tests.cluster.chaos {argv}`), master seed {seed}; the undisturbed "
         f"reference job took {ref.wall:.0f} s. Replay one trial with `--replay FAULT:SEED`.",
