@@ -53,7 +53,8 @@ bench: install
 chaos: install k8s-binaries
 	$(PY) -m tests.cluster.chaos --out docs/reliability.md
 
-# The operator at scale on kwok nodes (needs root; ~1 h), written to docs/benchmarks.md.
+# The operator at scale on kwok nodes (needs root; over an hour on 2 cores), written to docs/benchmarks.md
+# after each run.
 load: install k8s-binaries
 	$(PY) benchmarks/bench_operator.py --runs 100x3,1000x3,100x20 --nodes 2000 --out docs/benchmarks.md
 

@@ -280,11 +280,11 @@ def main() -> None:
             flush=True,
         )
         runs.append(r)
-    text = table(runs, " ".join(sys.argv[1:]))
+        text = table(runs, " ".join(sys.argv[1:]))  # after every run: a long series keeps what it measured
+        if args.out:
+            write_section(args.out, "operator", text)
+            plot(runs, args.out.parent / "operator-queue.png")
     print(text)
-    if args.out:
-        write_section(args.out, "operator", text)
-        plot(runs, args.out.parent / "operator-queue.png")
 
 
 if __name__ == "__main__":
