@@ -218,7 +218,8 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _descendants(pid: int) -> list[int]:
+def _children() -> dict[int, list[int]]:
+    """Every process's children, from one pass over /proc."""
     children: dict[int, list[int]] = defaultdict(list)
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -227,6 +228,11 @@ def _descendants(pid: int) -> list[int]:
             except (OSError, IndexError):
                 continue
             children[ppid].append(int(d.name))
+    return children
+
+
+def _descendants(pid: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    children = _children() if children is None else children
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -259,8 +265,9 @@ def kill_container(pod) -> None:
 def kill_stage_pod(pod, rng: random.Random) -> str:
     """SIGKILL a whole pod (the container dies: 137), or only one training worker under its
     torchrun (the case that once failed a whole job)."""
-    tree = _descendants(_container_root(pod))
-    workers = [p for p in tree if "trainer" in _cmdline(p) and not [c for c in _descendants(p) if c != p]]
+    children = _children()
+    tree = _descendants(_container_root(pod), children)
+    workers = [p for p in tree if "trainer" in _cmdline(p) and not children.get(p)]  # leaves: the workers
     if workers and rng.random() < 0.5:
         victim = rng.choice(workers)
         os.kill(victim, signal.SIGKILL)
