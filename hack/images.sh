@@ -88,7 +88,13 @@ for target in "${targets[@]}"; do
   image="$REGISTRY/thaw-$target:$TAG"
   t0=$SECONDS
   log "building $image"
+  previous=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)
   quiet_build --target "$target" --build-arg "PYTHON_IMAGE=$base" -t "$image.partial" .
   docker tag "$image.partial" "$image" && docker rmi "$image.partial" >/dev/null
+  # The build this one replaced is left untagged; each trainer build is ~5 GB, and a few left
+  # behind fill the disk kind's nodes need. Kept if a container still uses it.
+  if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$image")" ]; then
+    docker rmi "$previous" >/dev/null 2>&1 || true
+  fi
   log "$image: $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}') in $((SECONDS - t0)) s"
 done

@@ -107,6 +107,28 @@ load() {
   done
 }
 
+# disk_for IMAGE NODE...: fail early, saying what to free, when the nodes lacking IMAGE cannot
+# hold it (each unpacks a full copy into the engine's data root; containerd fails halfway otherwise).
+disk_for() {
+  local image=$1 id node have size need=0 free root
+  shift
+  id=$(docker image inspect -f '{{.Id}}' "$image")
+  size=$(docker image inspect -f '{{.Size}}' "$image")
+  for node in "$@"; do
+    have=$(docker exec "$node" sh -c "crictl inspecti -o json '$image' 2>/dev/null | jq -r .status.id" || true)
+    [ "$have" = "$id" ] || need=$((need + size))
+  done
+  [ "$need" -eq 0 ] && return
+  root=$(docker info -f '{{.DockerRootDir}}')
+  free=$(( $(df -P -B1 "$root" | awk 'NR == 2 {print $4}') ))
+  need=$((need + 2 * 1024 * 1024 * 1024)) # room for the nodes' own writes
+  if [ "$free" -lt "$need" ]; then
+    log "not enough disk for $image on the workers: $((need >> 30)) GiB needed under $root, $((free >> 30)) GiB free"
+    log "free some (\`docker image prune\`, old kind clusters: \`hack/kind.sh down\`) and run again"
+    exit 1
+  fi
+}
+
 up() {
   local t0=$SECONDS node config
   engine
@@ -146,6 +168,7 @@ YAML
   load "$SEAWEEDFS_IMAGE" $nodes
   load "$PROMETHEUS_IMAGE" $nodes
   # The trainer image (torch with its CUDA libraries, ~6 GB) goes only where stage pods run.
+  disk_for "$REGISTRY/thaw-trainer:$TAG" $workers
   load "$REGISTRY/thaw-trainer:$TAG" $workers
   log "SeaweedFS, Prometheus"
   sed "s#SEAWEEDFS_IMAGE#$SEAWEEDFS_IMAGE#" hack/kind/seaweedfs.yaml | "${KUBECTL[@]}" apply -f - >/dev/null

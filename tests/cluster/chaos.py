@@ -618,6 +618,9 @@ def run_trials(
             out = Outcome(fault, i, trial_seed, ok, detail, time.monotonic() - t0)
             log(f"{'PASS' if ok else 'FAIL'} {fault} #{i} seed={trial_seed} {out.wall:.0f}s: {detail}")
             outcomes.append(out)
+            if not bed.operator.alive():  # a trial that failed mid-restart must not fail the ones after it
+                log("the operator is down after that trial: starting it")
+                bed.start_operator()
             try:
                 bed.custom.delete_namespaced_custom_object("thaw.dev", "v1alpha1", bed.ns, "finetunejobs", name)
             except Exception:  # noqa: BLE001 - a trial of several jobs removes its own

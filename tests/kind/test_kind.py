@@ -42,6 +42,8 @@ def kind():
     if os.geteuid() != 0:
         pytest.fail("the kind tests start a Docker engine and a cluster: run as root")
     up = subprocess.run(["hack/kind.sh", "up"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    if up.returncode != 0:  # a half-made cluster would keep its nodes' disk until the next `down`
+        subprocess.run(["hack/kind.sh", "down"], cwd=ROOT, capture_output=True, timeout=600)
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-5000:]
     try:
         yield kind_demo.Kind(kind_demo.bins() / "kubectl")

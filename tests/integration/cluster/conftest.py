@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.control_plane import ControlPlane
+from tests.services.net import free_port, http_get, wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -96,14 +97,15 @@ class OperatorProcess:
     """`python -m thaw_operator` as a separate process, as it runs in its Deployment."""
 
     def __init__(self, kubeconfig, log_path, extra=(), standalone=True):
-        from tests.services.net import free_port
-
         self.kubeconfig, self.log_path = kubeconfig, log_path
         self.extra = (["--standalone"] if standalone else []) + list(extra)
-        self.metrics_port, self.health_port = free_port(), free_port()
+        self.metrics_port = self.health_port = None
         self.proc = None
 
     def start(self):
+        # Fresh ports on every start: a restarted operator's old port may meanwhile be some
+        # connection's source port (its bind then fails with EADDRINUSE).
+        self.metrics_port, self.health_port = free_port(), free_port()
         cmd = [
             sys.executable,
             "-m",
@@ -121,10 +123,17 @@ class OperatorProcess:
             cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         )
         log.close()
-        from tests.services.net import http_get, wait_until
-
-        wait_until(lambda: http_get(f"http://127.0.0.1:{self.health_port}/healthz", 1)[0] == 200, 60, "operator")
+        wait_until(self._healthy, 60, "operator")
         return self
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            tail = Path(self.log_path).read_text(errors="replace").strip().splitlines()[-3:]
+            raise AssertionError(f"operator exited {self.proc.returncode} while starting: {' | '.join(tail)}")
+        return http_get(f"http://127.0.0.1:{self.health_port}/healthz", 1)[0] == 200
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def kill(self):
         if self.proc and self.proc.poll() is None:
