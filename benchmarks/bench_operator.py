@@ -16,8 +16,10 @@ operator process' VmHWM, CPU its utime + stime.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -115,10 +117,12 @@ class Run:
     cpu: float = 0.0
     connections: int = 0
     samples: list[tuple[float, float, int]] = field(default_factory=list)  # (t, queue depth, hand-offs waiting)
+    source: Path = ROOT  # the tree whose operator ran
+    name: str = ""  # "" for this tree, else the base commit
 
     @property
     def label(self) -> str:
-        return f"{self.jobs} jobs x {self.stages} stages"
+        return f"{self.jobs} jobs x {self.stages} stages" + (f" (base {self.name})" if self.name else "")
 
     def q(self, p: float) -> float:
         lat = sorted(self.latencies)
@@ -179,7 +183,9 @@ def run(r: Run, timeout: float) -> Run:
 
             threading.Thread(target=watch_jobs, daemon=True).start()
             # As the chart deploys it (resyncSeconds: 60; the test suite's 5 s is for test speed).
-            op = OperatorProcess(cp.kubeconfig_path, tmp / "operator.log", extra=["--resync-seconds=60"]).start()
+            op = OperatorProcess(
+                cp.kubeconfig_path, tmp / "operator.log", extra=["--resync-seconds=60"], root=r.source
+            ).start()
             custom = client.CustomObjectsApi(api)
             t0 = time.monotonic()
             threading.Thread(target=sample, daemon=True).start()
@@ -270,21 +276,39 @@ def main() -> None:
     ap.add_argument("--pods-per-stage", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=3600, help="per run")
     ap.add_argument("--out", type=Path, help="docs/benchmarks.md; the plot goes beside it")
+    ap.add_argument("--base", metavar="COMMIT", help="also run each size with this commit's operator, first")
     args = ap.parse_args()
-    runs = []
-    for spec in args.runs.split(","):
-        jobs, stages = (int(x) for x in spec.split("x"))
-        r = run(Run(jobs, stages, args.pods_per_stage, args.nodes), args.timeout)
-        print(
-            f"{r.label}: {r.succeeded}/{r.jobs} in {r.wall:.0f} s, p99 {r.q(0.99):.2f} s, RSS {r.rss:.0f} MiB",
-            flush=True,
-        )
-        runs.append(r)
-        text = table(runs, " ".join(sys.argv[1:]))  # after every run: a long series keeps what it measured
-        if args.out:
-            write_section(args.out, "operator", text)
-            plot(runs, args.out.parent / "operator-queue.png")
+    sources = [("", ROOT)]
+    with contextlib.ExitStack() as stack:
+        if args.base:
+            sources.insert(0, (args.base[:7], stack.enter_context(worktree(args.base))))
+        runs = []
+        for spec in args.runs.split(","):
+            jobs, stages = (int(x) for x in spec.split("x"))
+            for name, source in sources:
+                r = run(Run(jobs, stages, args.pods_per_stage, args.nodes, source=source, name=name), args.timeout)
+                print(
+                    f"{r.label}: {r.succeeded}/{r.jobs} in {r.wall:.0f} s, p99 {r.q(0.99):.2f} s, "
+                    f"RSS {r.rss:.0f} MiB, {r.requests / r.jobs:.0f} requests/job",
+                    flush=True,
+                )
+                runs.append(r)
+                text = table(runs, " ".join(sys.argv[1:]))  # after every run: a long series keeps what it measured
+                if args.out:
+                    write_section(args.out, "operator", text)
+                    plot(runs, args.out.parent / "operator-queue.png")
     print(text)
+
+
+@contextlib.contextmanager
+def worktree(commit: str):
+    """A detached checkout of `commit` beside this one, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="thaw-base-"))
+    subprocess.run(["git", "worktree", "add", "--detach", "-f", str(path), commit], cwd=ROOT, check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, check=False)
 
 
 if __name__ == "__main__":

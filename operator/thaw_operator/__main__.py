@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     threading.Thread(target=controller.resync_forever, args=(stop,), name="resync", daemon=True).start()
     for i in range(args.workers):
         threading.Thread(target=controller.work_forever, args=(stop,), name=f"worker-{i}", daemon=True).start()
-    for ns in args.namespace or [None]:
-        threading.Thread(target=controller.watch_jobs, args=(stop,), kwargs={"namespace": ns}, daemon=True).start()
+    controller.start_watches(stop, list(args.namespace))
     try:
         # kopf watches and dispatches; who acts is decided by the Lease, not by kopf's peering.
         kopf.run(

@@ -25,9 +25,10 @@ import kopf
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from thaw_operator import metrics
+from thaw_operator import metrics, observe
 from thaw_operator import resources as res
 from thaw_operator.crd import GROUP, PLURAL, VERSION
+from thaw_operator.informer import Informer
 from thaw_operator.planner import TERMINAL, TIME_FORMAT, JobView, Plan, plan
 from thaw_operator.workqueue import HANDOFF, SPEC, SWEEP, WorkQueue
 from trainer.layer_table import resolve_offline
@@ -42,6 +43,9 @@ class Config:
     namespaces: list[str] = []  # empty: cluster-wide
     api: client.ApiClient | None = None
     leader = None  # a LeaderElector; None: the only replica
+    # Watch caches of stage Jobs and pods, by namespace (None: all); empty: list live each time.
+    jobs: dict[str | None, Informer] = {}
+    pods: dict[str | None, Informer] = {}
 
 
 CONFIG = Config()
@@ -68,110 +72,6 @@ def now() -> str:
     return datetime.now(UTC).strftime(TIME_FORMAT)
 
 
-def _ts(t) -> str | None:
-    return t.strftime(TIME_FORMAT) if t else None
-
-
-POD_DONE = ("Succeeded", "Failed")
-INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-
-
-def _terminated(pod):
-    """The trainer container's terminated state, or None."""
-    for c in (pod.status and pod.status.container_statuses) or []:
-        if c.name == "trainer" and c.state and c.state.terminated:
-            return c.state.terminated
-    return None
-
-
-def _memory_limit(pod) -> str | None:
-    for c in pod.spec.containers:
-        if c.name == "trainer" and c.resources and c.resources.limits:
-            return c.resources.limits.get("memory")
-    return None
-
-
-def termination_doc(message: str | None) -> dict | None:
-    """The trainer's termination message: JSON (a stage result, or an error); None otherwise."""
-    try:
-        doc = json.loads(message or "")
-    except ValueError:
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def pod_failure(pod) -> tuple[str, bool]:
-    """One line on why a stage pod failed, and whether it is the trainer's own message."""
-    term = _terminated(pod)
-    if term is None:
-        return f"pod {pod.metadata.name}: {pod.status.reason or 'failed'}: {pod.status.message or 'no details'}", False
-    if term.reason == "OOMKilled":
-        limit = _memory_limit(pod)
-        return (
-            f"pod {pod.metadata.name}: container trainer was OOMKilled (exit {term.exit_code}, memory limit "
-            f"{limit or 'none'}); raise spec.resources.memory or lower the batch size"
-        ), False
-    doc = termination_doc(term.message)
-    if doc and doc.get("error"):
-        return doc["error"], True
-    last = (term.message or "").strip().splitlines()[-1:] if not doc else []
-    detail = f": {last[0][:300]}" if last else ""
-    return (
-        f"pod {pod.metadata.name}: container trainer exited {term.exit_code} ({term.reason or 'Error'}){detail}",
-        False,
-    )
-
-
-def _is_rank0(pod, phase: str) -> bool:
-    """The pod of completion index 0 (where rank 0 runs), in the given phase."""
-    return (
-        (pod.metadata.annotations or {}).get(INDEX_ANNOTATION) == "0" and bool(pod.status) and pod.status.phase == phase
-    )
-
-
-def job_view(job, pods: list, workload: dict | None = None) -> JobView | None:
-    labels = job.metadata.labels or {}
-    try:
-        stage, attempt = int(labels[res.LABEL_STAGE]), int(labels[res.LABEL_ATTEMPT])
-    except (KeyError, ValueError):
-        return None
-    conds = {c.type: c for c in (job.status.conditions or []) if c.status == "True"}
-    failed = conds.get("Failed")
-    wl_annotations = (workload or {}).get("metadata", {}).get("annotations") or {}
-    deactivated_by_us = wl_annotations.get(res.ANNOTATION_DEACTIVATED) == "true"
-    failures = [pod_failure(p) for p in pods if p.status and p.status.phase == "Failed"]
-    # The trainer's own message where a pod left one; otherwise the first failure seen.
-    failures.sort(key=lambda f: not f[1])
-    result = None
-    for p in pods:
-        if _is_rank0(p, "Succeeded"):
-            term = _terminated(p)
-            doc = termination_doc(term.message if term else None)
-            if doc and "checkpoint" in doc:
-                result = doc
-    return JobView(
-        name=job.metadata.name,
-        stage=stage,
-        attempt=attempt,
-        suspended=bool(job.spec.suspend),
-        suspended_by_operator=(job.metadata.annotations or {}).get(res.ANNOTATION_SUSPENDED) == "true",
-        active=job.status.active or 0,
-        complete="Complete" in conds,
-        failed=failed is not None,
-        failed_reason=(failed.reason or "") if failed else "",
-        failed_message=(failed.message or "") if failed else "",
-        start_time=_ts(job.status.start_time),
-        completion_time=_ts(job.status.completion_time),
-        pods_left=sum(1 for p in pods if not (p.status and p.status.phase in POD_DONE)),
-        failure=failures[0][0] if failures else "",
-        result=result,
-        queued=res.KUEUE_QUEUE in labels,
-        workload=workload["metadata"]["name"] if workload else None,
-        workload_active=bool((workload or {}).get("spec", {}).get("active", True)),
-        workload_deactivated_by_operator=deactivated_by_us,
-    )
-
-
 def workloads_by_job(namespace: str) -> dict[str, dict]:
     """Kueue Workloads of the namespace, by the uid of the Job that owns each ({} without Kueue)."""
     try:
@@ -185,12 +85,46 @@ def workloads_by_job(namespace: str) -> dict[str, dict]:
     return {ref["uid"]: w for w in items for ref in w["metadata"].get("ownerReferences", []) if ref["kind"] == "Job"}
 
 
+def _cache(caches: dict[str | None, Informer], namespace: str) -> Informer | None:
+    """The synced watch cache covering `namespace`, if any."""
+    inf = caches.get(namespace) or caches.get(None)
+    return inf if inf is not None and inf.synced.is_set() else None
+
+
+def _list_live(fn, namespace: str, selector: str) -> list[dict]:
+    return json.loads(fn(namespace, label_selector=selector, _preload_content=False).data).get("items") or []
+
+
+def _stage_jobs(namespace: str, name: str) -> list[dict]:
+    inf = _cache(CONFIG.jobs, namespace)
+    if inf is not None:
+        return inf.by_label(namespace, name)
+    return _list_live(client.BatchV1Api(CONFIG.api).list_namespaced_job, namespace, f"{res.LABEL_JOB}={name}")
+
+
+def _stage_pods(namespace: str, name: str, live: bool = False) -> list[dict]:
+    inf = None if live else _cache(CONFIG.pods, namespace)
+    if inf is not None:
+        return inf.by_label(namespace, name)
+    return _list_live(client.CoreV1Api(CONFIG.api).list_namespaced_pod, namespace, f"{res.LABEL_JOB}={name}")
+
+
+def _views(owned: list[dict], pods: list[dict], workloads: dict) -> list[JobView]:
+    pods_of: dict[str | None, list[dict]] = {}
+    for p in pods:
+        pods_of.setdefault(observe.job_name_of(p), []).append(p)
+    views = [
+        observe.job_view(j, pods_of.get(j["metadata"]["name"], []), workloads.get(j["metadata"]["uid"])) for j in owned
+    ]
+    return [v for v in views if v is not None]
+
+
 def scrape_progress(pod, port: int) -> dict | None:
     """Epoch, validation accuracy and ETA that rank 0 serves on its metrics port (best effort:
     the operator reaches only pods it created, at the address their status gives)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    ip = pod.status.pod_ip if pod.status else None
+    ip = (pod.get("status") or {}).get("podIP")
     if not ip:
         return None
     try:
@@ -315,25 +249,15 @@ def _reconcile(namespace: str, name: str) -> Plan | None:
         resolve_offline(spec)  # the trainer's plan-time checks, from the torch-free layer table
     except SpecError as err:
         spec, error = None, str(err).replace("\n", "; ")
-    batch, core = client.BatchV1Api(CONFIG.api), client.CoreV1Api(CONFIG.api)
     uid = ftj["metadata"]["uid"]
-    selector = f"{res.LABEL_JOB}={name}"
-    pods_of: dict[str, list] = {}
-    for p in core.list_namespaced_pod(namespace, label_selector=selector).items:
-        job = (p.metadata.labels or {}).get("batch.kubernetes.io/job-name") or (p.metadata.labels or {}).get("job-name")
-        pods_of.setdefault(job, []).append(p)
-    jobs = []
-    owned = [
-        j
-        for j in batch.list_namespaced_job(namespace, label_selector=selector).items
-        if any(o.uid == uid for o in j.metadata.owner_references or [])
-    ]
-    queued = any(res.KUEUE_QUEUE in (j.metadata.labels or {}) for j in owned)
+    owned = [j for j in _stage_jobs(namespace, name) if observe.owned_by(j, uid)]
+    queued = any(res.KUEUE_QUEUE in (j["metadata"].get("labels") or {}) for j in owned)
     workloads = workloads_by_job(namespace) if queued else {}
-    for j in owned:
-        view = job_view(j, pods_of.get(j.metadata.name, []), workloads.get(j.metadata.uid))
-        if view is not None:
-            jobs.append(view)
+    pods = _stage_pods(namespace, name)
+    jobs = _views(owned, pods, workloads)
+    if _cache(CONFIG.pods, namespace) is not None and observe.needs_fresh_pods(jobs, ftj.get("status") or {}):
+        pods = _stage_pods(namespace, name, live=True)
+        jobs = _views(owned, pods, workloads)
     progress = {}
     if spec is not None:
         latest: dict[int, JobView] = {}
@@ -343,7 +267,7 @@ def _reconcile(namespace: str, name: str) -> Plan | None:
         for k, j in latest.items():
             if j.complete or j.failed:
                 continue
-            rank0 = [p for p in pods_of.get(j.name, []) if _is_rank0(p, "Running")]
+            rank0 = [p for p in pods if observe.job_name_of(p) == j.name and observe.is_rank0(p, "Running")]
             found = scrape_progress(rank0[0], spec.metrics.port) if rank0 and spec.metrics.enabled else None
             if found and found.get("epoch"):
                 progress[k] = found
@@ -374,7 +298,8 @@ def _create(obj: dict) -> None:
     kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
     try:
         if kind == "Job":
-            client.BatchV1Api(CONFIG.api).create_namespaced_job(ns, obj)
+            made = client.BatchV1Api(CONFIG.api).create_namespaced_job(ns, obj, _preload_content=False)
+            _remember(CONFIG.jobs, ns, json.loads(made.data))
         elif kind == "Service":
             client.CoreV1Api(CONFIG.api).create_namespaced_service(ns, obj)
         elif kind == "ConfigMap":
@@ -391,6 +316,16 @@ def _create(obj: dict) -> None:
             raise NotOwned(
                 f"{kind} {ns}/{name} exists and is not owned by this FineTuneJob (uid {uid}); delete or rename it"
             ) from None
+        if kind == "Job":
+            _remember(CONFIG.jobs, ns, CONFIG.api.sanitize_for_serialization(existing))
+
+
+def _remember(caches: dict[str | None, Informer], namespace: str, obj: dict) -> None:
+    """Our own write, into the watch cache at once: the next reconcile must see it even if
+    the watch has not delivered it yet (else a Job just created would look deleted)."""
+    inf = caches.get(namespace) or caches.get(None)
+    if inf is not None:
+        inf.upsert(obj)
 
 
 def _ensure_config_map(ftj: dict) -> None:
@@ -453,7 +388,8 @@ def apply(ftj: dict, p: Plan) -> None:
             if obj["kind"] == "Job":
                 metrics.JOBS_CREATED.inc()
     for job, patch in p.patch_jobs:
-        client.BatchV1Api(CONFIG.api).patch_namespaced_job(job, meta["namespace"], patch)
+        done = client.BatchV1Api(CONFIG.api).patch_namespaced_job(job, meta["namespace"], patch, _preload_content=False)
+        _remember(CONFIG.jobs, meta["namespace"], json.loads(done.data))
     for workload, patch in p.patch_workloads:
         client.CustomObjectsApi(CONFIG.api).patch_namespaced_custom_object(
             res.KUEUE_GROUP, res.KUEUE_VERSION, meta["namespace"], res.KUEUE_WORKLOADS, workload, patch
@@ -547,45 +483,33 @@ def on_finetunejob(type, body, namespace, name, **_):  # noqa: A002 - kopf's arg
     QUEUE.add(key, SWEEP if echo else SPEC)
 
 
-def on_stage_job(job) -> None:
-    QUEUE.add((job.metadata.namespace, job.metadata.labels[res.LABEL_JOB]), HANDOFF)
+def on_stage_job(job: dict) -> None:
+    meta = job["metadata"]
+    QUEUE.add((meta["namespace"], meta["labels"][res.LABEL_JOB]), HANDOFF)
 
 
-def watch_jobs(stop: threading.Event, handle=on_stage_job, namespace: str | None = None) -> None:
-    """Stage Jobs, filtered by label on the API server: the operator never receives the other
-    Jobs in the cluster (kopf's label filters apply client-side, after the whole stream)."""
-    from kubernetes import watch
-
-    batch = client.BatchV1Api(CONFIG.api)
-    selector = res.LABEL_JOB  # the label exists
-    version = None
-    while not stop.is_set():
-        w = watch.Watch()
-        try:
-            if version is None:  # (re)list for a starting version; the resync covers anything missed
-                listed = (
-                    batch.list_namespaced_job(namespace, label_selector=selector)
-                    if namespace
-                    else batch.list_job_for_all_namespaces(label_selector=selector)
-                )
-                version = listed.metadata.resource_version
-            fn, args = (
-                (batch.list_namespaced_job, (namespace,)) if namespace else (batch.list_job_for_all_namespaces, ())
-            )
-            for event in w.stream(fn, *args, label_selector=selector, resource_version=version, timeout_seconds=60):
-                if stop.is_set():
-                    break
-                version = event["object"].metadata.resource_version
-                if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                    handle(event["object"])
-        except ApiException as err:
-            if err.status == 410:  # too old: list again
-                version = None
-                continue
-            log.warning("job watch: %s", _one_line(err))
-            stop.wait(2)
-        except Exception as err:  # noqa: BLE001 - a dropped connection: watch again
-            log.warning("job watch: %s", err)
-            stop.wait(2)
-        finally:
-            w.stop()
+def start_watches(stop: threading.Event, namespaces: list[str]) -> None:
+    """The stage Job and pod watch caches, one pair per watched namespace (or one for all).
+    Filtered by label on the API server: the operator never receives other Jobs and pods
+    (kopf's label filters apply client-side, after the whole stream)."""
+    batch, core = client.BatchV1Api(CONFIG.api), client.CoreV1Api(CONFIG.api)
+    for ns in namespaces or [None]:
+        args = (ns,) if ns else ()
+        CONFIG.jobs[ns] = Informer(
+            "Job",
+            batch.list_namespaced_job if ns else batch.list_job_for_all_namespaces,
+            args,
+            observe.slim_job,
+            res.LABEL_JOB,
+            on_change=on_stage_job,
+        )
+        CONFIG.pods[ns] = Informer(
+            "Pod",
+            core.list_namespaced_pod if ns else core.list_pod_for_all_namespaces,
+            args,
+            observe.slim_pod,
+            res.LABEL_JOB,
+        )
+        for inf in (CONFIG.jobs[ns], CONFIG.pods[ns]):
+            name = f"watch-{inf.kind.lower()}s-{ns or 'all'}"
+            threading.Thread(target=inf.run, args=(stop,), name=name, daemon=True).start()

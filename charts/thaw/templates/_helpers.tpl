@@ -61,10 +61,10 @@ No Secrets: the operator never reads the object store, so it holds no storage cr
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Stage pods: failure reasons (OOMKilled, the trainer's message) and rank 0's result, from
-# their status; read-only.
+# their status; read-only, watched (label-selected) into the operator's cache.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list"]
+  verbs: ["get", "list", "watch"]
 # get: an existing object of a child's name is checked for ownership before it is used.
 - apiGroups: [""]
   resources: ["services"]

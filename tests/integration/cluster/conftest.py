@@ -96,8 +96,9 @@ def crd(cluster):
 class OperatorProcess:
     """`python -m thaw_operator` as a separate process, as it runs in its Deployment."""
 
-    def __init__(self, kubeconfig, log_path, extra=(), standalone=True):
-        self.kubeconfig, self.log_path = kubeconfig, log_path
+    def __init__(self, kubeconfig, log_path, extra=(), standalone=True, root=ROOT):
+        """root: the source tree to run (benchmarks run a base commit's worktree beside this one)."""
+        self.kubeconfig, self.log_path, self.root = kubeconfig, log_path, Path(root)
         self.extra = (["--standalone"] if standalone else []) + list(extra)
         self.metrics_port = self.health_port = None
         self.proc = None
@@ -119,9 +120,10 @@ class OperatorProcess:
             *self.extra,
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-        )
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        if self.root != ROOT:  # its packages before the editable install of this tree
+            env["PYTHONPATH"] = os.pathsep.join([str(self.root / "operator"), str(self.root)])
+        self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         wait_until(self._healthy, 60, "operator")
         return self

@@ -80,7 +80,8 @@ def test_a_stage_job_deleted_before_it_finished_costs_an_attempt(api, namespace,
     wait_for(lambda: "vanish-0-a1" in k.jobs("vanish"), 30, what="stage 0")
     k.batch.delete_namespaced_job("vanish-0-a1", namespace, propagation_policy="Background")
     wait_for(lambda: "vanish-0-a2" in k.jobs("vanish"), 30, what="a second attempt")
-    assert k.status("vanish")["stages"][0]["attempts"] == 2
+    # The Job is created before the status that counts it (children first): wait for both.
+    wait_for(lambda: k.status("vanish")["stages"][0]["attempts"] == 2, 10, what="attempt 2 in the status")
     wait_for(
         lambda: any("vanish-0-a1 was deleted" in m for r, m in k.events("vanish") if r == "StageRetrying"),
         30,
@@ -110,37 +111,45 @@ def test_the_finetunejobs_ttl_removes_its_stage_jobs_once_it_finished(api, names
     assert st["phase"] == "Succeeded" and [s["attempts"] for s in st["stages"]] == [1, 1]
 
 
-def test_the_stage_job_watch_is_filtered_by_the_api_server(api, namespace, cluster):
-    """Jobs without the thaw label never reach the operator (kopf filters labels client-side)."""
-    from thaw_operator import controller
+def test_the_stage_job_watch_cache_is_filtered_by_the_api_server(api, namespace, cluster):
+    """Jobs without the thaw label never reach the operator (kopf filters labels client-side),
+    and the cache holds the labelled one, slimmed, under its FineTuneJob."""
+    from thaw_operator import observe
+    from thaw_operator import resources as res
+    from thaw_operator.informer import Informer
 
-    controller.CONFIG.api = api
-    seen: list[str] = []
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=controller.watch_jobs,
-        args=(stop,),
-        kwargs={"handle": lambda job: seen.append(job.metadata.name), "namespace": namespace},
-        daemon=True,
-    )
-    thread.start()
     batch = client.BatchV1Api(api)
+    seen: list[str] = []
+    cache = Informer(
+        "Job",
+        batch.list_namespaced_job,
+        (namespace,),
+        observe.slim_job,
+        res.LABEL_JOB,
+        on_change=lambda job: seen.append(job["metadata"]["name"]),
+    )
+    stop = threading.Event()
+    threading.Thread(target=cache.run, args=(stop,), daemon=True).start()
     spec = {
         "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}},
         "suspend": True,
     }
-    time.sleep(1)
-    for i in range(5):
-        batch.create_namespaced_job(namespace, {"metadata": {"name": f"other-{i}"}, "spec": spec})
-    batch.create_namespaced_job(
-        namespace, {"metadata": {"name": "ours", "labels": {"thaw.dev/finetunejob": "x"}}, "spec": spec}
-    )
     try:
+        wait_for(cache.synced.is_set, 30, what="the first list")
+        for i in range(5):
+            batch.create_namespaced_job(namespace, {"metadata": {"name": f"other-{i}"}, "spec": spec})
+        batch.create_namespaced_job(
+            namespace, {"metadata": {"name": "ours", "labels": {res.LABEL_JOB: "x"}}, "spec": spec}
+        )
         wait_for(lambda: "ours" in seen, 30, what="the labelled Job's event")
         time.sleep(1)
+        assert set(seen) == {"ours"}, seen
+        (held,) = cache.by_label(namespace, "x")
+        assert held["spec"] == {"suspend": True} and "template" not in str(held) and len(cache) == 1
+        batch.delete_namespaced_job("ours", namespace, propagation_policy="Background")
+        wait_for(lambda: len(cache) == 0, 30, what="the deletion to leave the cache")
     finally:
         stop.set()
-    assert set(seen) == {"ours"}, seen
 
 
 def test_two_replicas_one_acts_and_the_other_takes_over_without_duplicates(cluster, crd, api, namespace, tmp_path):
@@ -149,12 +158,17 @@ def test_two_replicas_one_acts_and_the_other_takes_over_without_duplicates(clust
     stop = threading.Event()
 
     def record_creates():  # every Job ever created for this namespace, from the API server's own stream
-        w = watch.Watch()
-        for event in w.stream(k.batch.list_namespaced_job, namespace, timeout_seconds=300):
-            if event["type"] == "ADDED":
-                creates[event["object"].metadata.name] += 1
-            if stop.is_set():
-                w.stop()
+        version = None  # each watch resumes where the last ended: no create is missed or counted twice
+        while not stop.is_set():
+            try:
+                for event in watch.Watch().stream(
+                    k.batch.list_namespaced_job, namespace, timeout_seconds=5, resource_version=version
+                ):
+                    version = event["object"].metadata.resource_version
+                    if event["type"] == "ADDED":
+                        creates[event["object"].metadata.name] += 1
+            except Exception:  # noqa: BLE001 - a dropped stream: watch again from `version`
+                time.sleep(0.5)
 
     threading.Thread(target=record_creates, daemon=True).start()
     election = [f"--leader-election-namespace={namespace}", "--lease-seconds=4"]
