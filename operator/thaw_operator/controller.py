@@ -31,6 +31,7 @@ from thaw_operator.crd import GROUP, PLURAL, VERSION
 from thaw_operator.informer import Informer
 from thaw_operator.planner import TERMINAL, TIME_FORMAT, JobView, Plan, plan
 from thaw_operator.workqueue import HANDOFF, SPEC, SWEEP, WorkQueue
+from thaw_operator.workqueue import NAMES as PRIORITY_NAMES
 from trainer.layer_table import resolve_offline
 from trainer.spec import SpecError, parse_job
 
@@ -180,8 +181,8 @@ def work_forever(stop: threading.Event) -> None:
         item = QUEUE.get(timeout=1.0)
         if item is None:
             continue
-        key, waited = item
-        metrics.QUEUE_WAIT_SECONDS.observe(waited)
+        key, waited, priority = item
+        metrics.QUEUE_WAIT_SECONDS.labels(PRIORITY_NAMES[priority]).observe(waited)
         try:
             if acting():
                 reconcile(*key)
@@ -439,25 +440,49 @@ def list_finetunejobs() -> list[dict]:
     ]
 
 
+FULL_SWEEP_EVERY = 10  # resyncs
+
+
+def _has_progress(ftj: dict) -> bool:
+    """A running rank 0 whose metrics the sweep reads into the status (epoch, accuracy, ETA)."""
+    if not ((ftj.get("spec") or {}).get("metrics") or {}).get("enabled", True):
+        return False
+    meta = ftj["metadata"]
+    inf = _cache(CONFIG.pods, meta["namespace"])
+    if inf is None:
+        return True  # no cache yet: assume so
+    return any(observe.is_rank0(p, "Running") for p in inf.by_label(meta["namespace"], meta["name"]))
+
+
+def _swept(ftj: dict, full: bool) -> bool:
+    status, spec = ftj.get("status") or {}, ftj.get("spec") or {}
+    if status.get("phase") in TERMINAL:
+        return full and (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None
+    return full or _has_progress(ftj)
+
+
 def resync_forever(stop: threading.Event) -> None:
     """Queues requeued jobs (waiting for pods to stop, a TTL, a stalled one) when due, and every
-    unfinished job (and finished ones with a TTL) every resync_seconds, behind event-driven keys."""
-    last_full = time.monotonic()
+    resync_seconds the jobs with live progress to read. Every FULL_SWEEP_EVERY resyncs (and when
+    this replica starts leading) all unfinished ones, and finished ones with a TTL: the safety
+    net for a missed event, which the watches make rare. Sweeps go behind event-driven keys.
+    (Sweeping every job every minute cost 1,000 jobs four busy workers and a queue that never
+    emptied: docs/benchmarks.md.)"""
+    last, sweeps = time.monotonic(), 0
     while not stop.wait(1.0):
         if not acting():
             continue
         due = [k for k, t in list(_requeue.items()) if t <= time.monotonic()]
-        full = time.monotonic() - last_full >= CONFIG.resync_seconds or _resync_now.is_set()
+        now_ = _resync_now.is_set()
         _resync_now.clear()
         try:
-            if full:
-                last_full = time.monotonic()
+            if now_ or time.monotonic() - last >= CONFIG.resync_seconds:
+                full = now_ or sweeps % FULL_SWEEP_EVERY == 0
+                last, sweeps = time.monotonic(), sweeps + 1
                 items = list_finetunejobs()
                 metrics.set_phases(items)
                 for o in items:
-                    if (o.get("status") or {}).get("phase") not in TERMINAL or (
-                        ((o.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None
-                    ):
+                    if _swept(o, full):
                         QUEUE.add((o["metadata"]["namespace"], o["metadata"]["name"]), SWEEP)
             for key in due:
                 QUEUE.add(key, SPEC)

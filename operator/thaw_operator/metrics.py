@@ -31,7 +31,8 @@ STAGE_ATTEMPTS = Gauge(
 QUEUE_DEPTH = Gauge("thaw_operator_queue_depth", "FineTuneJobs waiting in the work queue for a reconcile")
 QUEUE_WAIT_SECONDS = Histogram(
     "thaw_operator_queue_wait_seconds",
-    "Time a FineTuneJob waited in the work queue before a worker took it",
+    "Time a FineTuneJob waited in the work queue before a worker took it, by the priority it was taken at",
+    ["priority"],
     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 PHASES = (PENDING, RUNNING, QUEUED, SUSPENDED, SUCCEEDED, FAILED)

@@ -18,13 +18,20 @@ INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 
 
+# The labels and annotations read here (stage pods carry the user's podAnnotations too: a
+# slim copy leaves them out).
+LABELS = (res.LABEL_JOB, res.LABEL_STAGE, res.LABEL_ATTEMPT, res.KUEUE_QUEUE, *JOB_NAME_LABELS)
+ANNOTATIONS = (res.ANNOTATION_SUSPENDED, INDEX_ANNOTATION)
+
+
 def _meta(obj: dict) -> dict:
     m = obj.get("metadata") or {}
-    return {
-        k: m[k]
-        for k in ("name", "namespace", "uid", "resourceVersion", "labels", "annotations", "deletionTimestamp")
-        if k in m
-    } | {"ownerReferences": [{"uid": r.get("uid"), "kind": r.get("kind")} for r in m.get("ownerReferences") or []]}
+    labels, annotations = m.get("labels") or {}, m.get("annotations") or {}
+    return {k: m[k] for k in ("name", "namespace", "uid", "resourceVersion", "deletionTimestamp") if k in m} | {
+        "labels": {k: labels[k] for k in LABELS if k in labels},
+        "annotations": {k: annotations[k] for k in ANNOTATIONS if k in annotations},
+        "ownerReferences": [{"uid": r.get("uid"), "kind": r.get("kind")} for r in m.get("ownerReferences") or []],
+    }
 
 
 def slim_job(job: dict) -> dict:

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Hashable
 
 HANDOFF, SPEC, SWEEP = 0, 1, 2
+NAMES = ("handoff", "spec", "sweep")  # the priority label of thaw_operator_queue_wait_seconds
 
 
 class WorkQueue:
@@ -38,26 +39,27 @@ class WorkQueue:
                 self._again[key] = min(priority, self._again.get(key, SWEEP))
                 return
             if key in self._queued:
-                queued_at, since = self._queued[key]
+                queued_at, _ = self._queued[key]
                 if priority >= queued_at:
                     return
                 self._levels[queued_at].remove(key)  # O(n), only when an event overtakes a sweep
-                self._queued[key] = (priority, since)
+                self._queued[key] = (priority, time.monotonic())  # its wait counts from the event
                 self._levels[priority].append(key)
                 return
             self._queued[key] = (priority, time.monotonic())
             self._levels[priority].append(key)
             self._cond.notify()
 
-    def get(self, timeout: float | None = None) -> tuple[Hashable, float] | None:
-        """The next key and how long it waited; None on timeout. Call done(key) after."""
+    def get(self, timeout: float | None = None) -> tuple[Hashable, float, int] | None:
+        """The next key, how long it waited and at what priority it was taken; None on timeout.
+        Call done(key) after."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._queued, timeout):
                 return None
-            level = next(q for q in self._levels if q)
-            key = level.popleft()
+            priority = next(i for i, q in enumerate(self._levels) if q)
+            key = self._levels[priority].popleft()
             self._active.add(key)
-            return key, time.monotonic() - self._queued.pop(key)[1]
+            return key, time.monotonic() - self._queued.pop(key)[1], priority
 
     def done(self, key: Hashable) -> None:
         with self._cond:

@@ -60,6 +60,8 @@ def test_a_slim_copy_gives_the_same_view_as_the_whole_object():
     assert whole.complete and whole.result == RESULT and whole.pods_left == 0
     assert whole.start_time == "2026-11-30T00:00:00Z" and whole.completion_time == "2026-11-30T00:05:00Z"
     assert "template" not in json.dumps(observe.slim_job(j)) and "env" not in json.dumps(observe.slim_pod(pods[0]))
+    pods[0]["metadata"]["annotations"]["user/annotation"] = "x" * 1000  # podAnnotations: not kept
+    assert "user/annotation" not in json.dumps(observe.slim_pod(pods[0]))
 
 
 def test_failures_prefer_the_trainers_own_message_and_name_the_memory_limit():

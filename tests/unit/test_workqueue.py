@@ -60,8 +60,8 @@ def test_a_key_re_added_mid_reconcile_keeps_the_best_priority_asked():
 def test_get_reports_the_wait_and_times_out_when_empty():
     q = WorkQueue()
     q.add("a")
-    key, waited = q.get(timeout=0)
-    assert key == "a" and waited >= 0
+    key, waited, priority = q.get(timeout=0)
+    assert key == "a" and waited >= 0 and priority == SPEC
     assert q.get(timeout=0.05) is None
     got = []
     t = threading.Thread(target=lambda: got.append(q.get(timeout=30)))
