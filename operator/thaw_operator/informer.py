@@ -10,7 +10,8 @@ Staleness, and why it is safe:
 - The operator's own writes go into the cache from the API server's reply (read your writes),
   so a Job it just created is never taken for one that was deleted. A watch event older than
   what is cached (by resourceVersion) does not replace it.
-- Until the first list completes, `synced` is clear and callers list live.
+- Until the first list completes, and while the watch fails, `synced` is clear and callers
+  list live.
 - A relist (the watch fell too far behind: 410 Gone) replaces the contents, keeping entries
   newer than the list itself.
 - Pods may lag their Job; controller.py lists them live when a Job's outcome depends on them
@@ -136,6 +137,9 @@ class Informer:
                     self.synced.set()
                 version = self._watch(stop, version)
             except Exception as err:  # noqa: BLE001 - a dropped connection or a restarting API server
+                # Not current until a watch runs again (a watch that keeps failing, e.g. RBAC
+                # without `watch`, must not leave a cache that looks current: callers list live).
+                self.synced.clear()
                 log.warning("%s watch: %s", self.kind, str(err).splitlines()[0][:300] if str(err) else repr(err))
                 stop.wait(2)
 
@@ -146,6 +150,7 @@ class Informer:
         resp = self._call(
             watch=True, resource_version=version, timeout_seconds=60, allow_watch_bookmarks=True, _request_timeout=90
         )
+        self.synced.set()  # the stream resumes from `version`: nothing since is missed
         try:
             for line in iter_resp_lines(resp):
                 if stop.is_set():

@@ -5,7 +5,10 @@ tests/integration/cluster/test_failure_paths.py and every operator test)."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
+from kubernetes.client.exceptions import ApiException
 from thaw_operator import observe
 from thaw_operator import resources as res
 from thaw_operator.informer import Informer
@@ -130,3 +133,30 @@ def test_a_relist_replaces_the_contents_but_keeps_what_we_wrote_after_it():
     names = {o["metadata"]["name"]: o["metadata"]["resourceVersion"] for o in c.by_label("ns", "j")}
     assert names == {"j-0-a1": "25", "j-1-a1": "30"}
     assert not c.synced.is_set()  # only the run loop's first list marks it usable
+
+
+def test_a_cache_whose_watch_fails_is_not_taken_as_current():
+    """Listed once, then every watch refused (say RBAC grants list but not watch): callers must
+    go back to live lists rather than read a cache that no longer moves."""
+
+    class Reply:
+        data = json.dumps({"metadata": {"resourceVersion": "7"}, "items": [job()]}).encode()
+
+    stop, calls = threading.Event(), []
+
+    def list_fn(*_, watch=False, **__):
+        calls.append(watch)
+        if watch:
+            raise ApiException(status=403, reason="Forbidden")
+        return Reply()
+
+    c = Informer("Job", list_fn, (), observe.slim_job, res.LABEL_JOB)
+    t = threading.Thread(target=c.run, args=(stop,), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 5
+    while True not in calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    t.join(5)
+    assert calls[:2] == [False, True] and not c.synced.is_set()
+    assert [o["metadata"]["name"] for o in c.by_label("ns", "j")] == ["j-0-a1"]  # kept, just not current
