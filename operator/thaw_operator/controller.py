@@ -281,17 +281,15 @@ class NotOwned(Exception):
     """An object with a child's name exists and belongs to someone else."""
 
 
-def _owned_by(meta, uid: str) -> bool:
-    """meta: a V1ObjectMeta read from the API server."""
-    return any(ref.uid == uid for ref in meta.owner_references or [])
-
-
-def _read(kind: str, ns: str, name: str):
+def _read(kind: str, ns: str, name: str) -> dict:
+    """A child as the API server returns it (JSON, as the watch caches hold them)."""
     if kind == "Job":
-        return client.BatchV1Api(CONFIG.api).read_namespaced_job(name, ns)
-    if kind == "Service":
-        return client.CoreV1Api(CONFIG.api).read_namespaced_service(name, ns)
-    return client.CoreV1Api(CONFIG.api).read_namespaced_config_map(name, ns)
+        fn = client.BatchV1Api(CONFIG.api).read_namespaced_job
+    elif kind == "Service":
+        fn = client.CoreV1Api(CONFIG.api).read_namespaced_service
+    else:
+        fn = client.CoreV1Api(CONFIG.api).read_namespaced_config_map
+    return json.loads(fn(name, ns, _preload_content=False).data)
 
 
 def _create(obj: dict) -> None:
@@ -313,12 +311,12 @@ def _create(obj: dict) -> None:
         # Already there: ours from an earlier reconcile (idempotent), or a stranger's.
         uid = obj["metadata"]["ownerReferences"][0]["uid"]
         existing = _read(kind, ns, name)
-        if not _owned_by(existing.metadata, uid):
+        if not observe.owned_by(existing, uid):
             raise NotOwned(
                 f"{kind} {ns}/{name} exists and is not owned by this FineTuneJob (uid {uid}); delete or rename it"
             ) from None
         if kind == "Job":
-            _remember(CONFIG.jobs, ns, CONFIG.api.sanitize_for_serialization(existing))
+            _remember(CONFIG.jobs, ns, existing)
 
 
 def _remember(caches: dict[str | None, Informer], namespace: str, obj: dict) -> None:
@@ -335,18 +333,18 @@ def _ensure_config_map(ftj: dict) -> None:
     want = res.config_map(ftj)
     meta = want["metadata"]
     try:
-        have = client.CoreV1Api(CONFIG.api).read_namespaced_config_map(meta["name"], meta["namespace"])
+        have = _read("ConfigMap", meta["namespace"], meta["name"])
     except ApiException as err:
         if err.status != 404:
             raise
         _create(want)
         return
-    if not _owned_by(have.metadata, ftj["metadata"]["uid"]):
+    if not observe.owned_by(have, ftj["metadata"]["uid"]):
         raise NotOwned(
             f"ConfigMap {meta['namespace']}/{meta['name']} exists and is not owned by this FineTuneJob; "
             "delete or rename it"
         )
-    if (have.data or {}) != want["data"]:
+    if (have.get("data") or {}) != want["data"]:
         client.CoreV1Api(CONFIG.api).patch_namespaced_config_map(
             meta["name"], meta["namespace"], {"data": want["data"]}
         )
@@ -518,23 +516,16 @@ def start_watches(stop: threading.Event, namespaces: list[str]) -> None:
     Filtered by label on the API server: the operator never receives other Jobs and pods
     (kopf's label filters apply client-side, after the whole stream)."""
     batch, core = client.BatchV1Api(CONFIG.api), client.CoreV1Api(CONFIG.api)
+    jobs = (batch.list_namespaced_job, batch.list_job_for_all_namespaces)
+    pods = (core.list_namespaced_pod, core.list_pod_for_all_namespaces)
+    kinds = (  # cache, kind, (list in one namespace, in all), slim copy, on change
+        (CONFIG.jobs, "Job", jobs, observe.slim_job, on_stage_job),
+        (CONFIG.pods, "Pod", pods, observe.slim_pod, None),
+    )
     for ns in namespaces or [None]:
-        args = (ns,) if ns else ()
-        CONFIG.jobs[ns] = Informer(
-            "Job",
-            batch.list_namespaced_job if ns else batch.list_job_for_all_namespaces,
-            args,
-            observe.slim_job,
-            res.LABEL_JOB,
-            on_change=on_stage_job,
-        )
-        CONFIG.pods[ns] = Informer(
-            "Pod",
-            core.list_namespaced_pod if ns else core.list_pod_for_all_namespaces,
-            args,
-            observe.slim_pod,
-            res.LABEL_JOB,
-        )
-        for inf in (CONFIG.jobs[ns], CONFIG.pods[ns]):
-            name = f"watch-{inf.kind.lower()}s-{ns or 'all'}"
+        for caches, kind, (in_ns, in_all), slim, handler in kinds:
+            caches[ns] = inf = Informer(
+                kind, in_ns if ns else in_all, (ns,) if ns else (), slim, res.LABEL_JOB, on_change=handler
+            )
+            name = f"watch-{kind.lower()}s-{ns or 'all'}"
             threading.Thread(target=inf.run, args=(stop,), name=name, daemon=True).start()
