@@ -18,6 +18,11 @@ Staleness, and why it is safe:
   (observe.needs_fresh_pods).
 The watches use plain JSON (no client models): cheaper to parse, and a slim copy is a few
 hundred bytes.
+
+Only a change wakes the operator (controller-runtime's event predicates): on_change runs when a
+slim copy differs apart from its resourceVersion. A stage Job sends about five events per
+attempt (created, started, pods ready, pod tracking, complete), and the echo of the operator's
+own write; the slim copy changes on two or three of them, the ones the planner reads.
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ from collections.abc import Callable
 from kubernetes.watch.watch import iter_resp_lines
 
 log = logging.getLogger("thaw.operator")
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Equal slim copies apart from resourceVersion (which moves on every write)."""
+    strip = lambda o: o | {"metadata": {k: v for k, v in o["metadata"].items() if k != "resourceVersion"}}
+    return strip(a) == strip(b)
 
 
 def _version(obj: dict) -> int:
@@ -47,7 +58,7 @@ class Informer:
 
     list_fn: the client's list call (e.g. BatchV1Api.list_namespaced_job), args its namespace
     (or none for the *_for_all_namespaces variant); on_change(obj) is called for every watched
-    change after the cache has it."""
+    change after the cache has it (not for events that change nothing it keeps)."""
 
     def __init__(
         self,
@@ -61,6 +72,7 @@ class Informer:
         self.kind, self.list_fn, self.args, self.slim, self.label = kind, list_fn, args, slim, label
         self.on_change = on_change
         self.synced = threading.Event()
+        self._listed = False
         self._lock = threading.Lock()
         self._objects: dict[tuple[str, str], dict] = {}  # (namespace, name) -> slim object
         self._index: dict[tuple[str, str], set[str]] = defaultdict(set)  # (namespace, label value) -> names
@@ -74,15 +86,17 @@ class Informer:
     def __len__(self) -> int:
         return len(self._objects)
 
-    def upsert(self, obj: dict) -> None:
-        """An object as the API server returned it (watched, or the reply to our own write)."""
+    def upsert(self, obj: dict) -> bool:
+        """An object as the API server returned it (watched, or the reply to our own write).
+        True when the cache changed apart from resourceVersion."""
         slim = self.slim(obj)
         key = (slim["metadata"].get("namespace", ""), slim["metadata"]["name"])
         with self._lock:
             have = self._objects.get(key)
             if have is not None and _version(have) > _version(slim) >= 0:
-                return  # an older event than what we hold (our own write got here first)
+                return False  # an older event than what we hold (our own write got here first)
             self._put(key, slim)
+            return have is None or not _same(have, slim)
 
     def _put(self, key: tuple[str, str], slim: dict) -> None:
         have = self._objects.get(key)
@@ -93,11 +107,12 @@ class Informer:
         if value is not None:
             self._index[(key[0], value)].add(key[1])
 
-    def remove(self, namespace: str, name: str) -> None:
+    def remove(self, namespace: str, name: str) -> bool:
         with self._lock:
             have = self._objects.pop((namespace, name), None)
             if have is not None:
                 self._unindex((namespace, name), have)
+            return have is not None
 
     def _unindex(self, key: tuple[str, str], obj: dict) -> None:
         value = (obj["metadata"].get("labels") or {}).get(self.label)
@@ -107,18 +122,23 @@ class Informer:
             if not names:
                 del self._index[(key[0], value)]
 
-    def _replace(self, items: list[dict], version: int) -> None:
+    def _replace(self, items: list[dict], version: int) -> list[dict]:
+        """The contents from a list; returns what changed (new, changed or gone), as events the
+        watch would have sent had it not fallen behind."""
         fresh = {}
         for obj in items:
             slim = self.slim(obj)
             fresh[(slim["metadata"].get("namespace", ""), slim["metadata"]["name"])] = slim
         with self._lock:
-            for key, have in self._objects.items():  # written by us after the list was taken: keep
+            old = self._objects
+            for key, have in old.items():  # written by us after the list was taken: keep
                 if _version(have) > max(version, _version(fresh[key]) if key in fresh else -1):
                     fresh[key] = have
             self._objects, self._index = {}, defaultdict(set)
             for key, slim in fresh.items():
                 self._put(key, slim)
+        changed = [slim for key, slim in fresh.items() if key not in old or not _same(old[key], slim)]
+        return changed + [have for key, have in old.items() if key not in fresh]
 
     # --- the list+watch loop ----------------------------------------------------------------
 
@@ -133,8 +153,13 @@ class Informer:
                 if version is None:
                     listed = json.loads(self._call().data)
                     version = listed["metadata"]["resourceVersion"]
-                    self._replace(listed.get("items") or [], int(version) if version.isdigit() else -1)
+                    changed = self._replace(listed.get("items") or [], int(version) if version.isdigit() else -1)
                     self.synced.set()
+                    # A relist tells what the lost watch would have; the first list does not (the
+                    # operator reconciles every job when it takes leadership).
+                    for obj in changed if self._listed and self.on_change is not None else ():
+                        self.on_change(obj)
+                    self._listed = True
                 version = self._watch(stop, version)
             except Exception as err:  # noqa: BLE001 - a dropped connection or a restarting API server
                 # Not current until a watch runs again (a watch that keeps failing, e.g. RBAC
@@ -167,10 +192,10 @@ class Informer:
                 if kind == "BOOKMARK":
                     continue
                 if kind == "DELETED":
-                    self.remove(obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
+                    changed = self.remove(obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
                 else:
-                    self.upsert(obj)
-                if self.on_change is not None:
+                    changed = self.upsert(obj)
+                if changed and self.on_change is not None:
                     self.on_change(obj)
         finally:
             resp.close()

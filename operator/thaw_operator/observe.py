@@ -39,7 +39,7 @@ def slim_job(job: dict) -> dict:
     return {
         "metadata": _meta(job),
         "spec": {"suspend": bool((job.get("spec") or {}).get("suspend"))},
-        "status": {k: status[k] for k in ("conditions", "active", "startTime", "completionTime") if k in status},
+        "status": {k: status[k] for k in ("conditions", "startTime", "completionTime") if k in status},
     }
 
 
@@ -152,7 +152,6 @@ def job_view(job: dict, pods: list[dict], workload: dict | None = None) -> JobVi
         attempt=attempt,
         suspended=bool((job.get("spec") or {}).get("suspend")),
         suspended_by_operator=(meta.get("annotations") or {}).get(res.ANNOTATION_SUSPENDED) == "true",
-        active=status.get("active") or 0,
         complete="Complete" in conds,
         failed=failed is not None,
         failed_reason=(failed.get("reason") or "") if failed else "",

@@ -36,7 +36,6 @@ class JobView:
     attempt: int
     suspended: bool = False
     suspended_by_operator: bool = False
-    active: int = 0
     complete: bool = False
     failed: bool = False
     failed_reason: str = ""

@@ -160,3 +160,31 @@ def test_a_cache_whose_watch_fails_is_not_taken_as_current():
     t.join(5)
     assert calls[:2] == [False, True] and not c.synced.is_set()
     assert [o["metadata"]["name"] for o in c.by_label("ns", "j")] == ["j-0-a1"]  # kept, just not current
+
+
+def test_only_a_change_to_what_is_kept_counts_as_one():
+    """The predicate that keeps unchanged events from waking the operator: an event that moves
+    only resourceVersion, or fields the slim copy drops (pods ready, pod tracking), is not a
+    change; our own write's echo is not either; a new condition is."""
+    c = cache()
+    assert c.upsert(job(version="10"))  # new
+    assert not c.upsert(job(version="10"))  # the echo of our own create
+    assert not c.upsert(job(version="11", ready=2, uncountedTerminatedPods={"succeeded": ["u"]}))
+    assert not c.upsert(job(version="9", conds=[("Complete", "", "")]))  # older than held: ignored
+    assert c.upsert(job(version="12", startTime="t0"))
+    assert c.upsert(job(version="13", startTime="t0", conds=[("Complete", "", "")]))
+    assert c.remove("ns", "j-0-a1") and not c.remove("ns", "j-0-a1")
+
+
+def test_a_relist_reports_what_the_lost_watch_would_have():
+    c = cache()
+    c.upsert(job("j-0-a1", version="10"))
+    c.upsert(job("j-1-a1", stage=1, version="11"))
+    c.upsert(job("j-2-a1", stage=2, version="12"))
+    listed = [
+        job("j-0-a1", version="20"),  # unchanged but for its version
+        job("j-1-a1", stage=1, version="21", conds=[("Complete", "", "")]),  # completed meanwhile
+        job("j-3-a1", stage=3, version="22"),  # created meanwhile; j-2-a1 deleted meanwhile
+    ]
+    changed = c._replace(listed, version=22)
+    assert sorted(o["metadata"]["name"] for o in changed) == ["j-1-a1", "j-2-a1", "j-3-a1"]

@@ -66,7 +66,7 @@ def test_new_job_creates_stage_zero_service_and_job():
 
 def test_running_job_changes_nothing():
     first = run(ftj())
-    p = run(ftj(first.status), [job(0, 1, active=1)])
+    p = run(ftj(first.status), [job(0, 1)])
     assert p.create == [] and p.patch_jobs == [] and p.status["phase"] == "Running"
     assert p.status["conditions"] == first.status["conditions"]  # transition times kept
     assert reasons(p) == []
@@ -191,7 +191,7 @@ def test_terminal_state_is_sticky():
 @pytest.mark.parametrize(
     "observed,suspend,patch,phase",
     [
-        (dict(active=2), True, {"suspend": True}, "Suspended"),  # suspend: stop the pods (SIGTERM)
+        (dict(), True, {"suspend": True}, "Suspended"),  # suspend: stop the pods (SIGTERM)
         (dict(suspended=True, suspended_by_operator=True), True, None, "Suspended"),
         (dict(suspended=True, suspended_by_operator=True), False, {"suspend": False}, "Running"),  # resume
         (dict(suspended=True), False, None, "Queued"),  # suspended by Kueue: queued, not failed
@@ -315,7 +315,7 @@ def test_running_stage_shows_epoch_progress_rank_zero_serves():
         body,
         parse_job(body).spec,
         None,
-        [job(0, 1, active=2)],
+        [job(0, 1)],
         NOW,
         IMAGE,
         {0: {"epoch": 1, "valAccuracy": 0.61, "etaSeconds": 12.0}},
@@ -346,10 +346,10 @@ def test_a_queued_stage_job_is_created_suspended_for_kueue_to_admit():
     "observed,suspend,workload_patch,phase",
     [
         # Admitted by Kueue (unsuspended) and running: never suspended again.
-        (dict(active=2, workload="w"), False, None, "Running"),
+        (dict(workload="w"), False, None, "Running"),
         (dict(suspended=True, workload="w"), False, None, "Queued"),  # waiting for quota
         # FineTuneJob suspended: its Workload is deactivated (Kueue stops the pods); the Job is not touched.
-        (dict(active=2, workload="w"), True, False, "Suspended"),
+        (dict(workload="w"), True, False, "Suspended"),
         (
             dict(suspended=True, workload="w", workload_active=False, workload_deactivated_by_operator=True),
             True,
