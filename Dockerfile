@@ -16,12 +16,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/tmp \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app
 RUN python3 -m venv /opt/venv \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin thaw
 WORKDIR /app
 # Dependencies first, resolved against the pins of development and CI; code comes last, so a
-# code change rebuilds one small layer.
+# code change rebuilds one small layer. The code is not pip-installed: each image copies only
+# its own packages into /app (on PYTHONPATH), which `pip install .` of the whole project can't.
 COPY pyproject.toml constraints.txt hack/requirements.py ./
 # (The operator stage comes first: the classic builder builds every stage before its target.)
 
@@ -29,11 +31,9 @@ FROM base AS operator
 RUN python requirements.py operator > /tmp/requirements.txt \
     && pip install --no-compile -c constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
-COPY trainer/ trainer/
-COPY operator/thaw_operator/ operator/thaw_operator/
-# pyproject's readme must exist to build; a stub keeps README edits from rebuilding the image.
-RUN echo "Thaw: see the project's README." > README.md \
-    && pip install --no-compile --no-deps . && rm -rf build
+# The contract and the operator only: no trainer code (import-linter keeps the operator off it).
+COPY thaw_contract/ thaw_contract/
+COPY operator/thaw_operator/ thaw_operator/
 USER 10001
 EXPOSE 8080 8081
 ENTRYPOINT ["python", "-m", "thaw_operator"]
@@ -51,11 +51,9 @@ RUN python requirements.py trainer > /tmp/requirements.txt \
     && pip uninstall -y triton \
     && python -c "import torch, torchvision" \
     && rm /tmp/requirements.txt
+# The contract and the trainer only.
+COPY thaw_contract/ thaw_contract/
 COPY trainer/ trainer/
-COPY operator/thaw_operator/ operator/thaw_operator/
-# pyproject's readme must exist to build; a stub keeps README edits from rebuilding the image.
-RUN echo "Thaw: see the project's README." > README.md \
-    && pip install --no-compile --no-deps . && rm -rf build
 USER 10001
 ENTRYPOINT ["python", "-m", "trainer"]
 CMD ["--help"]

@@ -42,7 +42,8 @@ test-unit: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check trainer operator tests benchmarks hack
+	$(VENV)/bin/ruff format --check thaw_contract trainer operator tests benchmarks hack
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) benchmarks/bench_trainer.py --repeats 3 --out docs/benchmarks.md
@@ -80,7 +81,7 @@ clean:
 # --- Install artefacts -------------------------------------------------------------------
 HELM = $(shell ls ~/.cache/thaw/bin/current/helm 2>/dev/null || echo helm)
 
-# The CRD is generated from trainer/spec.py; the chart and manifests/ carry copies.
+# The CRD is generated from thaw_contract/spec.py; the chart and manifests/ carry copies.
 crd: install
 	$(PY) -m thaw_operator.crd > manifests/crd/finetunejobs.thaw.dev.yaml
 	cp manifests/crd/finetunejobs.thaw.dev.yaml charts/thaw/crds/

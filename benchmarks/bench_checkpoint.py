@@ -46,8 +46,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
+    from thaw_contract.spec import CheckpointSpec
     from trainer import checkpoint as ckpt
-    from trainer.spec import CheckpointSpec
     from trainer.storage import open_store
     from trainer.uploader import CheckpointWriter
 

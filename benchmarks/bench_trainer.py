@@ -64,10 +64,10 @@ def job_doc(trainable, epochs: int, store: str, args) -> dict:
 
 
 def run_thaw(doc: dict) -> dict:
+    from thaw_contract.spec import parse_job
     from trainer.checkpoint import load_object, read_final
     from trainer.models import build_model
     from trainer.runner import run_job
-    from trainer.spec import parse_job
     from trainer.storage import open_store
 
     job = parse_job(doc)
@@ -109,10 +109,10 @@ def run_plain(doc: dict) -> dict:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
+    from thaw_contract.spec import parse_job
     from trainer.data import build_datasets
     from trainer.models import build_model
     from trainer.runner import plan_job
-    from trainer.spec import parse_job
 
     job = parse_job(doc)
     spec = job.spec

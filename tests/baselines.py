@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from thaw_contract.spec import parse_job
 from trainer.data import build_datasets, load_source, split_train_val
-from trainer.spec import parse_job
 
 FOLDER_PIXELS = 32  # image folders hold photos of any size: logistic regression sees them at 32 px
 

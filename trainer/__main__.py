@@ -7,9 +7,9 @@ import logging
 import sys
 import tempfile
 
+from thaw_contract.spec import SpecError, load_job
 from trainer import signals
 from trainer.signals import Terminated
-from trainer.spec import SpecError, load_job
 from trainer.storage import CheckpointError
 
 
@@ -33,7 +33,7 @@ def _plan(args) -> int:
             f"  [{s.index}] {s.name}: {s.epochs} epochs, batch {s.batch_size}, {s.schedule.name}, "
             f"trainable {n:,} ({100 * n / total:.1f}%), lr {lrs}"
         )
-    from trainer.plan import recipe_warnings
+    from thaw_contract.plan import recipe_warnings
 
     for line in recipe_warnings(job.spec, stages):
         print(line)

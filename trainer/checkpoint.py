@@ -17,7 +17,7 @@ import re
 import time
 from typing import Any
 
-from trainer.spec import SpecError
+from thaw_contract.spec import SpecError
 from trainer.storage import CheckpointError, Store, StoreError, delete_prefix
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from trainer.spec import AugmentationSpec, DataSpec, SpecError
+from thaw_contract.spec import AugmentationSpec, DataSpec, SpecError
 
 FASHION_MNIST_DIR = Path(os.environ.get("THAW_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = (

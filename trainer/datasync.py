@@ -34,7 +34,7 @@ def plan_sync(remote: dict[str, tuple[int, str]], local: dict[str, tuple[int, st
 def check_prefix(uri: str, endpoint: str | None = None, timeout_seconds: float = RETRY_SECONDS) -> None:
     """The prefix lists and holds at least one object. What the user must fix (denied, no bucket,
     empty prefix) is a SpecError; an unreachable store is retried, then a transient StoreError."""
-    from trainer.spec import SpecError
+    from thaw_contract.spec import SpecError
     from trainer.storage import retrying
 
     client = s3_client(endpoint)

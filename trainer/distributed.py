@@ -76,7 +76,7 @@ def decided_by_main(fn, env: DistEnv):
         raise error
     if box[0][0] == "ok":
         return box[0][1]
-    from trainer.spec import SpecError
+    from thaw_contract.spec import SpecError
     from trainer.storage import CheckpointError, StoreError
 
     _, kind, message, transient = box[0]

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from thaw_contract.plan import PlannedStage
 from trainer.layers import LayerGroup, in_prefix
-from trainer.plan import PlannedStage
 
 
 @dataclass

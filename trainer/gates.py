@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from trainer.spec import GATE_FAILED, DivergenceSpec, GateSpec, SpecError
+from thaw_contract.spec import GATE_FAILED, DivergenceSpec, GateSpec, SpecError
 
 METRICS = ("val_accuracy", "val_loss")
 

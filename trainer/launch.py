@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 
-from trainer.spec import EXIT_CONFIG_ERROR, FineTuneJob, SpecError, load_job
+from thaw_contract.spec import EXIT_CONFIG_ERROR, FineTuneJob, SpecError, load_job
 
 
 def write_termination(doc: dict) -> None:
@@ -53,8 +53,8 @@ def read_termination() -> dict | None:
 
 def preflight(job: FineTuneJob, stage: int | None) -> None:
     """Everything a worker would refuse, checked once per pod; raises SpecError."""
+    from thaw_contract.plan import stages_to_run
     from trainer.data import check_source
-    from trainer.plan import stages_to_run
     from trainer.runner import plan_job
     from trainer.storage import open_store
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainer.catalog import family_of
-from trainer.layer_table import LayerGroup, assign_groups, in_prefix
+from thaw_contract.catalog import family_of
+from thaw_contract.layer_table import LayerGroup, assign_groups, in_prefix
 
 __all__ = ["HEAD", "LayerGroup", "assign_groups", "in_prefix", "layer_groups", "head_module_name"]
 HEAD = "head"

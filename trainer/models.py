@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.catalog import BUNDLED, TIMM
+from thaw_contract.catalog import BUNDLED, TIMM
+from thaw_contract.spec import ModelSpec, SpecError
 from trainer.layers import head_module_name
-from trainer.spec import ModelSpec, SpecError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

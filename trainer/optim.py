@@ -8,10 +8,10 @@ from functools import partial
 import torch
 from torch import nn
 
+from thaw_contract.plan import PlannedStage
+from thaw_contract.spec import OptimizerSpec
 from trainer.layers import LayerGroup
-from trainer.plan import PlannedStage
 from trainer.schedule import lr_factor
-from trainer.spec import OptimizerSpec
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
+from thaw_contract.spec import AugmentationSpec
 from trainer.data import Images, resize_batch_uint8
-from trainer.spec import AugmentationSpec
 
 RESIZE_CHUNK = 2048  # images resized per call: bounds the float32 working set
 

@@ -23,8 +23,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
+from thaw_contract.catalog import family_of
+from thaw_contract.plan import PlannedStage, recipe_warnings, resolve_stages, stages_to_run
+from thaw_contract.spec import DataSpec, FineTuneJob, ModelSpec, SpecError, training_hash
 from trainer import checkpoint as ckpt
-from trainer.catalog import family_of
 from trainer.data import Datasets, build_datasets
 from trainer.distributed import (
     DistEnv,
@@ -52,11 +54,9 @@ from trainer.loop import StepContext, evaluate, feature_preparer, image_preparer
 from trainer.metrics import TrainerMetrics
 from trainer.models import BuiltModel, build_model
 from trainer.optim import build_optimizer, build_scheduler, param_groups
-from trainer.plan import PlannedStage, recipe_warnings, resolve_stages, stages_to_run
 from trainer.progress import Progress
 from trainer.resident import ResidentBatches, ResidentImages, fits
 from trainer.signals import Terminated
-from trainer.spec import DataSpec, FineTuneJob, ModelSpec, SpecError, training_hash
 from trainer.storage import Store, StoreError, open_store
 from trainer.uploader import CheckpointWriter, retrying
 from trainer.warmup import DEPTHWISE_FAMILIES, Background, warm_up

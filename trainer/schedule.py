@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from trainer.spec import ScheduleSpec
+from thaw_contract.spec import ScheduleSpec
 
 
 def _cos(start: float, end: float, pct: float) -> float:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from trainer.spec import CheckpointSpec, SpecError
+from thaw_contract.spec import CheckpointSpec, SpecError
 
 MiB = 1024 * 1024
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ import functools
 import torch
 from torch import nn
 
-from trainer.catalog import TIMM
-from trainer.layer_table import LayerGroup
-from trainer.spec import ModelSpec, SpecError
+from thaw_contract.catalog import TIMM
+from thaw_contract.layer_table import LayerGroup
+from thaw_contract.spec import ModelSpec, SpecError
 
 
 def _timm():

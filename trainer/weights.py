@@ -16,7 +16,7 @@ import urllib.request
 import torch
 from torch import nn
 
-from trainer.spec import SpecError
+from thaw_contract.spec import SpecError
 
 FIELD = "spec.model.weightsUri"
 SHOWN = 3  # key names quoted per kind of mismatch

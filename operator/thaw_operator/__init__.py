@@ -1,3 +1,3 @@
 """The Thaw operator (kopf): plans one Indexed Job per stage from the same spec models the
-trainer uses (`trainer.spec`). Named thaw_operator so it never shadows the standard
+trainer uses (`thaw_contract.spec`). Named thaw_operator so it never shadows the standard
 library's `operator` module."""

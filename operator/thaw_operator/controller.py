@@ -25,6 +25,8 @@ import kopf
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from thaw_contract.layer_table import resolve_offline
+from thaw_contract.spec import SpecError, parse_job
 from thaw_operator import metrics, observe
 from thaw_operator import resources as res
 from thaw_operator.crd import GROUP, PLURAL, VERSION
@@ -32,8 +34,6 @@ from thaw_operator.informer import Informer
 from thaw_operator.planner import TERMINAL, TIME_FORMAT, JobView, Plan, plan
 from thaw_operator.workqueue import HANDOFF, SPEC, SWEEP, WorkQueue
 from thaw_operator.workqueue import NAMES as PRIORITY_NAMES
-from trainer.layer_table import resolve_offline
-from trainer.spec import SpecError, parse_job
 
 log = logging.getLogger("thaw.operator")
 

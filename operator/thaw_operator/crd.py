@@ -1,6 +1,6 @@
 """The FineTuneJob CustomResourceDefinition, generated from the trainer's spec models.
 
-One source of truth: `trainer.spec.FineTuneJobSpec` (pydantic) gives the JSON Schema; this
+One source of truth: `thaw_contract.spec.FineTuneJobSpec` (pydantic) gives the JSON Schema; this
 module turns it into a structural OpenAPI v3 schema (refs inlined, nullable instead of
 `anyOf [X, null]`, OpenAPI's boolean exclusive bounds), keeps every field description (for
 `kubectl explain`) and scalar default, and adds CEL rules (`x-kubernetes-validations`) for
@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic.alias_generators import to_camel
 
-from trainer.spec import API_VERSION, ENDPOINT_PATTERN, KIND, NAME_PATTERN, TRAINING_FIELDS, FineTuneJobSpec
+from thaw_contract.spec import API_VERSION, ENDPOINT_PATTERN, KIND, NAME_PATTERN, TRAINING_FIELDS, FineTuneJobSpec
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "finetunejobs"
@@ -26,7 +26,7 @@ MAX_NAME = 40  # stage Jobs are named <name>-<k>-a<attempt>: Job and pod names s
 
 
 def _immutable_paths() -> list[str]:
-    """Training fields (trainer.spec.TRAINING_FIELDS, camelCase): a running job's checkpoints
+    """Training fields (thaw_contract.spec.TRAINING_FIELDS, camelCase): a running job's checkpoints
     were written under them. The rest, data.workers included, may change."""
     out = []
     for field, sub in TRAINING_FIELDS.items():
@@ -260,7 +260,7 @@ def crd() -> dict:
 
 
 def render() -> str:
-    header = "# Generated from trainer/spec.py by `python -m thaw_operator.crd`; do not edit.\n"
+    header = "# Generated from thaw_contract/spec.py by `python -m thaw_operator.crd`; do not edit.\n"
     return header + yaml.safe_dump(crd(), sort_keys=False, width=120)
 
 

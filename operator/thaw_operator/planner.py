@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from thaw_contract.plan import expand_stages, stage_names
+from thaw_contract.spec import GATE_FAILED, FineTuneJobSpec
 from thaw_operator import resources as res
-from trainer.plan import expand_stages, stage_names
-from trainer.spec import GATE_FAILED, FineTuneJobSpec
 
 PENDING, RUNNING, QUEUED, SUSPENDED = "Pending", "Running", "Queued", "Suspended"
 SUCCEEDED, FAILED = "Succeeded", "Failed"

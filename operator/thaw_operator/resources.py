@@ -11,7 +11,7 @@ import re
 
 import yaml
 
-from trainer.spec import API_VERSION, EXIT_CONFIG_ERROR, KIND, FineTuneJobSpec, StageSpec
+from thaw_contract.spec import API_VERSION, EXIT_CONFIG_ERROR, KIND, FineTuneJobSpec, StageSpec
 
 LABEL_JOB = "thaw.dev/finetunejob"
 LABEL_STAGE = "thaw.dev/stage"

@@ -188,7 +188,7 @@ class Bed:
         ]
 
     def store(self, name: str):
-        from trainer.spec import CheckpointSpec
+        from thaw_contract.spec import CheckpointSpec
         from trainer.storage import open_store
 
         for k, v in self.seaweed.env().items():

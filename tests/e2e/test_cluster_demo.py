@@ -12,8 +12,8 @@ import yaml
 
 from tests.cluster import demo as demo_mod
 from tests.services.net import free_port
+from thaw_contract.spec import CheckpointSpec
 from trainer import checkpoint as ckpt
-from trainer.spec import CheckpointSpec
 from trainer.storage import open_store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]

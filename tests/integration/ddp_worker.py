@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
+from thaw_contract.spec import load_job
 from trainer.distributed import init_distributed, shutdown
 from trainer.runner import run_job
-from trainer.spec import load_job
 
 
 def main(job_path: str, out_dir: str) -> None:

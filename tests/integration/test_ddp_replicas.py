@@ -9,9 +9,9 @@ import torch
 
 from tests.builders import with_path
 from tests.integration.conftest import torchrun, write_job
+from thaw_contract.spec import load_job
 from trainer.checkpoint import load_object, read_final
 from trainer.models import build_model
-from trainer.spec import load_job
 from trainer.storage import open_store
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ import pytest
 from tests.integration.conftest import ROOT, run, torchrun, write_job
 from tests.services.net import free_ports, wait_until
 from tests.services.prometheus import Prometheus
+from thaw_contract.spec import CheckpointSpec
 from trainer import checkpoint as ckpt
-from trainer.spec import CheckpointSpec
 from trainer.storage import open_store
 
 pytestmark = pytest.mark.integration

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.services.seaweedfs import ADMIN, READER
+from thaw_contract.spec import CheckpointSpec, SpecError
 from trainer import checkpoint as ckpt
 from trainer.datasync import sync_prefix
-from trainer.spec import CheckpointSpec, SpecError
 from trainer.storage import MissingObject, S3Store, open_store
 from trainer.uploader import CheckpointWriter
 
@@ -161,8 +161,8 @@ def test_data_sync_streams_objects_to_disk(s3_env, seaweed, tmp_path):
 
 
 def test_data_source_preflight_tells_missing_from_unreachable(s3_env, seaweed):
+    from thaw_contract.spec import SpecError
     from trainer.datasync import check_prefix
-    from trainer.spec import SpecError
     from trainer.storage import StoreError
 
     with pytest.raises(SpecError, match=r"^spec.data.source: s3://data/nothing-here: no objects under this prefix"):

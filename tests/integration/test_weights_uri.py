@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 from tests.integration.conftest import ROOT, run, write_job
+from thaw_contract.spec import ModelSpec, SpecError
 from trainer.checkpoint import FINAL, stage_prefix
 from trainer.layers import head_module_name
 from trainer.models import build_model
 from trainer.runner import seed_everything, state_digest
-from trainer.spec import ModelSpec, SpecError
 from trainer.weights import fit, parse_state_dict, read_bytes
 
 pytestmark = pytest.mark.integration

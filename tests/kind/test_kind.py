@@ -23,8 +23,8 @@ import yaml
 
 from tests.cluster import demo as demo_mod
 from tests.cluster import kind_demo
+from thaw_contract.spec import CheckpointSpec
 from trainer import checkpoint as ckpt
-from trainer.spec import CheckpointSpec
 from trainer.storage import open_store
 
 pytestmark = [pytest.mark.kind]
@@ -62,7 +62,13 @@ def _exec_python(kind, pod: str, code: str, namespace: str = "default") -> subpr
 
 
 # What a container may do to itself: print its uid, then try to write to /.
-PROBE = "import os; print(os.getuid())\ntry:\n    open('/probe', 'w')\nexcept OSError as e:\n    print(e.strerror)"
+# Run inside a stage pod and the operator pod: its user, whether the root filesystem is writable,
+# and which of the layers' packages the image holds.
+PACKAGES = ("thaw_contract", "trainer", "thaw_operator", "torch", "kubernetes")
+PROBE = (
+    "import os, importlib.util as u; print(os.getuid())\ntry:\n    open('/probe', 'w')\nexcept OSError as e:\n"
+    f"    print(e.strerror)\nprint(','.join(m for m in {PACKAGES!r} if u.find_spec(m)))"
+)
 
 
 def _prometheus(kind, expr: str) -> list[dict]:
@@ -79,7 +85,7 @@ class Run:
     status: dict = field(default_factory=dict)
     deleted_stage_pod: str = ""
     deleted_operator_pod: str = ""
-    probes: dict = field(default_factory=dict)  # pod -> (uid, write error)
+    probes: dict = field(default_factory=dict)  # "role:pod" -> (uid, write error, packages held)
     nodes_by_stage: dict = field(default_factory=dict)  # stage -> node names of its first attempt
     jobs: list = field(default_factory=list)
 
@@ -102,9 +108,9 @@ def _watch(kind, r: Run, stop: threading.Event) -> None:
             r.nodes_by_stage.setdefault(k, set()).update(p["spec"].get("nodeName") for p in live)
         names = {k: [p["metadata"]["name"] for p in live] for k, live in by_stage.items()}
         if len(names.get(0, [])) == 2 and not r.probes:
-            r.probes[names[0][0]] = tuple(_exec_python(kind, names[0][0], PROBE).stdout.split("\n")[:2])
+            r.probes[f"stage:{names[0][0]}"] = tuple(_exec_python(kind, names[0][0], PROBE).stdout.split("\n")[:3])
             op = _pods(kind, "app.kubernetes.io/name=thaw", "thaw-system")[0]["metadata"]["name"]
-            r.probes[op] = tuple(_exec_python(kind, op, PROBE, "thaw-system").stdout.split("\n")[:2])
+            r.probes[f"operator:{op}"] = tuple(_exec_python(kind, op, PROBE, "thaw-system").stdout.split("\n")[:3])
         if len(names.get(1, [])) == 2 and not r.deleted_stage_pod and _epoch_logged(kind, names[1]):
             kind.kubectl("delete", "pod", names[1][-1], "--wait=false")
             r.deleted_stage_pod = names[1][-1]
@@ -173,8 +179,14 @@ def test_a_deleted_operator_pod_converges_without_duplicate_jobs(run):
 
 def test_stage_and_operator_containers_run_as_10001_on_a_read_only_root(run):
     assert len(run.probes) == 2, run.probes
-    for pod, (uid, write_error) in run.probes.items():
+    for pod, (uid, write_error, _) in run.probes.items():
         assert (uid, write_error) == ("10001", "Read-only file system"), pod
+
+
+def test_each_image_carries_its_own_side_and_the_contract_only(run):
+    """The operator image holds no trainer code and no torch; the trainer image no operator."""
+    held = {pod.split(":")[0]: packages for pod, (*_, packages) in run.probes.items()}
+    assert held == {"operator": "thaw_contract,thaw_operator,kubernetes", "stage": "thaw_contract,trainer,torch"}, held
 
 
 def test_prometheus_has_every_ranks_training_loss(kind, run):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from thaw_contract.spec import CheckpointSpec, SpecError
 from trainer import checkpoint as ckpt
-from trainer.spec import CheckpointSpec, SpecError
 from trainer.storage import LocalStore, open_store
 
 

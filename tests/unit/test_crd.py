@@ -16,7 +16,7 @@ def test_manifest_is_generated_from_the_models():
 
 
 def test_every_spec_field_is_in_the_schema_with_descriptions_for_kubectl_explain():
-    from trainer.spec import FineTuneJobSpec
+    from thaw_contract.spec import FineTuneJobSpec
 
     schema = yaml.safe_load(MANIFEST.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     spec = schema["properties"]["spec"]
@@ -42,9 +42,9 @@ def test_immutable_fields_have_transition_rules():
 
 
 def test_immutable_fields_are_the_training_fields_of_the_spec():
-    """One source: trainer.spec.TRAINING_FIELDS (what the checkpoint hash covers) gives the CRD's
+    """One source: thaw_contract.spec.TRAINING_FIELDS (what the checkpoint hash covers) gives the CRD's
     immutability rules; data.workers and the other non-training fields stay mutable."""
-    from trainer.spec import TRAINING_FIELDS
+    from thaw_contract.spec import TRAINING_FIELDS
 
     assert "data.source" in crd.IMMUTABLE and "data.batchSize" in crd.IMMUTABLE and "stages" in crd.IMMUTABLE
     assert "data" not in crd.IMMUTABLE and "data.workers" not in crd.IMMUTABLE

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from thaw_contract.spec import DataSpec, SpecError
 from trainer.data import build_datasets, read_idx, split_train_val, stratified_take
-from trainer.spec import DataSpec, SpecError
 
 
 def test_read_idx_parses_gzipped_and_plain(tmp_path):

@@ -7,9 +7,9 @@ import math
 import pytest
 
 from tests.builders import job_doc
+from thaw_contract.spec import DivergenceSpec, GateSpec, SpecError, parse_job, training_hash
 from trainer.checkpoint import status_summary
 from trainer.gates import Diverged, DivergenceGuard, GateFailed, decide, previous_carried, rolled_back
-from trainer.spec import DivergenceSpec, GateSpec, SpecError, parse_job, training_hash
 
 BEFORE = {"val_accuracy": 0.809, "val_loss": 0.55}
 
@@ -130,7 +130,7 @@ def test_the_operator_says_when_a_stage_was_rolled_back_or_failed_its_gate():
 
 
 def test_one_rate_gradual_unfreezing_is_warned_about_before_anything_trains():
-    from trainer.plan import recipe_warnings
+    from thaw_contract.plan import recipe_warnings
     from trainer.runner import plan_job
 
     def warnings(**gradual):

@@ -1,20 +1,32 @@
-"""The spec imports no torch (the operator image has none); the operator package never
-shadows the standard library's `operator`."""
+"""The layers: the contract (thaw_contract) imports no torch (the operator image has none) and
+neither side; the operator never reaches the object store; the operator package never shadows
+the standard library's `operator`. import-linter checks every import statement (pyproject.toml);
+the subprocesses here check what importing really loads."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(code: str) -> str:
     return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def test_spec_and_plan_import_without_torch():
+def test_import_linter_contracts_are_kept():
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports")), "--no-cache"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "0 broken" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+def test_the_contract_imports_without_torch():
     out = _run(
-        "import sys, trainer.spec, trainer.catalog, trainer.plan, trainer.checkpoint, trainer.storage, "
-        "thaw_operator.planner, thaw_operator.crd; print('torch' in sys.modules)"
+        "import sys, thaw_contract.spec, thaw_contract.catalog, thaw_contract.plan, thaw_contract.layer_table, "
+        "trainer.checkpoint, trainer.storage, thaw_operator.planner, thaw_operator.crd; print('torch' in sys.modules)"
     )
     assert out == "False"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torchvision
 
-from trainer.catalog import ARCHITECTURES, BUNDLED, FAMILIES
+from thaw_contract.catalog import ARCHITECTURES, BUNDLED, FAMILIES
+from thaw_contract.spec import ModelSpec
 from trainer.layers import HEAD, assign_groups, layer_groups
 from trainer.models import build_model
-from trainer.spec import ModelSpec
 
 # RegNets cannot be built on the meta device; the small ones stand for the family.
 ARCHS = [a for a in ARCHITECTURES if not a.startswith("regnet") or a.endswith("400mf")]

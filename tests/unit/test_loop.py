@@ -61,8 +61,8 @@ def test_precision_choice_and_fp16_on_cpu_is_a_clear_error():
     import pytest
 
     from tests.builders import job_doc
+    from thaw_contract.spec import SpecError, parse_job
     from trainer.runner import _autocast_dtype
-    from trainer.spec import SpecError, parse_job
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert _autocast_dtype(parse_job(job_doc()), cpu) is None
@@ -125,8 +125,8 @@ def test_metrics_read_from_the_device_match_a_direct_computation():
 
 def test_the_training_loader_drops_a_ragged_batch_but_keeps_a_lone_short_one():
     from tests.builders import job_doc
+    from thaw_contract.spec import parse_job
     from trainer.runner import _loader
-    from trainer.spec import parse_job
 
     job = parse_job(job_doc())
     ds = lambda n: TensorDataset(torch.zeros(n, 2), torch.zeros(n, dtype=torch.long))  # noqa: E731

@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.builders import job_doc, with_path
+from thaw_contract.spec import SpecError, parse_job
 from trainer.lr_finder import END, START, range_test, schedule, suggest
-from trainer.spec import SpecError, parse_job
 
 
 def test_the_schedule_spans_start_to_end_geometrically():

@@ -6,8 +6,8 @@ import urllib.request
 
 import pytest
 
+from thaw_contract.spec import ModelSpec, SpecError
 from trainer.models import build_model
-from trainer.spec import ModelSpec, SpecError
 
 
 def test_unknown_weights_name_lists_valid_names():

@@ -9,7 +9,7 @@ from thaw_operator import resources as res
 from thaw_operator.planner import JobView, plan
 
 from tests.builders import job_doc
-from trainer.spec import parse_job
+from thaw_contract.spec import parse_job
 
 NOW = "2026-11-28T00:00:00Z"
 IMAGE = "thaw-trainer:test"

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tests.builders import job_doc, with_path
+from thaw_contract.spec import parse_job
 from trainer.optim import build_optimizer, build_scheduler, param_groups
 from trainer.runner import plan_job
 from trainer.schedule import lr_factor
-from trainer.spec import parse_job
 
 
 def _plan(doc):

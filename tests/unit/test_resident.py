@@ -8,10 +8,10 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tests.builders import job_doc
+from thaw_contract.spec import AugmentationSpec, SpecError, parse_job
 from trainer.data import Datasets, Images, ImageSplit, build_datasets
 from trainer.resident import ResidentBatches, ResidentImages, augment_batch
 from trainer.runner import resident_data
-from trainer.spec import AugmentationSpec, SpecError, parse_job
 
 CPU = torch.device("cpu")
 

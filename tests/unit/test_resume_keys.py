@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from tests.builders import job_doc, with_path
+from thaw_contract.spec import parse_job, training_hash
 from trainer.datasync import cache_path, plan_sync
-from trainer.spec import parse_job, training_hash
 
 
 def _hash(doc) -> str:

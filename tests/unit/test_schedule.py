@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from thaw_contract.spec import ScheduleSpec
 from trainer.schedule import lr_factor
-from trainer.spec import ScheduleSpec
 
 
 def test_onecycle_matches_torch_onecycle():

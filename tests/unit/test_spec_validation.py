@@ -7,9 +7,9 @@ import glob
 import pytest
 
 from tests.builders import job_doc, with_path
-from trainer.plan import resolve_stages
+from thaw_contract.plan import resolve_stages
+from thaw_contract.spec import SpecError, load_job, parse_job
 from trainer.runner import plan_job
-from trainer.spec import SpecError, load_job, parse_job
 
 S = "spec.stages.0"
 
@@ -285,7 +285,7 @@ def test_bad_plan_is_one_clear_line(what, doc, expected):
 @pytest.mark.parametrize("what,doc,expected", BAD_PLANS, ids=[b[0] for b in BAD_PLANS])
 def test_bad_plan_is_found_without_torch_with_the_same_line(what, doc, expected):
     """The operator resolves stages against the shipped layer table before any pod starts."""
-    from trainer.layer_table import resolve_offline
+    from thaw_contract.layer_table import resolve_offline
 
     job = parse_job(doc)
     with pytest.raises(SpecError) as offline:

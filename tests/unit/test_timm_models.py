@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tests.builders import job_doc, with_path
-from trainer.layer_table import assign_groups, resolve_offline
+from thaw_contract.layer_table import assign_groups, resolve_offline
+from thaw_contract.spec import ModelSpec, SpecError, parse_job
 from trainer.layers import head_module_name, layer_groups
 from trainer.models import build_model
-from trainer.spec import ModelSpec, SpecError, parse_job
 
 CASES = {  # architecture -> (classifier module, first parameter of the stem, a `top` group?)
     "timm/resnet18": ("fc", "conv1.weight", False),

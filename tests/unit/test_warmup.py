@@ -55,7 +55,7 @@ def test_an_error_in_the_warm_up_is_raised_where_it_is_joined():
 
 def test_warmup_is_a_spec_field_with_a_clear_error():
     from tests.builders import job_doc
-    from trainer.spec import SpecError, parse_job
+    from thaw_contract.spec import SpecError, parse_job
 
     assert parse_job(job_doc()).spec.speed.warmup == "auto"
     with pytest.raises(SpecError, match=r"spec.speed.warmup: must be 'auto', 'on' or 'off' \(got False\); YAML"):

@@ -13,8 +13,8 @@ from thaw_operator.crd import GROUP, PLURAL, VERSION
 from tests.builders import job_doc
 from tests.cluster.control_plane import DELAY, EXIT_CODE, MESSAGE, REASON
 from tests.integration.cluster.conftest import wait_for
+from thaw_contract.spec import CheckpointSpec, parse_job, training_hash
 from trainer import checkpoint as ckpt
-from trainer.spec import CheckpointSpec, parse_job, training_hash
 from trainer.storage import open_store
 
 pytestmark = pytest.mark.cluster

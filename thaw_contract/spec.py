@@ -3,7 +3,7 @@
 Torch-free on purpose (the operator image has no torch). Field names are camelCase in
 YAML (Kubernetes style) and snake_case in Python. Defaults live here and nowhere else.
 Checks that need the model's layer groups (module globs, `top` ranges) happen in
-`trainer.plan`, which reports errors in the same `path: message` form.
+`thaw_contract.plan`, which reports errors in the same `path: message` form.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from trainer.catalog import BUNDLED, TIMM, is_known, unknown_architecture_message
+from thaw_contract.catalog import BUNDLED, TIMM, is_known, unknown_architecture_message
 
 API_VERSION = "thaw.dev/v1alpha1"
 KIND = "FineTuneJob"

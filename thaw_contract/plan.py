@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from trainer.layer_table import LayerGroup
-from trainer.spec import FineTuneJobSpec, GateSpec, ScheduleSpec, SpecError, StageSpec
+    from thaw_contract.layer_table import LayerGroup
+from thaw_contract.spec import FineTuneJobSpec, GateSpec, ScheduleSpec, SpecError, StageSpec
 
 
 @dataclass(frozen=True)
