@@ -1,7 +1,7 @@
 """Which architectures Thaw knows, by family, without importing torch.
 
 The spec validates `model.architecture` against this table (the operator image has no
-torch); tests/unit/test_catalog.py fails if it drifts from torchvision's own list.
+torch); tests/unit/test_layer_groups.py fails if it drifts from torchvision's own list.
 """
 
 from __future__ import annotations

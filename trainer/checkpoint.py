@@ -76,10 +76,6 @@ def commit(store: Store, prefix: str, blobs: dict[str, bytes], meta: dict) -> di
     return manifest
 
 
-def save_checkpoint(store: Store, prefix: str, objects: dict[str, Any], meta: dict) -> dict:
-    return commit(store, prefix, encode(objects), meta)
-
-
 def verify(store: Store, prefix: str) -> dict | None:
     """The manifest if every object it names is present with its size and checksum."""
     try:
@@ -104,10 +100,6 @@ def epoch_dirs(store: Store, index: int, name: str) -> list[str]:
     base = stage_prefix(index, name)
     dirs = {"/".join(k.split("/")[:2]) for k in store.list(base) if k.count("/") >= 2}
     return sorted(d for d in dirs if _EPOCH.search(d))
-
-
-def epoch_of(prefix: str) -> int:
-    return int(_EPOCH.search(prefix).group(1))
 
 
 def latest_valid(store: Store, index: int, name: str) -> tuple[str, dict] | None:

@@ -38,9 +38,11 @@ def param_groups(
         decay = [params[n] for n in names if n not in skip_decay]
         plain = [params[n] for n in names if n in skip_decay]
         lr = stage.group_lrs[g]
-        for ps, wd, suffix in ((decay, weight_decay, ""), (plain, 0.0, "/no_decay")):
+        # Two param groups per layer group, both named for it (torch keeps extra keys in each
+        # group); "decay" says which one weight decay applies to.
+        for ps, wd, decays in ((decay, weight_decay, True), (plain, 0.0, False)):
             if ps:
-                out.append({"params": ps, "lr": lr, "weight_decay": wd, "name": groups[g].name + suffix})
+                out.append({"params": ps, "lr": lr, "weight_decay": wd, "name": groups[g].name, "decay": decays})
     return out
 
 

@@ -61,6 +61,12 @@ from trainer.storage import Store, StoreError, open_store
 from trainer.uploader import CheckpointWriter, retrying
 from trainer.warmup import DEPTHWISE_FAMILIES, Background, warm_up
 
+# Seeds: each stage its own stream (a stage's run does not depend on how many batches the one
+# before drew); a resume on another world size reseeds per epoch (prime: no two (epoch, rank)
+# pairs of a job collide for worlds under 7,919 ranks).
+STAGE_SEED_STRIDE = 1000
+RESEED_EPOCH_STRIDE = 7919
+
 CONV_FAMILIES = ("resnet", "efficientnet", "mobilenet", "convnext", "regnet", "densenet", "efficientnet_lite")
 
 
@@ -294,7 +300,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     job, env, model = setup.job, setup.env, setup.model
     spec = job.spec
     t_start = time.perf_counter()
-    seed = spec.seed + 1000 * stage.index
+    seed = spec.seed + STAGE_SEED_STRIDE * stage.index
     seed_everything(seed + env.rank)
     # A store that is briefly unreachable at start is waited for, like one that fails mid-stage.
     found = choose_resume(setup, stage)
@@ -384,7 +390,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         if len(st["rng"]) == env.world:
             set_rng_state(st["rng"][env.rank])
         else:  # another world size: the run goes on, but not bit-identically
-            seed_everything(seed + 7919 * first_epoch + env.rank)
+            seed_everything(seed + RESEED_EPOCH_STRIDE * first_epoch + env.rank)
         if stopper is not None and stopper.should_stop:
             first_epoch = stage.epochs  # it had stopped early; only the commit was missing
 
@@ -395,9 +401,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         setup.progress.start_epoch(stage.name, epoch, stage.epochs, len(train_loader))
         on_step = None
         if metrics is not None:
-            on_step = lambda t, w, n: metrics.step(
-                t, w, n, {g["name"].split("/")[0]: g["lr"] for g in optimizer.param_groups}
-            )
+            on_step = lambda t, w, n: metrics.step(t, w, n, {g["name"]: g["lr"] for g in optimizer.param_groups})
 
         def on_read(loss_sum: float, images: int, step: int, epoch: int = epoch) -> None:
             total, n = all_sum([loss_sum, images], env)  # every rank reaches the same verdict
@@ -432,7 +436,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
             **{k: round(v, 6) for k, v in m.items() if k != "rank_images"},
             "val_loss": round(val["loss"], 6),
             "val_accuracy": round(val["accuracy"], 6),
-            "lr": {g["name"].split("/")[0]: g["lr"] for g in optimizer.param_groups},
+            "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
             "eta_seconds": round(elapsed / done_here * (stage.epochs - epoch - 1), 1),
         }
         history.append(row)

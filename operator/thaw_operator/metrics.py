@@ -40,7 +40,7 @@ FINETUNEJOBS = Gauge("thaw_operator_finetunejobs", "FineTuneJobs by phase", ["ph
 
 
 def set_phases(items: list[dict]) -> None:
-    tally = Tally((o.get("status") or {}).get("phase") or "Pending" for o in items)
+    tally = Tally((o.get("status") or {}).get("phase") or PENDING for o in items)
     for phase in PHASES:
         FINETUNEJOBS.labels(phase).set(tally.get(phase, 0))
 

@@ -22,7 +22,6 @@ from thaw_operator import resources as res
 PENDING, RUNNING, QUEUED, SUSPENDED = "Pending", "Running", "Queued", "Suspended"
 SUCCEEDED, FAILED = "Succeeded", "Failed"
 TERMINAL = (SUCCEEDED, FAILED)
-CONDITION_TYPES = ("Created", "Running", "Suspended", "Succeeded", "Failed")
 WAIT_SECONDS = 2.0  # re-plan this soon while waiting for a failed attempt's pods to stop
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 

@@ -25,10 +25,10 @@ pytestmark = pytest.mark.integration
 def test_every_rank_resumes_from_the_checkpoint_rank_zero_chose(tmp_path):
     store = LocalStore(tmp_path / "store")
     for epoch in (0, 1):
-        ckpt.save_checkpoint(
+        ckpt.commit(
             store,
             ckpt.epoch_prefix(0, "head", epoch),
-            {"model.pt": {"w": torch.full((2,), float(epoch))}},
+            ckpt.encode({"model.pt": {"w": torch.full((2,), float(epoch))}}),
             {"epoch": epoch},
         )
     stale = [k for k in store.list("stage-00-head") if "epoch-0001" not in k]

@@ -77,9 +77,8 @@ def test_an_unreachable_store_is_waited_for_then_transient_not_a_configuration_e
 
 def _commit_epochs(store, n):
     for e in range(n):
-        ckpt.save_checkpoint(
-            store, ckpt.epoch_prefix(0, "head", e), {"model.pt": {"w": torch.full((4,), float(e))}}, {"epoch": e}
-        )
+        blobs = ckpt.encode({"model.pt": {"w": torch.full((4,), float(e))}})
+        ckpt.commit(store, ckpt.epoch_prefix(0, "head", e), blobs, {"epoch": e})
 
 
 def test_readers_skip_damaged_checkpoints_and_take_the_newest_valid(s3_env, seaweed, caplog):

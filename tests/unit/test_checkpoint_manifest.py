@@ -12,9 +12,8 @@ from trainer.storage import LocalStore, open_store
 
 def _save(store, epoch):
     prefix = ckpt.epoch_prefix(0, "head", epoch)
-    manifest = ckpt.save_checkpoint(
-        store, prefix, {"model.pt": {"w": torch.full((3,), float(epoch))}}, {"epoch": epoch, "architecture": "resnet18"}
-    )
+    blobs = ckpt.encode({"model.pt": {"w": torch.full((3,), float(epoch))}})
+    manifest = ckpt.commit(store, prefix, blobs, {"epoch": epoch, "architecture": "resnet18"})
     return prefix, manifest
 
 
@@ -118,7 +117,7 @@ def test_what_the_trainer_saves_loads_under_weights_only(tmp_path):
     store = LocalStore(tmp_path)
     prefix = ckpt.epoch_prefix(0, "head", 0)
     state = {"epoch": 3, "rng": [rng_state()], "history": [{"loss": 0.5}], "best_dir": None}
-    ckpt.save_checkpoint(store, prefix, {"train_state.pt": state}, {"epoch": 3})
+    ckpt.commit(store, prefix, ckpt.encode({"train_state.pt": state}), {"epoch": 3})
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     loaded = ckpt.load_object(store, prefix, "train_state.pt")
     set_rng_state(loaded["rng"][0])

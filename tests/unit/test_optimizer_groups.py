@@ -25,6 +25,9 @@ def test_only_trainable_parameters_and_no_decay_on_norm_or_bias():
     names = {id(p): n for n, p in model.named_parameters()}
     in_opt = {names[id(p)] for g in pg for p in g["params"]}
     assert in_opt == set(stage.trainable_params)
+    # Named for their layer group (no "/no_decay" suffix to parse back); "decay" marks the decayed one.
+    assert {g["name"] for g in pg} == {groups[i].name for i in stage.trainable_groups}
+    assert all(g["decay"] == (g["weight_decay"] == 0.01) for g in pg)
     for g in pg:
         for p in g["params"]:
             n = names[id(p)]
@@ -57,7 +60,7 @@ def test_every_group_follows_the_schedule_at_every_step():
     p = next(iter(opt.param_groups[0]["params"]))
     for step in range(total):
         for g in opt.param_groups:
-            base = stage.group_lrs[[i for i in stage.trainable_groups if groups[i].name == g["name"].split("/")[0]][0]]
+            base = stage.group_lrs[[i for i in stage.trainable_groups if groups[i].name == g["name"]][0]]
             assert g["lr"] == pytest.approx(base * lr_factor(step, total, steps_per_epoch, stage.schedule))
         p.grad = torch.zeros_like(p)
         opt.step()

@@ -61,7 +61,7 @@ def write_final(doc: dict, stage: int, accuracy: float) -> None:
     store = open_store(CheckpointSpec(uri=spec.checkpoint.uri), doc["metadata"]["name"])
     prefix = ckpt.epoch_prefix(stage, name, 0)
     meta = {"stage": stage, "epoch": 0, "architecture": spec.model.architecture, "specHash": training_hash(spec)}
-    manifest = ckpt.save_checkpoint(store, prefix, {"model.pt": {"w": [stage]}}, meta)
+    manifest = ckpt.commit(store, prefix, ckpt.encode({"model.pt": {"w": [stage]}}), meta)
     ckpt.mark_final(
         store,
         stage,
