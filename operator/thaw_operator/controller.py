@@ -31,7 +31,8 @@ from thaw_operator import metrics, observe
 from thaw_operator import resources as res
 from thaw_operator.crd import GROUP, PLURAL, VERSION
 from thaw_operator.informer import Informer
-from thaw_operator.planner import TERMINAL, TIME_FORMAT, JobView, Plan, plan
+from thaw_operator.planner import JobView, Plan, plan
+from thaw_operator.status import TERMINAL, TIME_FORMAT
 from thaw_operator.workqueue import HANDOFF, SPEC, SWEEP, WorkQueue
 from thaw_operator.workqueue import NAMES as PRIORITY_NAMES
 

@@ -6,7 +6,7 @@ from collections import Counter as Tally
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
-from thaw_operator.planner import FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, SUSPENDED
+from thaw_operator.status import PENDING, PHASES
 
 disable_created_metrics()
 
@@ -35,7 +35,6 @@ QUEUE_WAIT_SECONDS = Histogram(
     ["priority"],
     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-PHASES = (PENDING, RUNNING, QUEUED, SUSPENDED, SUCCEEDED, FAILED)
 FINETUNEJOBS = Gauge("thaw_operator_finetunejobs", "FineTuneJobs by phase", ["phase"])
 
 

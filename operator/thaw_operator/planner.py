@@ -8,22 +8,23 @@ checkpoint it verified (termination message); stage k's pods verify it again bef
 load it, so the operator never reads the store. A failed attempt is replaced by a fresh one
 (which resumes from the stage's newest valid checkpoint) once its pods have stopped, until
 the retry budget is spent; only a configuration error fails at once. Terminal states are sticky.
+
+`plan` walks the stages in order and hands the first unfinished one to one function per
+policy: start, verify (a completed attempt), failure (retry or fail), queue (Kueue), suspend.
+The status itself is written by thaw_operator.status.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from thaw_contract.plan import expand_stages, stage_names
-from thaw_contract.spec import GATE_FAILED, FineTuneJobSpec
+from thaw_contract.spec import GATE_FAILED, FineTuneJobSpec, StageSpec
 from thaw_operator import resources as res
+from thaw_operator import status
+from thaw_operator.status import FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, SUSPENDED, TERMINAL
 
-PENDING, RUNNING, QUEUED, SUSPENDED = "Pending", "Running", "Queued", "Suspended"
-SUCCEEDED, FAILED = "Succeeded", "Failed"
-TERMINAL = (SUCCEEDED, FAILED)
 WAIT_SECONDS = 2.0  # re-plan this soon while waiting for a failed attempt's pods to stop
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 @dataclass(frozen=True)
@@ -61,22 +62,29 @@ class Plan:
     requeue_after: float | None = None
 
 
-def _seconds(t: str) -> float:
-    return datetime.strptime(t, TIME_FORMAT).replace(tzinfo=UTC).timestamp()
+@dataclass
+class _Ctx:
+    """One planning pass: the inputs, the per-stage rows being written, and the plan."""
+
+    ftj: dict
+    spec: FineTuneJobSpec
+    stage_specs: list[StageSpec]
+    image: str
+    now: str
+    old: dict
+    stages: list[dict]
+    out: Plan = field(default_factory=Plan)
+
+    def finish(self, phase: str, reason: str, message: str, current: int) -> Plan:
+        gen = self.ftj["metadata"].get("generation", 1)
+        self.out.status = status.build(self.old, phase, reason, message, self.stages, current, self.now, gen)
+        if self.old.get("phase") != phase:
+            self.out.events.append(("Warning" if phase == FAILED else "Normal", phase, message))
+        return self.out
 
 
-def _condition(old: list[dict], ctype: str, status: bool, reason: str, message: str, now: str, gen: int) -> dict:
-    prev = next((c for c in old if c.get("type") == ctype), None)
-    value = "True" if status else "False"
-    changed = prev is None or prev.get("status") != value
-    return {
-        "type": ctype,
-        "status": value,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": now if changed else prev.get("lastTransitionTime", now),
-        "observedGeneration": gen,
-    }
+def _label(k: int, st: dict) -> str:
+    return f"stage {k} ({st['name']})"
 
 
 def plan(
@@ -89,98 +97,65 @@ def plan(
     progress: dict[int, dict] | None = None,
 ) -> Plan:
     """`progress`: the numbers rank 0 of a running stage serves (epoch, val accuracy, ETA)."""
-    meta, old = ftj["metadata"], ftj.get("status") or {}
-    gen = meta.get("generation", 1)
-    out = Plan()
-    old_stages = {s["index"]: s for s in old.get("stages", []) if "index" in s}
-
-    def finish(phase: str, reason: str, message: str, stages: list[dict], current: int) -> Plan:
-        n = len(stages)
-        done = sum(1 for s in stages if s["phase"] == SUCCEEDED)
-        last_ok = [s for s in stages if s["phase"] == SUCCEEDED and "result" in s]
-        conds = old.get("conditions", [])
-        out.status = {
-            "phase": phase,
-            "currentStage": current,
-            "stageProgress": f"{done}/{n}",
-            "observedGeneration": gen,
-            "message": message,
-            "stages": stages,
-            "conditions": [
-                _condition(conds, "Created", True, "Created", "stage objects are managed by thaw", now, gen),
-                _condition(
-                    conds,
-                    "Running",
-                    phase == RUNNING,
-                    reason if phase == RUNNING else phase,
-                    message if phase == RUNNING else "",
-                    now,
-                    gen,
-                ),
-                _condition(
-                    conds,
-                    "Suspended",
-                    phase == SUSPENDED,
-                    reason if phase == SUSPENDED else "NotSuspended",
-                    message if phase == SUSPENDED else "",
-                    now,
-                    gen,
-                ),
-                _condition(
-                    conds,
-                    "Succeeded",
-                    phase == SUCCEEDED,
-                    reason if phase == SUCCEEDED else phase,
-                    message if phase == SUCCEEDED else "",
-                    now,
-                    gen,
-                ),
-                _condition(
-                    conds,
-                    "Failed",
-                    phase == FAILED,
-                    reason if phase == FAILED else "NotFailed",
-                    message if phase == FAILED else "",
-                    now,
-                    gen,
-                ),
-            ],
-        }
-        if phase in TERMINAL:  # when it ended: the FineTuneJob's TTL counts from here
-            out.status["completionTime"] = old.get("completionTime") if old.get("phase") == phase else now
-        live = [s["progress"] for s in stages if s["phase"] == RUNNING and "progress" in s]
-        if live and live[-1].get("valAccuracy") is not None:
-            out.status["valAccuracy"] = live[-1]["valAccuracy"]
-        elif last_ok:
-            out.status["valAccuracy"] = last_ok[-1]["result"].get("valAccuracy")
-        if old.get("phase") != phase:
-            kind = "Warning" if phase == FAILED else "Normal"
-            out.events.append((kind, {SUCCEEDED: "Succeeded", FAILED: "Failed"}.get(phase, phase), message))
-        return out
-
+    old = ftj.get("status") or {}
     if spec is None:  # the API server's schema let it through, but the trainer's models did not
-        return finish(FAILED, "InvalidSpec", spec_error or "invalid spec", [], 0)
-    names = stage_names(spec)
+        ctx = _Ctx(ftj, None, [], image, now, old, [])  # type: ignore[arg-type]
+        return ctx.finish(FAILED, "InvalidSpec", spec_error or "invalid spec", 0)
+    if old.get("phase") in TERMINAL and old.get("observedGeneration") == ftj["metadata"].get("generation", 1):
+        return _finished(old, spec, jobs, now)
     stage_specs = [s for _, s in expand_stages(spec)]
-    image = spec.image or image  # the job's own image wins over the operator's default
-    if old.get("phase") in TERMINAL and old.get("observedGeneration") == gen:
-        out.status = old
-        ttl = spec.run_policy.ttl_seconds_after_finished
-        if ttl is not None and jobs and old.get("completionTime"):
-            left = _seconds(old["completionTime"]) + ttl - _seconds(now)
-            if left <= 0:
-                out.delete_jobs = sorted(j.name for j in jobs)
-            else:
-                out.requeue_after = left
-        return out
-
+    ctx = _Ctx(ftj, spec, stage_specs, spec.image or image, now, old, _stage_rows(old, spec, stage_specs))
     by_stage: dict[int, list[JobView]] = {}
     for j in jobs:
         by_stage.setdefault(j.stage, []).append(j)
-    stages: list[dict] = []
-    for k, name in enumerate(names):
+    for k, st in enumerate(ctx.stages):
+        if st["phase"] == SUCCEEDED:
+            continue
+        attempts = sorted(by_stage.get(k, []), key=lambda j: j.attempt)
+        latest = attempts[-1] if attempts else None
+        st["attempts"] = max(st["attempts"], latest.attempt if latest else 0)
+        if latest is not None and latest.start_time and "startTime" not in st:
+            st["startTime"] = latest.start_time
+        if latest is None:
+            return _start(ctx, k, st)
+        if latest.complete:
+            if (failed := _verify(ctx, k, st, latest)) is not None:
+                return failed
+            continue  # on to the next stage
+        if latest.failed:
+            return _failure(ctx, k, st, latest)
+        # The latest attempt exists and has not finished.
+        for policy in (_queue, _suspend):
+            if (done := policy(ctx, k, st, latest)) is not None:
+                return done
+        st["phase"] = RUNNING
+        if progress and k in progress:
+            st["progress"] = progress[k]
+        return ctx.finish(RUNNING, "StageRunning", f"{_label(k, st)} running", k)
+    n = len(ctx.stages)
+    return ctx.finish(SUCCEEDED, "AllStagesSucceeded", f"all {n} stages succeeded", n - 1)
+
+
+def _finished(old: dict, spec: FineTuneJobSpec, jobs: list[JobView], now: str) -> Plan:
+    """Terminal states are sticky; the stage Jobs go once the TTL after finishing has passed."""
+    out = Plan(status=old)
+    ttl = spec.run_policy.ttl_seconds_after_finished
+    if ttl is not None and jobs and old.get("completionTime"):
+        left = status.seconds(old["completionTime"]) + ttl - status.seconds(now)
+        if left <= 0:
+            out.delete_jobs = sorted(j.name for j in jobs)
+        else:
+            out.requeue_after = left
+    return out
+
+
+def _stage_rows(old: dict, spec: FineTuneJobSpec, stage_specs: list[StageSpec]) -> list[dict]:
+    """The per-stage status rows, carrying over what the previous status recorded."""
+    old_stages = {s["index"]: s for s in old.get("stages", []) if "index" in s}
+    rows = []
+    for k, name in enumerate(stage_names(spec)):
         prev = old_stages.get(k, {})
-        stages.append(
+        rows.append(
             {
                 "index": k,
                 "name": name,
@@ -190,151 +165,147 @@ def plan(
                 **{key: prev[key] for key in ("startTime", "completionTime", "checkpoint", "result") if key in prev},
             }
         )
+    return rows
 
-    def retry(k: int, st: dict, cause: str) -> Plan:
-        """The latest attempt of stage k is over without a result: another, if the budget allows."""
-        label = f"stage {k} ({st['name']})"
-        if st["attempts"] >= 1 + spec.run_policy.retries_per_stage:
-            st["phase"] = FAILED
-            msg = f"{label} failed {st['attempts']} times ({cause}); retries exhausted"
-            return finish(FAILED, "RetriesExhausted", msg, stages, k)
-        attempt = st["attempts"] + 1
-        out.create.append(res.stage_job(ftj, spec, k, stage_specs[k], attempt, image, suspend=spec.suspend))
-        st["phase"], st["attempts"] = RUNNING, attempt
-        out.events.append(
-            (
-                "Warning",
-                "StageRetrying",
-                f"{label} attempt {attempt - 1} failed ({cause}); starting attempt {attempt}, which resumes "
-                "from the newest valid checkpoint",
-            )
+
+def _start(ctx: _Ctx, k: int, st: dict) -> Plan:
+    """No Job for stage k: its first attempt (or none while suspended), or a retry when ours is gone."""
+    label, name = _label(k, st), ctx.ftj["metadata"]["name"]
+    if st["attempts"]:  # our Job is gone and we never saw it finish
+        return _retry(ctx, k, st, f"its Job {res.job_name(name, k, st['attempts'])} was deleted")
+    if ctx.spec.suspend:
+        st["phase"] = SUSPENDED
+        return ctx.finish(SUSPENDED, "Suspended", f"suspended before {label} started", k)
+    ctx.out.create += [
+        res.headless_service(ctx.ftj, k),
+        res.stage_job(ctx.ftj, ctx.spec, k, ctx.stage_specs[k], 1, ctx.image),
+    ]
+    st["phase"], st["attempts"] = RUNNING, 1
+    st["startTime"] = st.get("startTime", ctx.now)
+    ctx.out.events.append(("Normal", "StageStarted", f"{label} attempt 1: Job {res.job_name(name, k, 1)}"))
+    return ctx.finish(RUNNING, "StageRunning", f"{label} running", k)
+
+
+def _retry(ctx: _Ctx, k: int, st: dict, cause: str) -> Plan:
+    """The latest attempt of stage k is over without a result: another, if the budget allows."""
+    label = _label(k, st)
+    if st["attempts"] >= 1 + ctx.spec.run_policy.retries_per_stage:
+        st["phase"] = FAILED
+        msg = f"{label} failed {st['attempts']} times ({cause}); retries exhausted"
+        return ctx.finish(FAILED, "RetriesExhausted", msg, k)
+    attempt = st["attempts"] + 1
+    job = res.stage_job(ctx.ftj, ctx.spec, k, ctx.stage_specs[k], attempt, ctx.image, suspend=ctx.spec.suspend)
+    ctx.out.create.append(job)
+    st["phase"], st["attempts"] = RUNNING, attempt
+    ctx.out.events.append(
+        (
+            "Warning",
+            "StageRetrying",
+            f"{label} attempt {attempt - 1} failed ({cause}); starting attempt {attempt}, which resumes "
+            "from the newest valid checkpoint",
         )
-        return finish(RUNNING, "StageRetrying", f"{label} attempt {attempt}", stages, k)
+    )
+    return ctx.finish(RUNNING, "StageRetrying", f"{label} attempt {attempt}", k)
 
-    for k, st in enumerate(stages):
-        if st["phase"] == SUCCEEDED:
-            continue
-        label = f"stage {k} ({st['name']})"
-        attempts = sorted(by_stage.get(k, []), key=lambda j: j.attempt)
-        latest = attempts[-1] if attempts else None
-        st["attempts"] = max(st["attempts"], latest.attempt if latest else 0)
-        if latest is not None and latest.start_time and "startTime" not in st:
-            st["startTime"] = latest.start_time
 
-        if latest is None and st["attempts"]:  # our Job is gone and we never saw it finish
-            return retry(k, st, f"its Job {res.job_name(meta['name'], k, st['attempts'])} was deleted")
-        if latest is None:
-            if spec.suspend:
-                st["phase"] = SUSPENDED
-                return finish(SUSPENDED, "Suspended", f"suspended before {label} started", stages, k)
-            attempt = 1
-            out.create += [res.headless_service(ftj, k), res.stage_job(ftj, spec, k, stage_specs[k], attempt, image)]
-            st["phase"], st["attempts"] = RUNNING, attempt
-            st["startTime"] = st.get("startTime", now)
-            out.events.append(
-                ("Normal", "StageStarted", f"{label} attempt {attempt}: Job {res.job_name(meta['name'], k, attempt)}")
-            )
-            return finish(RUNNING, "StageRunning", f"{label} running", stages, k)
+def _verify(ctx: _Ctx, k: int, st: dict, latest: JobView) -> Plan | None:
+    """A completed attempt counts only with rank 0's verified checkpoint; None: stage k succeeded."""
+    label, result = _label(k, st), latest.result
+    if not result or result.get("stage") != k or not result.get("checkpoint"):
+        # Rank 0 reports the verified checkpoint in its termination message; without it
+        # (pods removed), a new attempt finds the committed stage and reports it again.
+        return _retry(ctx, k, st, "completed, but its result was not found in rank 0's termination message")
+    st.update(
+        phase=SUCCEEDED,
+        checkpoint=result["checkpoint"],
+        result=dict(result.get("metrics") or {}),
+        completionTime=latest.completion_time or ctx.now,
+    )
+    acc = st["result"].get("valAccuracy")
+    succeeded = f"{label} succeeded" + (f", val accuracy {acc:.4f}" if isinstance(acc, (int, float)) else "")
+    ctx.out.events.append(("Normal", "StageSucceeded", succeeded))
+    gate = st["result"].get("gate") or {}
+    if gate.get("decision") == "rolled_back":
+        why = f"{label} rolled back: {gate.get('reason')}; the next stage starts from the weights before it"
+        ctx.out.events.append(("Warning", "StageRolledBack", why))
+    elif gate.get("decision") == "kept":
+        why = f"{label} left the model worse: {gate.get('reason')}; kept (spec.gate.onRegression: keep)"
+        ctx.out.events.append(("Warning", "StageRegressed", why))
+    return None
 
-        if latest.complete:
-            result = latest.result
-            if not result or result.get("stage") != k or not result.get("checkpoint"):
-                # Rank 0 reports the verified checkpoint in its termination message; without it
-                # (pods removed), a new attempt finds the committed stage and reports it again.
-                return retry(k, st, "completed, but its result was not found in rank 0's termination message")
-            st.update(
-                phase=SUCCEEDED,
-                checkpoint=result["checkpoint"],
-                result=dict(result.get("metrics") or {}),
-                completionTime=latest.completion_time or now,
-            )
-            acc = st["result"].get("valAccuracy")
-            out.events.append(
-                (
-                    "Normal",
-                    "StageSucceeded",
-                    f"{label} succeeded" + (f", val accuracy {acc:.4f}" if isinstance(acc, (int, float)) else ""),
-                )
-            )
-            gate = st["result"].get("gate") or {}
-            if gate.get("decision") == "rolled_back":
-                why = f"{label} rolled back: {gate.get('reason')}; the next stage starts from the weights before it"
-                out.events.append(("Warning", "StageRolledBack", why))
-            elif gate.get("decision") == "kept":
-                why = f"{label} left the model worse: {gate.get('reason')}; kept (spec.gate.onRegression: keep)"
-                out.events.append(("Warning", "StageRegressed", why))
-            continue
 
-        if latest.failed:
-            cause = latest.failure or f"{latest.failed_reason or 'Failed'}: {latest.failed_message}"
-            if latest.failed_reason == "PodFailurePolicy":  # the trainer said: not worth retrying
-                st["phase"] = FAILED
-                if GATE_FAILED in cause:
-                    return finish(FAILED, "StageRegressed", f"{label} failed its gate: {cause}", stages, k)
-                return finish(FAILED, "InvalidConfiguration", f"{label} configuration error: {cause}", stages, k)
-            if latest.pods_left:
-                # Its ranks may still be committing checkpoints: the next attempt must not choose
-                # its resume point before they stop (kubelet grace period bounds the wait).
-                st["phase"] = RUNNING
-                out.requeue_after = WAIT_SECONDS
-                msg = (
-                    f"{label} attempt {latest.attempt} failed ({cause}); waiting for {latest.pods_left} pod(s) to stop"
-                )
-                return finish(RUNNING, "AttemptFailed", msg, stages, k)
-            return retry(k, st, cause)
-
-        # The latest attempt exists and has not finished.
-        if latest.queued:  # Kueue's: stop and resume through its Workload, never its suspend field
-            flag = lambda active: {
-                "metadata": {"annotations": {res.ANNOTATION_DEACTIVATED: None if active else "true"}},
-                "spec": {"active": active},
-            }
-            if spec.suspend:
-                if latest.workload is None:
-                    out.requeue_after = WAIT_SECONDS  # Kueue has not created it yet
-                elif latest.workload_active:
-                    out.patch_workloads.append((latest.workload, flag(False)))
-                    out.events.append(
-                        ("Normal", "Suspending", f"{label}: deactivating its Kueue Workload; Kueue stops the pods")
-                    )
-                st["phase"] = SUSPENDED
-                return finish(SUSPENDED, "Suspended", f"{label} suspended", stages, k)
-            if latest.workload and not latest.workload_active and latest.workload_deactivated_by_operator:
-                out.patch_workloads.append((latest.workload, flag(True)))
-                out.events.append(("Normal", "Resumed", f"{label}: its Kueue Workload is active again"))
-                st["phase"] = QUEUED
-                return finish(QUEUED, "Queued", f"{label} waiting for quota", stages, k)
-        if spec.suspend:
-            if not latest.suspended:
-                out.patch_jobs.append(
-                    (
-                        latest.name,
-                        {"metadata": {"annotations": {res.ANNOTATION_SUSPENDED: "true"}}, "spec": {"suspend": True}},
-                    )
-                )
-                out.events.append(
-                    ("Normal", "Suspending", f"{label}: stopping pods; they checkpoint on SIGTERM and resume later")
-                )
-            st["phase"] = SUSPENDED
-            return finish(SUSPENDED, "Suspended", f"{label} suspended", stages, k)
-        if latest.suspended and latest.suspended_by_operator:
-            out.patch_jobs.append(
-                (
-                    latest.name,
-                    {"metadata": {"annotations": {res.ANNOTATION_SUSPENDED: None}}, "spec": {"suspend": False}},
-                )
-            )
-            out.events.append(("Normal", "Resumed", f"{label} resumes from its newest checkpoint"))
-            st["phase"] = RUNNING
-            return finish(RUNNING, "StageRunning", f"{label} running", stages, k)
-        if latest.suspended:  # held by a queue (Kueue), not by us: waiting, not failing
-            st["phase"] = QUEUED
-            if old.get("phase") != QUEUED:
-                out.events.append(("Normal", "Queued", f"{label} is waiting for quota in its queue"))
-            return finish(QUEUED, "Queued", f"{label} waiting for quota", stages, k)
+def _failure(ctx: _Ctx, k: int, st: dict, latest: JobView) -> Plan:
+    """A failed attempt: a configuration error or a failed gate ends the job; anything else is
+    retried once its pods have stopped."""
+    label = _label(k, st)
+    cause = latest.failure or f"{latest.failed_reason or 'Failed'}: {latest.failed_message}"
+    if latest.failed_reason == "PodFailurePolicy":  # the trainer said: not worth retrying
+        st["phase"] = FAILED
+        if GATE_FAILED in cause:
+            return ctx.finish(FAILED, "StageRegressed", f"{label} failed its gate: {cause}", k)
+        return ctx.finish(FAILED, "InvalidConfiguration", f"{label} configuration error: {cause}", k)
+    if latest.pods_left:
+        # Its ranks may still be committing checkpoints: the next attempt must not choose
+        # its resume point before they stop (kubelet grace period bounds the wait).
         st["phase"] = RUNNING
-        if progress and k in progress:
-            st["progress"] = progress[k]
-        return finish(RUNNING, "StageRunning", f"{label} running", stages, k)
+        ctx.out.requeue_after = WAIT_SECONDS
+        msg = f"{label} attempt {latest.attempt} failed ({cause}); waiting for {latest.pods_left} pod(s) to stop"
+        return ctx.finish(RUNNING, "AttemptFailed", msg, k)
+    return _retry(ctx, k, st, cause)
 
-    return finish(SUCCEEDED, "AllStagesSucceeded", f"all {len(stages)} stages succeeded", stages, len(stages) - 1)
+
+def _workload_active(active: bool) -> dict:
+    return {
+        "metadata": {"annotations": {res.ANNOTATION_DEACTIVATED: None if active else "true"}},
+        "spec": {"active": active},
+    }
+
+
+def _queue(ctx: _Ctx, k: int, st: dict, latest: JobView) -> Plan | None:
+    """A Job under Kueue is stopped and resumed through its Workload, never its suspend field."""
+    if not latest.queued:
+        return None
+    label = _label(k, st)
+    if ctx.spec.suspend:
+        if latest.workload is None:
+            ctx.out.requeue_after = WAIT_SECONDS  # Kueue has not created it yet
+        elif latest.workload_active:
+            ctx.out.patch_workloads.append((latest.workload, _workload_active(False)))
+            ctx.out.events.append(
+                ("Normal", "Suspending", f"{label}: deactivating its Kueue Workload; Kueue stops the pods")
+            )
+        st["phase"] = SUSPENDED
+        return ctx.finish(SUSPENDED, "Suspended", f"{label} suspended", k)
+    if latest.workload and not latest.workload_active and latest.workload_deactivated_by_operator:
+        ctx.out.patch_workloads.append((latest.workload, _workload_active(True)))
+        ctx.out.events.append(("Normal", "Resumed", f"{label}: its Kueue Workload is active again"))
+        st["phase"] = QUEUED
+        return ctx.finish(QUEUED, "Queued", f"{label} waiting for quota", k)
+    return None
+
+
+def _suspend(ctx: _Ctx, k: int, st: dict, latest: JobView) -> Plan | None:
+    """spec.suspend stops the pods (they checkpoint on SIGTERM); clearing it resumes; a Job held
+    suspended by a queue that is not ours is waiting, not failing."""
+    label = _label(k, st)
+    if ctx.spec.suspend:
+        if not latest.suspended:
+            stop = {"metadata": {"annotations": {res.ANNOTATION_SUSPENDED: "true"}}, "spec": {"suspend": True}}
+            ctx.out.patch_jobs.append((latest.name, stop))
+            ctx.out.events.append(
+                ("Normal", "Suspending", f"{label}: stopping pods; they checkpoint on SIGTERM and resume later")
+            )
+        st["phase"] = SUSPENDED
+        return ctx.finish(SUSPENDED, "Suspended", f"{label} suspended", k)
+    if latest.suspended and latest.suspended_by_operator:
+        go = {"metadata": {"annotations": {res.ANNOTATION_SUSPENDED: None}}, "spec": {"suspend": False}}
+        ctx.out.patch_jobs.append((latest.name, go))
+        ctx.out.events.append(("Normal", "Resumed", f"{label} resumes from its newest checkpoint"))
+        st["phase"] = RUNNING
+        return ctx.finish(RUNNING, "StageRunning", f"{label} running", k)
+    if latest.suspended:  # held by a queue (Kueue), not by us
+        st["phase"] = QUEUED
+        if ctx.old.get("phase") != QUEUED:
+            ctx.out.events.append(("Normal", "Queued", f"{label} is waiting for quota in its queue"))
+        return ctx.finish(QUEUED, "Queued", f"{label} waiting for quota", k)
+    return None
