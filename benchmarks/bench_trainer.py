@@ -92,7 +92,7 @@ def run_thaw(doc: dict) -> dict:
 
 def _frozen_bn_drift(before: dict, after: dict, job) -> float:
     """Largest change of a running mean in a BatchNorm whose layer group did not train."""
-    from trainer.runner import plan_job
+    from trainer.setup import plan_job
 
     _, groups, _, stages = plan_job(job)
     trained = [p for g in stages[0].trainable_groups for p in groups[g].prefixes]
@@ -112,7 +112,7 @@ def run_plain(doc: dict) -> dict:
     from thaw_contract.spec import parse_job
     from trainer.data import build_datasets
     from trainer.models import build_model
-    from trainer.runner import plan_job
+    from trainer.setup import plan_job
 
     job = parse_job(doc)
     spec = job.spec

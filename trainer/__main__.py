@@ -14,7 +14,7 @@ from trainer.storage import CheckpointError
 
 
 def _plan(args) -> int:
-    from trainer.runner import plan_job
+    from trainer.setup import plan_job
 
     job = load_job(args.job)
     built, groups, group_of, stages = plan_job(job)
@@ -64,7 +64,7 @@ def _report(job) -> None:
     from pathlib import Path
 
     from trainer.report import format_table, plot_curves, stage_summaries
-    from trainer.runner import plan_job
+    from trainer.setup import plan_job
     from trainer.storage import LocalStore, open_store
 
     _, _, _, stages = plan_job(job)

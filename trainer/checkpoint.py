@@ -26,7 +26,7 @@ FINAL = "final.json"
 _EPOCH = re.compile(r"epoch-(\d{4,})$")
 
 
-# A stage result (runner.StageResult's fields) as status and the termination message show it.
+# A stage result (stage_checkpoints.StageResult's fields) as status and the termination message show it.
 STATUS_FIELDS = {
     "best_val_accuracy": "valAccuracy",
     "test_accuracy": "testAccuracy",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass
@@ -35,3 +35,9 @@ class EarlyStopping:
 
     def state_dict(self) -> dict:
         return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """What state_dict returned, as a checkpoint carried it."""
+        for f in fields(self):
+            if f.name in state:
+                setattr(self, f.name, state[f.name])

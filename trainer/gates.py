@@ -1,5 +1,5 @@
 """What keeps a stage from making the model worse: the gate between stages and the divergence
-guard inside one. Pure decisions; the runner acts on them (trainer/runner.py)."""
+guard inside one. Pure decisions; trainer/stage.py and stage_end.py act on them."""
 
 from __future__ import annotations
 

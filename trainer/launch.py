@@ -55,7 +55,7 @@ def preflight(job: FineTuneJob, stage: int | None) -> None:
     """Everything a worker would refuse, checked once per pod; raises SpecError."""
     from thaw_contract.plan import stages_to_run
     from trainer.data import check_source
-    from trainer.runner import plan_job
+    from trainer.setup import plan_job
     from trainer.storage import open_store
 
     _, _, _, stages = plan_job(job)  # layer groups, trainable globs, groupLrs, head size

@@ -79,7 +79,7 @@ def time_layouts(
 def warm_up(twin: nn.Module, batch: torch.Tensor, autocast, train: bool, measure_layout: bool) -> WarmupResult:
     """Run the stage's passes on `twin`, a frozen copy of the model; `batch` is a prepared input
     of the stage's shape. Dropout in the copy draws from the global random streams: the caller
-    joins before the stage reseeds them (runner.run_stage), so training sees the same streams."""
+    joins before the stage reseeds them (stage.run_stage), so training sees the same streams."""
     t0 = time.perf_counter()
     twin.train()
     result = WarmupResult()

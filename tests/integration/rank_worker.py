@@ -36,7 +36,7 @@ class StaleListing:
 
 
 def resume(store_dir: str, out: str) -> None:
-    from trainer.runner import choose_resume
+    from trainer.stage_checkpoints import choose_resume
 
     env = init_distributed()
     store = LocalStore(store_dir)

@@ -16,7 +16,8 @@ from thaw_contract.spec import ModelSpec, SpecError
 from trainer.checkpoint import FINAL, stage_prefix
 from trainer.layers import head_module_name
 from trainer.models import build_model
-from trainer.runner import seed_everything, state_digest
+from trainer.setup import seed_everything
+from trainer.stage_checkpoints import state_digest
 from trainer.weights import fit, parse_state_dict, read_bytes
 
 pytestmark = pytest.mark.integration

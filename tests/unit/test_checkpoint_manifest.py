@@ -112,7 +112,7 @@ def test_what_the_trainer_saves_loads_under_weights_only(tmp_path):
 
     import numpy as np
 
-    from trainer.runner import rng_state, set_rng_state
+    from trainer.train_state import rng_state, set_rng_state
 
     store = LocalStore(tmp_path)
     prefix = ckpt.epoch_prefix(0, "head", 0)

@@ -9,7 +9,7 @@ from tests.builders import job_doc, with_path
 from thaw_contract.spec import parse_job
 from trainer.freezing import apply_stage
 from trainer.optim import build_optimizer, build_scheduler, param_groups
-from trainer.runner import plan_job
+from trainer.setup import plan_job
 
 
 def _setup(doc):

@@ -87,7 +87,7 @@ def test_bad_gate_and_guard_fields_are_one_line_errors(override, message):
 
 
 def test_a_stage_overrides_the_jobs_gate_and_gates_do_not_change_the_training_digest():
-    from trainer.runner import plan_job
+    from trainer.setup import plan_job
 
     doc = job_doc(gate={"onRegression": "keep"})
     doc["spec"]["stages"][1]["gate"] = {"minGain": 0.01}
@@ -131,7 +131,7 @@ def test_the_operator_says_when_a_stage_was_rolled_back_or_failed_its_gate():
 
 def test_one_rate_gradual_unfreezing_is_warned_about_before_anything_trains():
     from thaw_contract.plan import recipe_warnings
-    from trainer.runner import plan_job
+    from trainer.setup import plan_job
 
     def warnings(**gradual):
         doc = job_doc(gradual={"stages": 3, "epochsPerStage": 1, "lr": 0.01, "lastAll": True, **gradual})

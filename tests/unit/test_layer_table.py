@@ -59,7 +59,7 @@ def test_resolving_a_plan_from_the_table_imports_no_torch():
 def test_replace_head_false_needs_matching_classes():
     from tests.builders import job_doc
     from thaw_contract.spec import SpecError, parse_job
-    from trainer.runner import plan_job
+    from trainer.setup import plan_job
 
     doc = job_doc()
     doc["spec"]["model"].update(replaceHead=False, numClasses=10)

@@ -62,7 +62,7 @@ def test_precision_choice_and_fp16_on_cpu_is_a_clear_error():
 
     from tests.builders import job_doc
     from thaw_contract.spec import SpecError, parse_job
-    from trainer.runner import _autocast_dtype
+    from trainer.setup import _autocast_dtype
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert _autocast_dtype(parse_job(job_doc()), cpu) is None
@@ -126,11 +126,11 @@ def test_metrics_read_from_the_device_match_a_direct_computation():
 def test_the_training_loader_drops_a_ragged_batch_but_keeps_a_lone_short_one():
     from tests.builders import job_doc
     from thaw_contract.spec import parse_job
-    from trainer.runner import _loader
+    from trainer.loaders import train_loader
 
     job = parse_job(job_doc())
     ds = lambda n: TensorDataset(torch.zeros(n, 2), torch.zeros(n, dtype=torch.long))  # noqa: E731
-    assert [len(b[1]) for b in _loader(ds(10), 4, ENV, True, 0, job)] == [4, 4]
-    assert [len(b[1]) for b in _loader(ds(3), 4, ENV, True, 0, job)] == [3]
+    assert [len(b[1]) for b in train_loader(ds(10), 4, ENV, True, 0, job)] == [4, 4]
+    assert [len(b[1]) for b in train_loader(ds(3), 4, ENV, True, 0, job)] == [3]
     two = DistEnv(1, 2, 1, 2, torch.device("cpu"))  # rank 1 of 2: a shard of 5
-    assert [len(b[1]) for b in _loader(ds(10), 2, two, True, 0, job)] == [2, 2]
+    assert [len(b[1]) for b in train_loader(ds(10), 2, two, True, 0, job)] == [2, 2]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tests.builders import job_doc
 from thaw_contract.spec import parse_job
 from trainer.freezing import apply_stage
-from trainer.runner import plan_job
+from trainer.setup import plan_job
 
 
 def _grads(no_grad_prefix: bool):

@@ -8,8 +8,8 @@ import torch
 from tests.builders import job_doc, with_path
 from thaw_contract.spec import parse_job
 from trainer.optim import build_optimizer, build_scheduler, param_groups
-from trainer.runner import plan_job
 from trainer.schedule import lr_factor
+from trainer.setup import plan_job
 
 
 def _plan(doc):

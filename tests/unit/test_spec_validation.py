@@ -9,7 +9,7 @@ import pytest
 from tests.builders import job_doc, with_path
 from thaw_contract.plan import resolve_stages
 from thaw_contract.spec import SpecError, load_job, parse_job
-from trainer.runner import plan_job
+from trainer.setup import plan_job
 
 S = "spec.stages.0"
 

@@ -33,7 +33,7 @@ def test_groups_partition_the_parameters_with_the_classifier_as_the_head(arch):
 
 
 def test_a_top_n_stage_trains_the_last_n_groups_and_caches_features_for_the_head():
-    from trainer.runner import plan_job
+    from trainer.setup import plan_job
 
     doc = job_doc(model={"architecture": "timm/convnext_atto", "numClasses": 10})
     _, groups, _, stages = plan_job(parse_job(doc))
@@ -44,7 +44,7 @@ def test_a_top_n_stage_trains_the_last_n_groups_and_caches_features_for_the_head
 
 
 def test_unknown_or_malformed_timm_names_and_weights_are_one_line():
-    from trainer.runner import plan_job
+    from trainer.setup import plan_job
 
     with pytest.raises(SpecError) as err:
         plan_job(parse_job(job_doc(model={"architecture": "timm/resnet1", "numClasses": 10})))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.runner import state_digest
+from trainer.stage_checkpoints import state_digest
 from trainer.warmup import Background, time_layouts, warm_up
 
 

@@ -1,0 +1,68 @@
+"""How a stage ends: the weights it passes on (its best epoch, or its input where the gate
+rolls it back; trainer/gates.py decides) and its test accuracy on those weights."""
+
+from __future__ import annotations
+
+from thaw_contract.plan import PlannedStage
+from trainer import checkpoint as ckpt
+from trainer.data import Datasets
+from trainer.distributed import barrier, decided_by_main
+from trainer.gates import METRICS, GateOutcome, StageDiverged, decide, previous_carried, rolled_back
+from trainer.loaders import eval_loader
+from trainer.loop import StepContext, evaluate, image_preparer
+from trainer.setup import Setup
+
+
+def best_weights(setup: Setup, fit) -> str | None:
+    """The stage's best epoch loaded into the model where one is kept (after a divergence:
+    always), else its last; that epoch's prefix."""
+    if fit.diverged is not None and fit.best_state is None and fit.best_dir is not None:
+        setup.writer.flush()  # the best epoch may still be uploading
+        barrier(setup.env)
+        fit.best_state = ckpt.load_object(setup.store, fit.best_dir, "model.pt")
+    if fit.best_state is None:
+        return fit.last_dir
+    setup.model.load_state_dict(fit.best_state)
+    return fit.best_dir
+
+
+def gated_weights(setup: Setup, stage: PlannedStage, fit, final_dir: str | None) -> tuple[str, GateOutcome]:
+    """The gate's verdict on those weights; where it rolls the stage back, the stage's input
+    (the previous stage's final weights) is loaded instead. The prefix passed on."""
+    final_row = next(
+        (r for r in fit.history if ckpt.epoch_prefix(stage.index, stage.name, r["epoch"]) == final_dir), None
+    )
+    outcome = gate(setup, stage, final_row, fit.diverged)
+    if outcome.decision == "rolled_back":
+        prev = setup.stages[stage.index - 1]
+        final_dir, _ = decided_by_main(lambda: ckpt.read_final(setup.store, prev.index, prev.name), setup.env)
+        setup.model.load_state_dict(ckpt.load_object(setup.store, final_dir, "model.pt"))
+        setup.progress.message(f"{stage.name}: rolled back ({outcome.reason}); the next stage starts from its input")
+    elif outcome.decision == "kept":
+        setup.progress.message(f"{stage.name}: worse than the stage before ({outcome.reason}); kept (gate: keep)")
+    return final_dir, outcome
+
+
+def gate(setup: Setup, stage: PlannedStage, final_row: dict | None, diverged: str | None) -> GateOutcome:
+    """The gate's verdict on the weights the stage would commit (trainer/gates.py), against
+    what the stage before it passed on (its committed summary, read once by rank 0)."""
+    previous = None
+    if stage.index > 0:
+        prev = setup.stages[stage.index - 1]
+        pointer = decided_by_main(lambda: ckpt.read_pointer(setup.store, prev.index, prev.name), setup.env)
+        previous = previous_carried(pointer.get("metrics") if pointer else None)
+    if final_row is None:  # diverged before its first epoch ended: nothing of its own to keep
+        if previous is None:
+            raise StageDiverged(
+                f"stage {stage.name} diverged before its first epoch ended ({diverged}); lower {stage.field}.lr"
+            )
+        return rolled_back(stage.gate, None, previous, f"diverged before its first epoch ended: {diverged}")
+    return decide(stage.gate, {m: final_row[m] for m in METRICS}, previous)
+
+
+def evaluate_test(setup: Setup, data: Datasets, batch: int) -> dict:
+    """The test split through the whole model, at the training batch shape (no new kernel plans)."""
+    env = setup.env
+    prepare = image_preparer(setup.mean, setup.std, env.device, setup.channels_last, False)
+    loader = eval_loader(data.test, batch, env, setup.job)
+    return evaluate(setup.model, loader, StepContext(env, prepare, setup.autocast_dtype, None), pad_to=batch)
