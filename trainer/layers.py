@@ -7,12 +7,15 @@ model's parameters (tests/unit/test_layer_groups.py checks that for every family
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from torch import nn
 
-from thaw_contract.catalog import family_of
+from thaw_contract.catalog import TIMM, family_of
 from thaw_contract.layer_table import LayerGroup, assign_groups, in_prefix
 
-__all__ = ["HEAD", "LayerGroup", "assign_groups", "in_prefix", "layer_groups", "head_module_name"]
+__all__ = ["HEAD", "LayerGroup", "assign_groups", "family", "in_prefix", "layer_groups", "head_module_name"]
 HEAD = "head"
 
 
@@ -65,64 +68,78 @@ def _lite_stages(model: nn.Module) -> list[LayerGroup]:
     )
 
 
+def _resnet(model: nn.Module) -> list[LayerGroup]:
+    return [_g("stem", "conv1", "bn1")] + [_g(f"layer{i}", f"layer{i}") for i in range(1, 5)]
+
+
+def _regnet(model: nn.Module) -> list[LayerGroup]:
+    trunk = _children(model, "trunk_output")
+    return [_g("stem", "stem")] + [_g(f"stage{i + 1}", f"trunk_output.{n}") for i, n in enumerate(trunk)]
+
+
+def _densenet(model: nn.Module) -> list[LayerGroup]:
+    body = [_g("stem", "features.conv0", "features.norm0")]
+    for i in range(1, 5):
+        extra = f"features.transition{i}" if i < 4 else "features.norm5"
+        body.append(_g(f"block{i}", f"features.denseblock{i}", extra))
+    return body
+
+
+def _vit(model: nn.Module) -> list[LayerGroup]:
+    layers = _children(model, "encoder.layers")
+    body = [_g("stem", "conv_proj", "class_token", "encoder.pos_embedding")]
+    body += [_g(f"layer{i + 1}", f"encoder.layers.{n}") for i, n in enumerate(layers)]
+    body[-1] = LayerGroup(body[-1].name, body[-1].prefixes + ("encoder.ln",))
+    return body
+
+
+def _maxvit(model: nn.Module) -> list[LayerGroup]:
+    return [_g("stem", "stem")] + [_g(f"stage{i + 1}", f"blocks.{n}") for i, n in enumerate(_children(model, "blocks"))]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the trainer knows about one family of thaw_contract.catalog (which names its members)."""
+
+    body: Callable[[nn.Module], list[LayerGroup]]  # the groups, stem first, without the head
+    head: str  # the module applied last in forward(); its input is what the feature cache stores
+    conv: bool  # convolutional: channels_last pays off (speed.channelsLast: auto)
+    depthwise: bool = False  # depthwise convolutions: on CUDA, warm-up measures the layout instead
+
+
+FAMILIES = {
+    "resnet": Family(_resnet, "fc", conv=True),
+    "efficientnet": Family(_sequential_features, "classifier", conv=True, depthwise=True),
+    "mobilenet": Family(_sequential_features, "classifier", conv=True, depthwise=True),
+    "convnext": Family(_paired_stages, "classifier", conv=True, depthwise=True),
+    "regnet": Family(_regnet, "fc", conv=True),
+    "densenet": Family(_densenet, "classifier", conv=True),
+    "vit": Family(_vit, "heads", conv=False),
+    "swin": Family(lambda m: _paired_stages(m, tail=("norm",)), "head", conv=False),
+    "maxvit": Family(_maxvit, "classifier", conv=False),
+    "efficientnet_lite": Family(_lite_stages, "classifier", conv=True, depthwise=True),
+}
+# timm models: grouped by timm's own group_matcher (trainer/timm_models.py), layout left alone.
+TIMM_FAMILY = Family(lambda m: [], "", conv=False)
+
+
+def family(architecture: str) -> Family:
+    return TIMM_FAMILY if architecture.startswith(TIMM) else FAMILIES[family_of(architecture)]
+
+
 def layer_groups(model: nn.Module, architecture: str) -> list[LayerGroup]:
     """Ordered groups, stem first and `head` last."""
-    family = family_of(architecture)
-    if family == "resnet":
-        body = [_g("stem", "conv1", "bn1")] + [_g(f"layer{i}", f"layer{i}") for i in range(1, 5)]
-    elif family in ("efficientnet", "mobilenet"):
-        body = _sequential_features(model)
-    elif family == "convnext":
-        body = _paired_stages(model)
-    elif family == "swin":
-        body = _paired_stages(model, tail=("norm",))
-    elif family == "regnet":
-        body = [_g("stem", "stem")] + [
-            _g(f"stage{i + 1}", f"trunk_output.{n}") for i, n in enumerate(_children(model, "trunk_output"))
-        ]
-    elif family == "densenet":
-        body = [_g("stem", "features.conv0", "features.norm0")]
-        for i in range(1, 5):
-            extra = f"features.transition{i}" if i < 4 else "features.norm5"
-            body.append(_g(f"block{i}", f"features.denseblock{i}", extra))
-    elif family == "vit":
-        layers = _children(model, "encoder.layers")
-        body = [_g("stem", "conv_proj", "class_token", "encoder.pos_embedding")]
-        body += [_g(f"layer{i + 1}", f"encoder.layers.{n}") for i, n in enumerate(layers)]
-        body[-1] = LayerGroup(body[-1].name, body[-1].prefixes + ("encoder.ln",))
-    elif family == "maxvit":
-        body = [_g("stem", "stem")] + [
-            _g(f"stage{i + 1}", f"blocks.{n}") for i, n in enumerate(_children(model, "blocks"))
-        ]
-    elif family == "efficientnet_lite":
-        body = _lite_stages(model)
-    elif family == "timm":
+    if architecture.startswith(TIMM):
         from trainer.timm_models import layer_groups as timm_groups
 
         return timm_groups(model)
-    else:  # pragma: no cover - catalog and this table are tested together
-        raise KeyError(architecture)
-    return body + [_g(HEAD, head_module_name(architecture))]
-
-
-_HEAD_MODULE = {
-    "resnet": "fc",
-    "regnet": "fc",
-    "efficientnet": "classifier",
-    "mobilenet": "classifier",
-    "convnext": "classifier",
-    "densenet": "classifier",
-    "maxvit": "classifier",
-    "efficientnet_lite": "classifier",
-    "vit": "heads",
-    "swin": "head",
-}
+    return family(architecture).body(model) + [_g(HEAD, head_module_name(architecture))]
 
 
 def head_module_name(architecture: str) -> str:
     """The module applied last in forward(); its input is what the feature cache stores."""
-    if family_of(architecture) == "timm":
+    if architecture.startswith(TIMM):
         from trainer.timm_models import head_of
 
         return head_of(architecture)
-    return _HEAD_MODULE[family_of(architecture)]
+    return family(architecture).head

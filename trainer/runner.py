@@ -15,13 +15,13 @@ import time
 
 import torch
 
-from thaw_contract.catalog import family_of
 from thaw_contract.plan import PlannedStage, recipe_warnings, stages_to_run
 from thaw_contract.spec import DataSpec, FineTuneJob, SpecError
 from trainer import checkpoint as ckpt
 from trainer.data import Datasets, build_datasets
 from trainer.distributed import DistEnv, barrier, decided_by_main, init_distributed
 from trainer.freezing import apply_stage
+from trainer.layers import family
 from trainer.loop import StepContext, image_preparer
 from trainer.progress import Progress
 from trainer.resident import ResidentImages, fits
@@ -31,7 +31,7 @@ from trainer.stage import run_stage
 from trainer.stage_checkpoints import StageResult, write_termination_message
 from trainer.storage import StoreError
 from trainer.uploader import retrying
-from trainer.warmup import DEPTHWISE_FAMILIES, Background, warm_up
+from trainer.warmup import Background, warm_up
 
 
 def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult]:
@@ -110,7 +110,7 @@ def start_warmup(setup: Setup, stage: PlannedStage) -> Background | None:
     cuda = env.device.type == "cuda"
     if spec.speed.warmup == "off" or (spec.speed.warmup == "auto" and not cuda):
         return None
-    measure = cuda and spec.speed.channels_last == "auto" and family_of(spec.model.architecture) in DEPTHWISE_FAMILIES
+    measure = cuda and spec.speed.channels_last == "auto" and family(spec.model.architecture).depthwise
     # A head-only stage on cached features runs the network forward only, at the cache's batch.
     train = not use_feature_cache(setup, stage)
     n = stage.batch_size // env.world if train else stage.batch_size

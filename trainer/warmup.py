@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# Families built from depthwise convolutions, where the layout choice is a measurement.
-DEPTHWISE_FAMILIES = ("efficientnet", "efficientnet_lite", "mobilenet", "convnext")
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 

@@ -60,3 +60,11 @@ def test_assign_groups_rejects_overlap_and_orphans():
         assign_groups(["a.weight", "b.weight"], [LayerGroup("x", ("a",))])
     with pytest.raises(ValueError, match=r"\['x', 'y'\]"):
         assign_groups(["a.weight"], [LayerGroup("x", ("a",)), LayerGroup("y", ("a.weight",))])
+
+
+def test_every_catalog_family_has_one_trainer_record():
+    """The contract names the families (torch-free); the trainer keeps one record per family
+    (groups, head, layout): neither may have a family the other lacks."""
+    from trainer.layers import FAMILIES as RECORDS
+
+    assert set(RECORDS) == set(FAMILIES)
