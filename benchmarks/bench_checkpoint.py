@@ -62,7 +62,7 @@ def main() -> None:
             async_total = []
             for rep in range(args.repeats):
                 for mode in ("sync", "async"):
-                    writer = CheckpointWriter(store, asynchronous=mode == "async")
+                    writer = CheckpointWriter(store, CheckpointSpec(asynchronous=mode == "async"))
                     t0 = time.perf_counter()
                     blocked[mode].append(writer.save(f"{mode}-{rep}", objects, {"epoch": rep}))
                     writer.flush()

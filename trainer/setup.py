@@ -127,8 +127,7 @@ def build_setup(job: FineTuneJob, env: DistEnv, progress: Progress, first_stage:
         metrics = TrainerMetrics(job.metadata.name, env.rank)
         metrics.serve(spec.metrics.port + env.local_rank)
         metrics.job_plan([s.epochs for s in stages], env.world)
-    cs = spec.checkpoint
-    writer = CheckpointWriter(store, cs.asynchronous, cs.max_pending, cs.upload_timeout_seconds, metrics)
+    writer = CheckpointWriter(store, spec.checkpoint, metrics)
     return Setup(
         job=job,
         env=env,

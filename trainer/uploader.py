@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from thaw_contract.spec import CheckpointSpec
 from trainer import checkpoint as ckpt
 from trainer.storage import Store, StoreError, backoff_seconds, retrying
 
@@ -51,24 +52,26 @@ class _Job:
 
 
 class CheckpointWriter:
+    """spec: asynchronous, maxPending and uploadTimeoutSeconds of spec.checkpoint (its defaults
+    when not given: one source for them)."""
+
     def __init__(
         self,
         store: Store,
-        asynchronous: bool = True,
-        max_pending: int = 2,
-        timeout_seconds: float = 600,
+        spec: CheckpointSpec | None = None,
         metrics=None,
         sleep: Callable[[float], None] = time.sleep,
     ):
+        spec = spec or CheckpointSpec()
         self.store = store
-        self.asynchronous = asynchronous
-        self.timeout_seconds = timeout_seconds
+        self.asynchronous = spec.asynchronous
+        self.timeout_seconds = spec.upload_timeout_seconds
         self.metrics = metrics
         self.sleep = sleep
         self.committed: dict[str, dict] = {}  # prefix -> manifest
         self.failed: dict[str, str] = {}  # prefix -> last error
         self.trusted: set[str] = set()  # prefixes known to verify (for retention), touched by one thread
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending)
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=spec.max_pending)
         self._thread: threading.Thread | None = None
 
     def save(self, prefix: str, objects: dict[str, Any], meta: dict, after_commit=None) -> float:

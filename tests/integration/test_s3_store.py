@@ -99,7 +99,7 @@ def test_readers_skip_damaged_checkpoints_and_take_the_newest_valid(s3_env, seaw
 
 def test_uploads_retry_while_the_server_is_down_and_commit_when_it_returns(s3_env, seaweed):
     store = _store(s3_env, "outage")
-    writer = CheckpointWriter(store, asynchronous=True, timeout_seconds=120)
+    writer = CheckpointWriter(store, CheckpointSpec(asynchronous=True, upload_timeout_seconds=120))
     seaweed.stop()
     try:
         writer.save("stage-00-head/epoch-0000", {"model.pt": {"w": torch.ones(1000)}}, {"epoch": 0})
@@ -117,7 +117,7 @@ def test_uploads_retry_while_the_server_is_down_and_commit_when_it_returns(s3_en
 
 def test_an_upload_that_cannot_commit_in_time_is_reported(s3_env, seaweed):
     store = _store(s3_env, "giveup")
-    writer = CheckpointWriter(store, asynchronous=True, timeout_seconds=2)
+    writer = CheckpointWriter(store, CheckpointSpec(asynchronous=True, upload_timeout_seconds=2))
     seaweed.stop()
     try:
         writer.save("stage-00-head/epoch-0000", {"model.pt": {"w": torch.ones(10)}}, {"epoch": 0})

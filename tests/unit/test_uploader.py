@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from thaw_contract.spec import CheckpointSpec
 from trainer import checkpoint as ckpt
 from trainer.storage import MissingObject, StoreError
 from trainer.uploader import CheckpointWriter, backoff_seconds, retrying
@@ -63,6 +64,20 @@ class Counting:
         self.blocked.append(seconds)
 
 
+def spec(asynchronous: bool, timeout: float) -> CheckpointSpec:
+    return CheckpointSpec(asynchronous=asynchronous, upload_timeout_seconds=timeout)
+
+
+def test_the_writer_takes_its_defaults_from_the_spec():
+    writer = CheckpointWriter(MemoryStore())
+    default = CheckpointSpec()
+    assert (writer.asynchronous, writer.timeout_seconds, writer._queue.maxsize) == (
+        default.asynchronous,
+        default.upload_timeout_seconds,
+        default.max_pending,
+    )
+
+
 def test_backoff_doubles_and_is_capped():
     assert [backoff_seconds(a, jitter=0) for a in (1, 2, 3, 4)] == [0.5, 1, 2, 4]
     assert backoff_seconds(20, jitter=0) == backoff_seconds(10**6, jitter=0) == 30
@@ -85,7 +100,7 @@ def test_retrying_gives_up_at_the_deadline_with_the_last_error():
 @pytest.mark.parametrize("asynchronous", [True, False])
 def test_failed_attempts_are_retried_and_counted_then_committed(asynchronous):
     store, metrics = MemoryStore(fail_puts=3), Counting()
-    writer = CheckpointWriter(store, asynchronous, timeout_seconds=60, metrics=metrics, sleep=lambda s: None)
+    writer = CheckpointWriter(store, spec(asynchronous, 60), metrics=metrics, sleep=lambda s: None)
     done = []
     writer.save("stage-00-a/epoch-0000", {"model.pt": {"w": torch.ones(3)}}, {"epoch": 0}, done.append)
     writer.flush()
@@ -99,7 +114,7 @@ def test_failed_attempts_are_retried_and_counted_then_committed(asynchronous):
 def test_the_snapshot_is_taken_at_save_time():
     store = MemoryStore()
     store.down = True
-    writer = CheckpointWriter(store, asynchronous=True, timeout_seconds=60, sleep=lambda s: None)
+    writer = CheckpointWriter(store, spec(True, 60), sleep=lambda s: None)
     w = torch.zeros(4)
     writer.save("stage-00-a/epoch-0000", {"model.pt": {"w": w}}, {"epoch": 0})
     w.add_(1)  # training goes on and changes the weights before the upload happens
@@ -112,7 +127,7 @@ def test_the_snapshot_is_taken_at_save_time():
 def test_an_upload_past_its_deadline_is_reported_and_leaves_no_manifest():
     store = MemoryStore()
     store.down = True
-    writer = CheckpointWriter(store, asynchronous=True, timeout_seconds=0.05, sleep=lambda s: None)
+    writer = CheckpointWriter(store, spec(True, 0.05), sleep=lambda s: None)
     writer.save("stage-00-a/epoch-0000", {"model.pt": {"w": torch.ones(1)}}, {"epoch": 0})
     writer.flush()
     writer.close()
