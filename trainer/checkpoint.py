@@ -26,25 +26,6 @@ FINAL = "final.json"
 _EPOCH = re.compile(r"epoch-(\d{4,})$")
 
 
-# A stage result (stage_checkpoints.StageResult's fields) as status and the termination message show it.
-STATUS_FIELDS = {
-    "best_val_accuracy": "valAccuracy",
-    "test_accuracy": "testAccuracy",
-    "epochs_run": "epochs",
-    "trainable_params": "trainableParams",
-    "diverged": "diverged",
-    "lr_found": "lrFound",
-}
-GATE_STATUS_FIELDS = ("decision", "metric", "value", "previous", "reason")
-
-
-def status_summary(result: dict) -> dict:
-    out = {name: result[k] for k, name in STATUS_FIELDS.items() if result.get(k) is not None}
-    if result.get("gate"):  # the verdict, without the metrics it passes on
-        out["gate"] = {k: result["gate"][k] for k in GATE_STATUS_FIELDS if result["gate"].get(k) not in (None, "")}
-    return out
-
-
 def stage_prefix(index: int, name: str) -> str:
     return f"stage-{index:02d}-{name}"
 

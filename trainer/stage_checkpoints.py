@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from thaw_contract.plan import PlannedStage
+from thaw_contract.stage_result import status_summary, termination_message
 from trainer import checkpoint as ckpt
 from trainer.distributed import decided_by_main
 from trainer.setup import Setup, check_compatible
@@ -139,15 +140,6 @@ def commit_stage(setup: Setup, stage: PlannedStage, final_dir: str, result: Stag
 def write_termination_message(index: int, name: str, checkpoint: str, digest: str, result: dict) -> None:
     """The stage result where Kubernetes shows it (the container's termination message): the
     operator takes the stage's checkpoint and numbers from here, never from the store."""
-    from trainer.checkpoint import status_summary
     from trainer.launch import write_termination
 
-    write_termination(
-        {
-            "stage": index,
-            "name": name,
-            "checkpoint": checkpoint,
-            "manifestSha256": digest,
-            "metrics": status_summary(result),
-        }
-    )
+    write_termination(termination_message(index, name, checkpoint, digest, status_summary(result)))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from thaw_contract.plan import expand_stages, stage_names
 from thaw_contract.spec import GATE_FAILED, FineTuneJobSpec, StageSpec
+from thaw_contract.stage_result import VAL_ACCURACY, reports_stage
 from thaw_operator import resources as res
 from thaw_operator import status
 from thaw_operator.status import FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, SUSPENDED, TERMINAL
@@ -211,7 +212,7 @@ def _retry(ctx: _Ctx, k: int, st: dict, cause: str) -> Plan:
 def _verify(ctx: _Ctx, k: int, st: dict, latest: JobView) -> Plan | None:
     """A completed attempt counts only with rank 0's verified checkpoint; None: stage k succeeded."""
     label, result = _label(k, st), latest.result
-    if not result or result.get("stage") != k or not result.get("checkpoint"):
+    if not reports_stage(result, k):
         # Rank 0 reports the verified checkpoint in its termination message; without it
         # (pods removed), a new attempt finds the committed stage and reports it again.
         return _retry(ctx, k, st, "completed, but its result was not found in rank 0's termination message")
@@ -221,7 +222,7 @@ def _verify(ctx: _Ctx, k: int, st: dict, latest: JobView) -> Plan | None:
         result=dict(result.get("metrics") or {}),
         completionTime=latest.completion_time or ctx.now,
     )
-    acc = st["result"].get("valAccuracy")
+    acc = st["result"].get(VAL_ACCURACY)
     succeeded = f"{label} succeeded" + (f", val accuracy {acc:.4f}" if isinstance(acc, (int, float)) else "")
     ctx.out.events.append(("Normal", "StageSucceeded", succeeded))
     gate = st["result"].get("gate") or {}

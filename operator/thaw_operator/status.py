@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from thaw_contract.stage_result import VAL_ACCURACY
+
 PENDING, RUNNING, QUEUED, SUSPENDED = "Pending", "Running", "Queued", "Suspended"
 SUCCEEDED, FAILED = "Succeeded", "Failed"
 PHASES = (PENDING, RUNNING, QUEUED, SUSPENDED, SUCCEEDED, FAILED)
@@ -76,5 +78,5 @@ def build(
     if live and live[-1].get("valAccuracy") is not None:
         status["valAccuracy"] = live[-1]["valAccuracy"]
     elif last_ok:
-        status["valAccuracy"] = last_ok[-1]["result"].get("valAccuracy")
+        status["valAccuracy"] = last_ok[-1]["result"].get(VAL_ACCURACY)
     return status

@@ -8,7 +8,7 @@ import pytest
 
 from tests.builders import job_doc
 from thaw_contract.spec import DivergenceSpec, GateSpec, SpecError, parse_job, training_hash
-from trainer.checkpoint import status_summary
+from thaw_contract.stage_result import status_summary
 from trainer.gates import Diverged, DivergenceGuard, GateFailed, decide, previous_carried, rolled_back
 
 BEFORE = {"val_accuracy": 0.809, "val_loss": 0.55}
