@@ -21,10 +21,10 @@ $(STAMP): pyproject.toml constraints.txt hack/install-deps.sh
 # The quickstart through the real Kubernetes path: local cluster, SeaweedFS, Prometheus, the
 # chart, the operator; stage pods train in DDP on the process node. Left running (demo-down).
 demo: install k8s-binaries
-	$(PY) -m tests.cluster.demo up
+	$(PY) -m testbed.demo up
 
 demo-down:
-	$(PY) -m tests.cluster.demo down
+	$(PY) -m testbed.demo down
 
 # The same training without a cluster: torchrun on this machine.
 demo-local: install
@@ -42,7 +42,7 @@ test-unit: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check thaw_contract trainer operator tests benchmarks hack
+	$(VENV)/bin/ruff format --check thaw_contract trainer operator testbed tests benchmarks hack
 	$(VENV)/bin/lint-imports
 
 bench: install
@@ -52,7 +52,7 @@ bench: install
 # Faults at random moments against real training through the operator (needs root; ~80 min):
 # every trial of docs/reliability.md's chaos table, written there. The reduced set runs in `make test`.
 chaos: install k8s-binaries
-	$(PY) -m tests.cluster.chaos --out docs/reliability.md
+	$(PY) -m tests.chaos --out docs/reliability.md
 
 # The operator at scale on kwok nodes (needs root; over an hour on 2 cores), written to docs/benchmarks.md
 # after each run.
@@ -70,10 +70,10 @@ k8s-binaries:
 
 # A real control plane + kwok GPU nodes + a process node, left running (needs root).
 cluster-up: install k8s-binaries
-	$(PY) -m tests.cluster up
+	$(PY) -m testbed up
 
 cluster-down: install
-	$(PY) -m tests.cluster down
+	$(PY) -m testbed down
 
 clean:
 	rm -rf runs .pytest_cache
@@ -115,7 +115,7 @@ kind-up: install
 	./hack/kind.sh up
 
 kind-demo: install
-	$(PY) -m tests.cluster.kind_demo
+	$(PY) -m testbed.kind_demo
 
 kind-down:
 	./hack/kind.sh down

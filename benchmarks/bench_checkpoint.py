@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from report import write_section  # noqa: E402
 
-from tests.services.seaweedfs import SeaweedFS  # noqa: E402
+from testbed.seaweedfs import SeaweedFS  # noqa: E402
 
 
 def checkpoint_objects():

@@ -32,10 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 from report import write_section  # noqa: E402
 
-from tests.cluster.control_plane import DELAY, EXIT_CODE, MESSAGE, ControlPlane  # noqa: E402
-from tests.integration.cluster.conftest import OperatorProcess  # noqa: E402
+from testbed.control_plane import DELAY, EXIT_CODE, MESSAGE, ControlPlane  # noqa: E402
+from testbed.net import http_get  # noqa: E402
+from testbed.operator_process import OperatorProcess  # noqa: E402
 from tests.integration.cluster.test_operator import KWOK  # noqa: E402
-from tests.services.net import http_get  # noqa: E402
 
 
 def stage_names(stages: int) -> list[str]:

@@ -14,7 +14,7 @@
 #
 # dockerd's firewall rules (FORWARD policy DROP, br_netfilter) would cut the test bed's
 # process-node bridge; the node agent accepts its own bridge's traffic
-# (tests/cluster/node_agent.py), so both run on one machine.
+# (testbed/node_agent.py), so both run on one machine.
 set -euo pipefail
 
 DIR=${THAW_DOCKER_DIR:-$HOME/.cache/thaw/docker}

@@ -173,7 +173,7 @@ YAML
   log "SeaweedFS, Prometheus"
   sed "s#SEAWEEDFS_IMAGE#$SEAWEEDFS_IMAGE#" hack/kind/seaweedfs.yaml | "${KUBECTL[@]}" apply -f - >/dev/null
   "${KUBECTL[@]}" create namespace monitoring --dry-run=client -o yaml | "${KUBECTL[@]}" apply -f - >/dev/null
-  "${KUBECTL[@]}" -n monitoring create configmap pod-sd --from-file=tests/cluster/pod_sd.py --dry-run=client -o yaml \
+  "${KUBECTL[@]}" -n monitoring create configmap pod-sd --from-file=testbed/pod_sd.py --dry-run=client -o yaml \
     | "${KUBECTL[@]}" apply -f - >/dev/null
   sed -e "s#PROMETHEUS_IMAGE#$PROMETHEUS_IMAGE#" -e "s#OPERATOR_IMAGE#$REGISTRY/thaw-operator:$TAG#" hack/kind/prometheus.yaml \
     | "${KUBECTL[@]}" apply -f - >/dev/null

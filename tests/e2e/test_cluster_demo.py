@@ -10,8 +10,8 @@ import os
 import pytest
 import yaml
 
-from tests.cluster import demo as demo_mod
-from tests.services.net import free_port
+from testbed import demo as demo_mod
+from testbed.net import free_port
 from thaw_contract.spec import CheckpointSpec
 from trainer import checkpoint as ckpt
 from trainer.storage import open_store

@@ -51,7 +51,7 @@ def small_job():
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
     """One SeaweedFS per session, fresh data dir; tests that stop it start it again."""
-    from tests.services.seaweedfs import SeaweedFS
+    from testbed.seaweedfs import SeaweedFS
 
     server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), buckets=("thaw", "data")).start()
     yield server

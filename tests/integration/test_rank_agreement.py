@@ -97,7 +97,7 @@ def test_a_launcher_waiting_for_a_dead_peer_exits_soon_after_sigterm(tmp_path):
     """A stage pod whose worker finished while its peer pod died: torchrun's agent waits in its
     exit barrier (native code, up to 300 s) for the dead agent, deaf to SIGTERM, and the next
     attempt waits for this pod to stop. The launcher's watchdog exits 143 soon after SIGTERM."""
-    from tests.services.net import free_port
+    from testbed.net import free_port
 
     port = free_port()
     code = "import sys; from trainer.launch import torchrun; torchrun(sys.argv[1:])"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from testbed.net import free_ports, wait_until
+from testbed.prometheus import Prometheus
 from tests.integration.conftest import ROOT, run, torchrun, write_job
-from tests.services.net import free_ports, wait_until
-from tests.services.prometheus import Prometheus
 from thaw_contract.spec import CheckpointSpec
 from trainer import checkpoint as ckpt
 from trainer.storage import open_store

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from tests.services.seaweedfs import ADMIN, READER
+from testbed.seaweedfs import ADMIN, READER
 from thaw_contract.spec import CheckpointSpec, SpecError
 from trainer import checkpoint as ckpt
 from trainer.datasync import sync_prefix

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from tests.cluster import demo as demo_mod
-from tests.cluster import kind_demo
+from testbed import demo as demo_mod
+from testbed import kind_demo
 from thaw_contract.spec import CheckpointSpec
 from trainer import checkpoint as ckpt
 from trainer.storage import open_store

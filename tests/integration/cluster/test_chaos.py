@@ -1,6 +1,6 @@
 """The reduced chaos set in `make test`: the undisturbed reference run, then one trial each of a
 stage pod SIGKILLed, the operator SIGKILLed and restarted, and a damaged newest checkpoint, at
-moments drawn from a seed printed here (replay: `python -m tests.cluster.chaos --replay FAULT:SEED`).
+moments drawn from a seed printed here (replay: `python -m tests.chaos --replay FAULT:SEED`).
 The full set with its trial counts is `make chaos` (docs/reliability.md)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.cluster import chaos
+from testbed import chaos
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 REDUCED = {"pod-kill": 1, "operator-kill": 1, "corrupt-checkpoint": 1}

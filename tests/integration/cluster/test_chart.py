@@ -10,8 +10,9 @@ import pytest
 import yaml
 from kubernetes import client
 
-from tests.cluster.control_plane import DELAY, EXIT_CODE
-from tests.integration.cluster.conftest import ROOT, OperatorProcess, wait_for
+from testbed.control_plane import DELAY, EXIT_CODE
+from testbed.operator_process import OperatorProcess
+from tests.integration.cluster.conftest import ROOT, wait_for
 from tests.integration.cluster.test_operator import Api, ftj_doc, reported
 
 pytestmark = pytest.mark.cluster

@@ -11,7 +11,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from tests.cluster.control_plane import DELAY, EXIT_CODE
+from testbed.control_plane import DELAY, EXIT_CODE
 from tests.integration.cluster.conftest import ROOT, wait_for
 
 pytestmark = pytest.mark.cluster

@@ -10,8 +10,8 @@ import time
 import pytest
 from kubernetes import client, watch
 
-from tests.cluster.control_plane import DELAY, EXIT_CODE
-from tests.cluster.kueue import start_kueue, stop_kueue
+from testbed.control_plane import DELAY, EXIT_CODE
+from testbed.kueue import start_kueue, stop_kueue
 from tests.integration.cluster.conftest import wait_for
 from tests.integration.cluster.test_operator import Api, ftj_doc, reported
 

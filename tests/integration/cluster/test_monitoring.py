@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cluster.control_plane import DELAY, EXIT_CODE
+from testbed.control_plane import DELAY, EXIT_CODE
+from testbed.net import free_ports, stop_group, wait_until
+from testbed.prometheus import Prometheus
 from tests.integration.cluster.conftest import ROOT
 from tests.integration.cluster.test_operator import Api, ftj_doc, reported
 from tests.integration.test_monitoring_rules import rendered_rules
-from tests.services.net import free_ports, stop_group, wait_until
-from tests.services.prometheus import Prometheus
 
 pytestmark = pytest.mark.cluster
 DASHBOARD = ROOT / "charts" / "thaw" / "files" / "dashboard.json"

@@ -10,8 +10,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from thaw_operator.crd import GROUP, PLURAL, VERSION
 
+from testbed.control_plane import DELAY, EXIT_CODE, MESSAGE, REASON
 from tests.builders import job_doc
-from tests.cluster.control_plane import DELAY, EXIT_CODE, MESSAGE, REASON
 from tests.integration.cluster.conftest import wait_for
 from thaw_contract.spec import CheckpointSpec, parse_job, training_hash
 from trainer import checkpoint as ckpt

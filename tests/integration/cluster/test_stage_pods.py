@@ -12,12 +12,12 @@ import uuid
 import pytest
 from kubernetes import client
 
+from testbed.net import free_port
+from testbed.node_agent import GATEWAY
+from testbed.seaweedfs import ADMIN, SeaweedFS
 from tests.builders import job_doc
-from tests.cluster.node_agent import GATEWAY
 from tests.integration.cluster.conftest import ROOT, wait_for
 from tests.integration.cluster.test_operator import Api
-from tests.services.net import free_port
-from tests.services.seaweedfs import ADMIN, SeaweedFS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 SMALL_DATA = {"source": "digits", "imageSize": 32, "trainPerClass": 10, "valPerClass": 5, "testLimit": 50}

@@ -5,7 +5,7 @@ it: every 2 s it lists pods labelled thaw.dev/finetunejob that run and have an I
 `<podIP>:<container port named metrics or metrics-<r>>` (local rank r) with namespace/pod
 labels (what the chart's PodMonitor keeps) to a JSON file that Prometheus' file_sd_configs re-reads.
 
-    python -m tests.cluster.pod_sd --kubeconfig K --out targets.json
+    python -m testbed.pod_sd --kubeconfig K --out targets.json
     python pod_sd.py --out targets.json      (in a pod: the ServiceAccount's in-cluster config;
                                               the kind cluster's Prometheus runs it as a sidecar)
 """

@@ -1,6 +1,6 @@
 """Chaos trials: faults at random moments against real training through the operator.
 
-    python -m tests.cluster.chaos [--trials pod-kill=20,operator-kill=20,...] [--seed N] [--out docs/reliability.md]
+    python -m tests.chaos [--trials pod-kill=20,operator-kill=20,...] [--seed N] [--out docs/reliability.md]
 
 The bed: the local control plane with one process node (stage pods run `python -m trainer
 launch` -> torchrun -> DDP training over gloo, in their own network namespaces and memory
@@ -27,13 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testbed.control_plane import ControlPlane
+from testbed.net import free_port
+from testbed.node_agent import GATEWAY
+from testbed.seaweedfs import ADMIN, SeaweedFS
 from tests.builders import job_doc
-from tests.cluster.control_plane import ControlPlane
-from tests.cluster.node_agent import GATEWAY
-from tests.services.net import free_port
-from tests.services.seaweedfs import ADMIN, SeaweedFS
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("head", "top3", "all")
 BUCKET = "thaw"
 EPOCHS = 3  # a stage
@@ -83,7 +83,7 @@ class Bed:
     """The cluster, the store and the operator, each of which a trial may break."""
 
     def __init__(self, state: Path, cp: ControlPlane | None = None, namespace: str = "default"):
-        from tests.integration.cluster.conftest import OperatorProcess
+        from testbed.operator_process import OperatorProcess
 
         self.state, self.ns = state, namespace
         self.own_cp = cp is None  # the test suite lends its session cluster: one process node at a time
@@ -505,7 +505,7 @@ def trial_broken_among_ten(bed: Bed, ref: Reference, name: str, rng: random.Rand
     """Ten good jobs (stage pods on kwok nodes, random durations) and one broken in a way drawn
     at random: its job file's or its stage Service's name taken by a stranger, or its stage
     pods failing on every attempt. The ten must succeed; the broken one must say why."""
-    from tests.cluster.control_plane import DELAY, EXIT_CODE
+    from testbed.control_plane import DELAY, EXIT_CODE
     from tests.integration.cluster.test_operator import ftj_doc, reported
 
     store = f"file://{bed.state}/kwok-store"
@@ -632,7 +632,7 @@ def report(outcomes: list[Outcome], ref: Reference, seed: int, argv: str) -> str
     lines = [
         "### Chaos trials (random fault timing, real training)",
         "",
-        f"Command: `make chaos` (`python -m tests.cluster.chaos {argv}`), master seed {seed}; the undisturbed "
+        f"Command: `make chaos` (`python -m tests.chaos {argv}`), master seed {seed}; the undisturbed "
         f"reference job took {ref.wall:.0f} s. Replay one trial with `--replay FAULT:SEED`.",
         "",
         "| fault | passed / run | must show | trial seeds | wall per trial |",
@@ -655,7 +655,7 @@ def report(outcomes: list[Outcome], ref: Reference, seed: int, argv: str) -> str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m tests.cluster.chaos")
+    ap = argparse.ArgumentParser(prog="python -m tests.chaos")
     ap.add_argument("--trials", default=",".join(f"{k}={v[1]}" for k, v in FAULTS.items()))
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     ap.add_argument("--state", type=Path, default=ROOT / "runs" / "chaos")

@@ -7,12 +7,12 @@ import os
 import time
 from pathlib import Path
 
-from tests.cluster.control_plane import DEFAULT_STATE, ControlPlane, stop_leftovers
-from tests.cluster.node_agent import teardown_network
+from testbed.control_plane import DEFAULT_STATE, ControlPlane, stop_leftovers
+from testbed.node_agent import teardown_network
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m tests.cluster")
+    ap = argparse.ArgumentParser(prog="python -m testbed")
     ap.add_argument("command", choices=["up", "down"])
     ap.add_argument("--state", type=Path, default=DEFAULT_STATE)
     ap.add_argument("--kwok-nodes", type=int, default=int(os.environ.get("KWOK_NODES", "2")))

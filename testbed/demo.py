@@ -8,8 +8,8 @@ follows it: one line per stage and epoch from the FineTuneJob's status. Then the
 table and the curves from the checkpoint store. Everything is left running;
 `make demo-down` stops it.
 
-    python -m tests.cluster.demo up [--job examples/quickstart-cluster.yaml]
-    python -m tests.cluster.demo down
+    python -m testbed.demo up [--job examples/quickstart-cluster.yaml]
+    python -m testbed.demo down
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from pathlib import Path
 
 import yaml
 
-from tests.cluster.control_plane import ControlPlane, stop_leftovers
-from tests.cluster.node_agent import GATEWAY, teardown_network
-from tests.services.net import free_port, http_get, wait_until
-from tests.services.prometheus import Prometheus
-from tests.services.seaweedfs import ADMIN, SeaweedFS
+from testbed.control_plane import ControlPlane, stop_leftovers
+from testbed.net import free_port, http_get, wait_until
+from testbed.node_agent import GATEWAY, teardown_network
+from testbed.prometheus import Prometheus
+from testbed.seaweedfs import ADMIN, SeaweedFS
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("THAW_DEMO_DIR", "/tmp/thaw-demo"))
 JOB = ROOT / "examples" / "quickstart-cluster.yaml"
 S3_PORT = 8333
@@ -73,12 +73,12 @@ def _sa_kubeconfig(cp: ControlPlane, namespace: str, sa: str) -> Path:
 
 def _pod_scrape_config(cp: ControlPlane) -> dict:
     """Prometheus scrapes every training rank the way a PodMonitor would: pods labelled
-    thaw.dev/finetunejob, container port named `metrics` (found by tests/cluster/pod_sd.py)."""
+    thaw.dev/finetunejob, container port named `metrics` (found by testbed/pod_sd.py)."""
     log = open(cp.state / "logs" / "pod-sd.log", "ab")  # noqa: SIM115 - owned by the process
     targets = cp.state / "pod-targets.json"
     targets.write_text("[]")
     sd = subprocess.Popen(
-        [sys.executable, "-m", "tests.cluster.pod_sd", f"--kubeconfig={cp.kubeconfig_path}", f"--out={targets}"],
+        [sys.executable, "-m", "testbed.pod_sd", f"--kubeconfig={cp.kubeconfig_path}", f"--out={targets}"],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -230,7 +230,7 @@ def stop(state: Path = STATE, quiet: bool = False) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m tests.cluster.demo")
+    ap = argparse.ArgumentParser(prog="python -m testbed.demo")
     ap.add_argument("command", choices=["up", "down"])
     ap.add_argument("--job", type=Path, default=JOB)
     ap.add_argument("--state", type=Path, default=STATE)

@@ -15,7 +15,7 @@ deletion with SIGTERM then SIGKILL after the grace period, the memory limit (a c
 memory group; an OOM kill is reported as exit 137, reason OOMKilled). Not honoured: images,
 init containers, probes, CPU and other limits, securityContext, restarts.
 
-    python -m tests.cluster.node_agent --kubeconfig K --name process-0 --state DIR
+    python -m testbed.node_agent --kubeconfig K --name process-0 --state DIR
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BRIDGE = "thaw0"
 SUBNET = ipaddress.ip_network(os.environ.get("THAW_POD_SUBNET", "10.244.0.0/24"))
 # Where a pod's mount namespace keeps paths that one of its volumes would hide (see start_pod).

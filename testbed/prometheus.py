@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.services.net import free_port, get_json, http_get, stop_group, wait_until
+from testbed.net import free_port, get_json, http_get, stop_group, wait_until
 
 
 def prometheus_binary() -> str:

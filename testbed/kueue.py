@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.services.net import free_port
+from testbed.net import free_port
 
 KUEUE_VERSION = os.environ.get("KUEUE_VERSION", "v0.17.0")
 METRICS_CERTS = Path("/etc/kueue/metrics/certs")

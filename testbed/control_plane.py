@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STATE = Path(os.environ.get("THAW_CLUSTER_DIR", "/tmp/thaw-cluster"))
 SERVICE_CIDR = "10.96.0.0/16"
 
@@ -323,7 +323,7 @@ class ControlPlane:
                 [
                     sys.executable,
                     "-m",
-                    "tests.cluster.node_agent",
+                    "testbed.node_agent",
                     f"--kubeconfig={kc}",
                     f"--name=process-{i}",
                     f"--state={self.state / 'nodes' / f'process-{i}'}",

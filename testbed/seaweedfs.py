@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.services.net import free_ports, http_get, stop_group, wait_until
+from testbed.net import free_ports, http_get, stop_group, wait_until
 
 ADMIN = ("thaw-admin", "thaw-admin-secret")
 READER = ("thaw-reader", "thaw-reader-secret")

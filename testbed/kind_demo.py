@@ -5,7 +5,7 @@ in-cluster SeaweedFS and free to run on any worker: each stage's two pods run on
 workers and train in DDP over the pod network. Follows the job from its status, then prints
 the per-stage table, read from the checkpoint store through a port-forward.
 
-    python -m tests.cluster.kind_demo [--job examples/quickstart-cluster.yaml] [--name NAME]
+    python -m testbed.kind_demo [--job examples/quickstart-cluster.yaml] [--name NAME]
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from tests.cluster.demo import JOB, ROOT, follow, report
-from tests.services.net import free_port, http_get, wait_until
-from tests.services.seaweedfs import ADMIN
+from testbed.demo import JOB, ROOT, follow, report
+from testbed.net import free_port, http_get, wait_until
+from testbed.seaweedfs import ADMIN
 
 CLUSTER = os.environ.get("KIND_CLUSTER", "thaw")
 S3_IN_CLUSTER = "http://seaweedfs.default.svc:8333"
@@ -37,7 +37,7 @@ def bins() -> Path:
 
 @dataclass
 class Kind:
-    """kubectl on the kind cluster; what tests.cluster.demo.follow needs."""
+    """kubectl on the kind cluster; what testbed.demo.follow needs."""
 
     kubectl_bin: Path
     context: str = f"kind-{CLUSTER}"
@@ -89,7 +89,7 @@ def stage_table(kind: Kind, doc: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m tests.cluster.kind_demo")
+    ap = argparse.ArgumentParser(prog="python -m testbed.kind_demo")
     ap.add_argument("--job", type=Path, default=JOB)
     ap.add_argument("--name", help="FineTuneJob name (default: the file's)")
     ap.add_argument("--timeout", type=float, default=1800)
