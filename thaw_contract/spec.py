@@ -323,6 +323,11 @@ class SpeedSpec(_Model):
 ENDPOINT_PATTERN = r"^https?://[^\s/?#]+(/[^\s]*)?$"
 # Object names: stage Services are <name>-<k> and must be DNS-1035 labels (start with a letter).
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# S3's bucket naming rules (3-63 of a-z 0-9 . -), and the URIs built on them; the CRD carries
+# the same patterns (thaw_operator.crd), so the API server refuses what the models refuse.
+BUCKET_PATTERN = r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
+CHECKPOINT_URI_PATTERN = rf"^(s3://{BUCKET_PATTERN}(/.*)?|file://.+)$"
+DATA_SOURCE_PATTERN = rf"^({'|'.join(NAMED_DATASETS)}|file:///.+|s3://{BUCKET_PATTERN}(/.*)?)$"
 
 
 def _endpoint(v: str | None) -> str | None:
@@ -334,7 +339,7 @@ def _endpoint(v: str | None) -> str | None:
 def _bucket_of(uri: str) -> str:
     """The bucket of an s3:// URI, checked against S3's naming rules."""
     bucket = uri.removeprefix("s3://").split("/", 1)[0]
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+    if not re.fullmatch(BUCKET_PATTERN, bucket):
         raise ValueError(f"{uri!r} does not name a valid S3 bucket (3-63 of a-z 0-9 . -)")
     return bucket
 

@@ -17,7 +17,16 @@ from typing import Any
 import yaml
 from pydantic.alias_generators import to_camel
 
-from thaw_contract.spec import API_VERSION, ENDPOINT_PATTERN, KIND, NAME_PATTERN, TRAINING_FIELDS, FineTuneJobSpec
+from thaw_contract.spec import (
+    API_VERSION,
+    CHECKPOINT_URI_PATTERN,
+    DATA_SOURCE_PATTERN,
+    ENDPOINT_PATTERN,
+    KIND,
+    NAME_PATTERN,
+    TRAINING_FIELDS,
+    FineTuneJobSpec,
+)
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "finetunejobs"
@@ -41,8 +50,8 @@ IMMUTABLE = tuple(_immutable_paths())
 # Extra schema keywords where the pydantic models cannot express them as plain JSON Schema.
 EXTRA: dict[tuple[str, ...], dict] = {
     ("stages",): {"minItems": 1, "maxItems": MAX_STAGES},
-    ("checkpoint", "uri"): {"pattern": r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|file://.+)$"},
-    ("data", "source"): {"pattern": r"^(fashion-mnist|digits|file:///.+|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?)$"},
+    ("checkpoint", "uri"): {"pattern": CHECKPOINT_URI_PATTERN},
+    ("data", "source"): {"pattern": DATA_SOURCE_PATTERN},
     ("checkpoint", "endpoint"): {"pattern": ENDPOINT_PATTERN},
     ("data", "endpoint"): {"pattern": ENDPOINT_PATTERN},
     # Stage names become object names; bounded lengths also keep the CEL cost estimate in budget.
