@@ -66,6 +66,9 @@ def resync_now() -> None:
 
 QUEUE = WorkQueue()  # (namespace, name) keys; one worker per key at a time
 _generations: dict[tuple[str, str], int] = {}  # the last FineTuneJob generation queued, per key
+# The resourceVersion our last status patch produced, per key: its watch event is our own
+# write coming back, and reconciling it again finds nothing new (other inputs have their own events).
+_own_writes: dict[tuple[str, str], str] = {}
 metrics.QUEUE_DEPTH.set_function(lambda: len(QUEUE))
 _requeue: dict[tuple[str, str], float] = {}
 
@@ -403,7 +406,7 @@ def apply(ftj: dict, p: Plan) -> None:
     if p.status and p.status != old:
         # Conditional on the version observed: a stale plan (another replica, an older event)
         # gets 409 and is re-planned from fresh observations instead of overwriting.
-        client.CustomObjectsApi(CONFIG.api).patch_namespaced_custom_object_status(
+        written = client.CustomObjectsApi(CONFIG.api).patch_namespaced_custom_object_status(
             GROUP,
             VERSION,
             meta["namespace"],
@@ -411,6 +414,7 @@ def apply(ftj: dict, p: Plan) -> None:
             meta["name"],
             {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": p.status},
         )
+        _own_writes[(meta["namespace"], meta["name"])] = (written.get("metadata") or {}).get("resourceVersion")
         _record_transitions(old, p.status)
     if p.status.get("stages"):
         metrics.set_attempts(meta["namespace"], meta["name"], p.status["stages"])
@@ -498,12 +502,15 @@ def on_finetunejob(type, body, namespace, name, **_):  # noqa: A002 - kopf's arg
     if type == "DELETED":
         metrics.forget(namespace, name, [s["name"] for s in (body.get("status") or {}).get("stages", [])])
         _generations.pop(key, None)
+        _own_writes.pop(key, None)
         return
-    # Same generation: a status or metadata change, almost always the echo of our own status
-    # patch. Still reconciled (level-triggered), but behind hand-offs and spec changes.
     generation = body["metadata"].get("generation")
     echo = _generations.get(key) == generation
     _generations[key] = generation
+    if echo and body["metadata"].get("resourceVersion") == _own_writes.get(key):
+        return  # exactly the status we wrote: nothing to reconcile (the event predicate)
+    # Same generation otherwise: a status or metadata change by someone else (or our write seen
+    # after a later one). Reconciled (level-triggered), but behind hand-offs and spec changes.
     QUEUE.add(key, SWEEP if echo else SPEC)
 
 
