@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from trainer import checkpoint as ckpt
@@ -10,12 +9,8 @@ from trainer.storage import Store
 
 
 def stage_summaries(store: Store, stages) -> list[dict]:
-    out = []
-    for s in stages:
-        key = f"{ckpt.stage_prefix(s.index, s.name)}/{ckpt.FINAL}"
-        if store.exists(key):
-            out.append(json.loads(store.get(key))["metrics"])
-    return out
+    pointers = (ckpt.read_pointer(store, s.index, s.name) for s in stages)
+    return [p["metrics"] for p in pointers if p is not None]
 
 
 GATE_WORDS = {"first": "", "advanced": "advanced", "rolled_back": "rolled back", "kept": "worse, kept"}
