@@ -17,7 +17,7 @@ import kopf
 from kubernetes import client, config
 from prometheus_client import start_http_server
 
-from thaw_operator import controller, metrics
+from thaw_operator import controller, events, metrics, state
 from thaw_operator.leader import LeaderElector
 
 
@@ -42,7 +42,7 @@ def _load_kube_config() -> client.ApiClient:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m thaw_operator", description=__doc__)
     ap.add_argument("--namespace", action="append", default=[], help="watch only these (default: all)")
-    ap.add_argument("--trainer-image", default=os.environ.get("THAW_TRAINER_IMAGE", controller.CONFIG.trainer_image))
+    ap.add_argument("--trainer-image", default=os.environ.get("THAW_TRAINER_IMAGE", state.CONFIG.trainer_image))
     ap.add_argument("--metrics-port", type=int, default=8080)
     ap.add_argument("--health-port", type=int, default=8081)
     ap.add_argument("--resync-seconds", type=float, default=60.0)
@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> None:
 
     kopf.configure(log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN)
     logging.getLogger("thaw").setLevel(logging.INFO)
-    controller.CONFIG.trainer_image = args.trainer_image
-    controller.CONFIG.resync_seconds = args.resync_seconds
-    controller.CONFIG.namespaces = list(args.namespace)
-    controller.CONFIG.api = _load_kube_config()
+    state.CONFIG.trainer_image = args.trainer_image
+    state.CONFIG.resync_seconds = args.resync_seconds
+    state.CONFIG.namespaces = list(args.namespace)
+    state.CONFIG.api = _load_kube_config()
     if args.metrics_port:
         start_http_server(args.metrics_port)
 
@@ -77,19 +77,19 @@ def main(argv: list[str] | None = None) -> None:
     elector = None
     if not args.standalone:
         elector = LeaderElector(
-            controller.CONFIG.api,
+            state.CONFIG.api,
             args.leader_election_namespace,
             args.lease_name,
             lease_seconds=args.lease_seconds,
             retry_seconds=max(0.5, args.lease_seconds / 4),
-            on_started_leading=controller.resync_now,
+            on_started_leading=state.resync_now,
         ).start()
-    controller.CONFIG.leader = elector
+    state.CONFIG.leader = elector
     stop = threading.Event()
-    threading.Thread(target=controller.resync_forever, args=(stop,), name="resync", daemon=True).start()
+    threading.Thread(target=events.resync_forever, args=(stop,), name="resync", daemon=True).start()
     for i in range(args.workers):
         threading.Thread(target=controller.work_forever, args=(stop,), name=f"worker-{i}", daemon=True).start()
-    controller.start_watches(stop, list(args.namespace))
+    events.start_watches(stop, list(args.namespace))
     try:
         # kopf watches and dispatches; who acts is decided by the Lease, not by kopf's peering.
         kopf.run(

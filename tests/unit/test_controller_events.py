@@ -1,25 +1,25 @@
-"""Which FineTuneJob watch events queue a reconcile (thaw_operator.controller.on_finetunejob):
+"""Which FineTuneJob watch events queue a reconcile (thaw_operator.events.on_finetunejob):
 the event predicate, without an API server (the cluster tests run the wiring itself)."""
 
 from __future__ import annotations
 
 import pytest
-from thaw_operator import controller
+from thaw_operator import events, state
 from thaw_operator.workqueue import SPEC, SWEEP, WorkQueue
 
 
 @pytest.fixture
 def queue(monkeypatch):
     q = WorkQueue()
-    monkeypatch.setattr(controller, "QUEUE", q)
-    monkeypatch.setattr(controller, "_generations", {})
-    monkeypatch.setattr(controller, "_own_writes", {})
+    monkeypatch.setattr(state, "QUEUE", q)
+    monkeypatch.setattr(state, "generations", {})
+    monkeypatch.setattr(state, "own_writes", {})
     return q
 
 
 def event(queue, version: str, generation: int = 1, kind: str = "MODIFIED"):
     body = {"metadata": {"name": "ft", "namespace": "ns", "generation": generation, "resourceVersion": version}}
-    controller.on_finetunejob(type=kind, body=body, namespace="ns", name="ft")
+    events.on_finetunejob(type=kind, body=body, namespace="ns", name="ft")
     got = queue.get(timeout=0)
     if got is not None:
         queue.done(got[0])
@@ -28,7 +28,7 @@ def event(queue, version: str, generation: int = 1, kind: str = "MODIFIED"):
 
 def test_the_echo_of_our_own_status_patch_queues_nothing(queue):
     assert event(queue, "10") == SPEC  # new
-    controller._own_writes[("ns", "ft")] = "11"  # our status patch produced version 11
+    state.own_writes[("ns", "ft")] = "11"  # our status patch produced version 11
     assert event(queue, "11") is None  # its echo
     assert event(queue, "12") == SWEEP  # someone else's status or metadata change
     assert event(queue, "13", generation=2) == SPEC  # a spec change
@@ -36,12 +36,12 @@ def test_the_echo_of_our_own_status_patch_queues_nothing(queue):
 
 def test_a_spec_change_is_never_taken_for_an_echo(queue):
     event(queue, "10")
-    controller._own_writes[("ns", "ft")] = "11"
+    state.own_writes[("ns", "ft")] = "11"
     assert event(queue, "11", generation=2) == SPEC
 
 
 def test_deleted_forgets_the_key(queue):
     event(queue, "10")
-    controller._own_writes[("ns", "ft")] = "11"
+    state.own_writes[("ns", "ft")] = "11"
     assert event(queue, "12", kind="DELETED") is None
-    assert ("ns", "ft") not in controller._own_writes and ("ns", "ft") not in controller._generations
+    assert ("ns", "ft") not in state.own_writes and ("ns", "ft") not in state.generations
