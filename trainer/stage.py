@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,18 +19,17 @@ from thaw_contract.plan import PlannedStage
 from thaw_contract.spec import training_hash
 from trainer import checkpoint as ckpt
 from trainer.data import Datasets
-from trainer.distributed import DistEnv, all_gather_objects, all_sum, average_buffers, barrier, decided_by_main
+from trainer.distributed import all_gather_objects, all_sum, average_buffers, barrier
 from trainer.early_stopping import EarlyStopping
 from trainer.freezing import FreezeState, apply_stage
 from trainer.gates import (
     Diverged,
     DivergenceGuard,
 )
-from trainer.layers import head_module_name
-from trainer.loaders import cached_features, eval_loader, train_loader
-from trainer.loop import StepContext, evaluate, feature_preparer, image_preparer, train_epoch
+from trainer.loaders import eval_loader, train_loader
+from trainer.loop import StepContext, evaluate, train_epoch
 from trainer.optim import build_optimizer, build_scheduler, param_groups
-from trainer.setup import Setup, seed_everything, use_feature_cache
+from trainer.setup import Setup, seed_everything
 from trainer.stage_checkpoints import (
     Resume,
     StageResult,
@@ -43,6 +40,7 @@ from trainer.stage_checkpoints import (
     state_digest,
 )
 from trainer.stage_end import best_weights, evaluate_test, gated_weights
+from trainer.stage_inputs import Inputs, auto_lr, stage_inputs
 from trainer.train_state import TrainState, rng_state, set_rng_state
 from trainer.uploader import retrying
 
@@ -51,18 +49,6 @@ from trainer.uploader import retrying
 # pairs of a job collide for worlds under 7,919 ranks).
 STAGE_SEED_STRIDE = 1000
 RESEED_EPOCH_STRIDE = 7919
-
-
-@dataclass
-class Inputs:
-    """What a stage trains on: images through the whole model, or the head's inputs, cached."""
-
-    train: object
-    val: object
-    net: nn.Module  # what is trained and evaluated: the model, or its head on cached features
-    prepare: Callable
-    cached: bool
-    seconds: float  # building the feature cache
 
 
 @dataclass
@@ -108,10 +94,10 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     freeze = apply_stage(  # requires_grad, eval-mode frozen modules, no-grad prefix: before DDP
         setup.model, setup.groups, stage, no_grad_prefix=setup.job.spec.speed.frozen_prefix_no_grad
     )
-    inputs = _inputs(setup, stage, data)
+    inputs = stage_inputs(setup, stage, data)
     lr_found = None
     if stage.lr_auto:  # the range test's rate, found once per stage (trainer/lr_finder.py)
-        lr_found = _auto_lr(setup, stage, inputs)
+        lr_found = auto_lr(setup, stage, inputs)
         stage = dataclasses.replace(stage, group_lrs={g: r * lr_found for g, r in stage.group_lrs.items()})
     tr = _training(setup, stage, inputs, freeze, seed)
     n_trainable = sum(p.numel() for p in tr.trainable)
@@ -165,18 +151,6 @@ def _resume(setup: Setup, stage: PlannedStage) -> Resume | None:
             f"{stage.name}: resuming after epoch {resume.train_state.epoch + 1} from {setup.store.uri}/{resume.prefix}"
         )
     return resume
-
-
-def _inputs(setup: Setup, stage: PlannedStage, data: Datasets) -> Inputs:
-    spec, env = setup.job.spec, setup.env
-    if not use_feature_cache(setup, stage):
-        prepare = image_preparer(setup.mean, setup.std, env.device, setup.channels_last, spec.data.pin_memory)
-        return Inputs(data.train, data.val, setup.model, prepare, False, 0.0)
-    t = time.perf_counter()
-    train, val = cached_features(setup, [data.train, data.val], stage.batch_size)
-    seconds = time.perf_counter() - t
-    head = setup.model.get_submodule(head_module_name(spec.model.architecture))
-    return Inputs(train, val, head, feature_preparer(env.device, spec.data.pin_memory), True, seconds)
 
 
 def _training(setup: Setup, stage: PlannedStage, inputs: Inputs, freeze: FreezeState, seed: int) -> Training:
@@ -334,35 +308,3 @@ def _checkpoint_epoch(setup: Setup, stage: PlannedStage, tr: Training, fit: Fit,
             spec_hash=training_hash(setup.job.spec),
         )
         save_epoch(setup, stage, epoch_dir, row, (epoch + 1) * tr.steps_per_epoch, setup.model, state)
-
-
-def _auto_lr(setup: Setup, stage: PlannedStage, inputs: Inputs) -> float:
-    """Rank 0 runs the range test on a copy of the frozen model, or reads the rate an earlier
-    attempt stored; every rank gets the same. The random streams are left as they were, so
-    a stage trains the same whether the test ran in this process or before it."""
-    from trainer.lr_finder import plot, range_test, suggest
-
-    spec, env, store = setup.job.spec, setup.env, setup.store
-    prefix = ckpt.stage_prefix(stage.index, stage.name)
-
-    def find() -> float:
-        if store.exists(f"{prefix}/lr_find.json"):
-            return json.loads(store.get(f"{prefix}/lr_find.json"))["lr"]
-        one = DistEnv(0, 1, 0, 1, env.device)
-        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
-            twin = copy.deepcopy(setup.model)
-            net = twin.get_submodule(head_module_name(spec.model.architecture)) if inputs.cached else twin
-            groups = param_groups(twin, setup.groups, setup.group_of, stage, spec.optimizer.weight_decay)
-            optimizer = build_optimizer(groups, spec.optimizer, env.device)
-            loader = train_loader(inputs.train, stage.batch_size // env.world, one, True, spec.seed, setup.job)
-            autocast = StepContext(env, inputs.prepare, setup.autocast_dtype, None).autocast
-            lrs, losses = range_test(net, loader, optimizer, inputs.prepare, env.device, autocast)
-            del twin, optimizer
-        lr = suggest(lrs, losses)
-        store.put(f"{prefix}/lr_find.json", json.dumps({"lr": lr, "lrs": lrs, "losses": losses}).encode())
-        store.put(f"{prefix}/lr_find.png", plot(lrs, losses, lr))
-        return lr
-
-    lr = decided_by_main(find, env)
-    setup.progress.message(f"{stage.name}: lr auto -> {lr:.3g} (range test: {store.uri}/{prefix}/lr_find.png)")
-    return lr
