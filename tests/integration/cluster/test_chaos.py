@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from testbed import chaos
+from tests import chaos
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 REDUCED = {"pod-kill": 1, "operator-kill": 1, "corrupt-checkpoint": 1}
