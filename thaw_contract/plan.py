@@ -46,13 +46,17 @@ def expand_stages(spec: FineTuneJobSpec) -> list[tuple[str, StageSpec]]:
     for i in range(g.stages):
         last_all = g.last_all and i == g.stages - 1
         top = g.start_top + i
+        # A warm-up after each unfreeze: the newly trainable groups meet a trained head's large
+        # gradients at full rate otherwise (one-cycle rises on its own).
+        warm = i > 0 and g.resolved_warmup > 0 and spec.schedule.name != "onecycle"
         stage = StageSpec(
             name="all" if last_all else f"top{top}",
             trainable="all" if last_all else {"top": top},
             epochs=g.epochs_per_stage,
-            lr=g.lr * g.lr_factor**i,
+            lr=g.resolved_lr(spec.optimizer.name) * g.lr_factor**i,
             lr_decay=g.lr_decay,
             freeze_bn_stats=g.freeze_bn_stats,
+            schedule=spec.schedule.model_copy(update={"warmup_epochs": g.resolved_warmup}) if warm else None,
         )
         out.append(("spec.gradual", stage))
     return out

@@ -249,18 +249,38 @@ class StageSpec(SpecModel):
 
 
 class GradualSpec(SpecModel):
-    """Shorthand: stage i trains the top (start + i) groups at lr * lrFactor^i."""
+    """Shorthand: stage i trains the top (start + i) groups at lr * lrFactor^i, the last stage every group.
+
+    The defaults are the recipe measured in docs/results.md, so `stages` and `epochsPerStage` alone
+    give a good run: discriminative rates, BatchNorm statistics kept frozen, and a warm-up after
+    each unfreeze. Without the warm-up (or the decay) a stage that unfreezes the body under a trained
+    head diverged in its first steps and collapsed to one class (docs/results.md, "Why one rate collapsed").
+    """
 
     stages: int = Field(gt=0, description="how many stages to expand into")
     start_top: int = Field(1, gt=0, description="groups trained in the first stage (1 = head only)")
     epochs_per_stage: int = Field(gt=0)
-    lr: float = Field(gt=0)
+    lr: PositiveFloat | None = Field(None, description="the head's peak rate; default 0.01 for sgd, 0.001 for adamw")
     lr_factor: float = Field(1.0, gt=0, le=1, description="per-stage multiplier on the head lr")
-    # The defaults are the recipe measured best in docs/results.md (discriminative rates, BatchNorm
-    # statistics kept frozen); one rate for every group collapsed there (plan warns about lrDecay 1).
     lr_decay: float = Field(1.5, ge=1, description="each lower group at the rate of the one above / lrDecay")
-    last_all: bool = Field(False, description="make the last stage train every group")
+    last_all: bool = Field(True, description="make the last stage train every group (false: stop at the top N)")
+    warmup_epochs: float | None = Field(
+        None,
+        ge=0,
+        description="linear warm-up at the start of every stage after the first (each unfreezes a group); "
+        "default a quarter of epochsPerStage, at most 1; 0 turns it off",
+    )
     freeze_bn_stats: bool = Field(True, description="BatchNorm statistics stay frozen (small batches)")
+
+    def resolved_lr(self, optimizer: str) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[optimizer]
+
+    @property
+    def resolved_warmup(self) -> float:
+        return self.warmup_epochs if self.warmup_epochs is not None else min(1.0, self.epochs_per_stage / 4)
+
+
+DEFAULT_LR = {"sgd": 0.01, "adamw": 0.001}  # the head's peak rate when gradual: gives none
 
 
 class SpeedSpec(SpecModel):

@@ -29,8 +29,9 @@ def _plan(args) -> int:
         lrs = ", ".join(f"{groups[g].name}={lr:.3g}" for g, lr in s.group_lrs.items())
         if s.lr_auto:
             lrs = f"auto (a range test picks the head's at the stage's start; relative: {lrs})"
+        warm = f" after a {s.schedule.warmup_epochs:g}-epoch warm-up" if s.schedule.warmup_epochs else ""
         print(
-            f"  [{s.index}] {s.name}: {s.epochs} epochs, batch {s.batch_size}, {s.schedule.name}, "
+            f"  [{s.index}] {s.name}: {s.epochs} epochs, batch {s.batch_size}, {s.schedule.name}{warm}, "
             f"trainable {n:,} ({100 * n / total:.1f}%), lr {lrs}"
         )
     from thaw_contract.plan import recipe_warnings

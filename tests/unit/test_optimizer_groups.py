@@ -80,6 +80,41 @@ def test_gradual_expands_one_group_per_stage_with_lr_factor():
     assert all(s.epochs == 2 for s in stages)
 
 
+def test_gradual_defaults_are_the_measured_recipe():
+    """Only stages and epochsPerStage: discriminative rates, frozen BN statistics, a warm-up after
+    each unfreeze, the last stage unfreezing everything (docs/results.md)."""
+    doc = with_path(job_doc(gradual={"stages": 3, "epochsPerStage": 4}), "spec.stages", "DELETE")
+    _, _, groups, _, stages = _plan(doc)
+    head = len(groups) - 1
+    assert [s.name for s in stages] == ["top1", "top2", "all"]
+    assert [s.group_lrs[head] for s in stages] == [0.01] * 3
+    assert stages[2].group_lrs[head - 1] == pytest.approx(0.01 / 1.5)
+    assert stages[2].group_lrs[0] == pytest.approx(0.01 / 1.5 ** (len(groups) - 1))
+    assert [s.schedule.warmup_epochs for s in stages] == [0.0, 1.0, 1.0]
+    assert all(s.freeze_bn_stats for s in stages)
+
+    adamw = with_path(with_path(doc, "spec.optimizer", {"name": "adamw"}), "spec.gradual.epochsPerStage", 2)
+    _, _, _, _, stages = _plan(adamw)
+    assert [s.group_lrs[head] for s in stages] == [0.001] * 3
+    assert [s.schedule.warmup_epochs for s in stages] == [0.0, 0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("change", "warmups"),
+    [
+        ({"spec.gradual.warmupEpochs": 0}, [0.0, 0.0]),
+        ({"spec.gradual.warmupEpochs": 0.5}, [0.0, 0.5]),
+        ({"spec.schedule": {"name": "onecycle"}}, [0.0, 0.0]),  # one-cycle rises on its own
+    ],
+)
+def test_gradual_warmup_can_be_set_or_turned_off(change, warmups):
+    doc = with_path(job_doc(gradual={"stages": 2, "epochsPerStage": 4}), "spec.stages", "DELETE")
+    for path, value in change.items():
+        doc = with_path(doc, path, value)
+    _, _, _, _, stages = _plan(doc)
+    assert [s.schedule.warmup_epochs for s in stages] == warmups
+
+
 def test_module_globs_select_parameters_and_group_names():
     doc = with_path(job_doc(), "spec.stages.1.trainable", {"modules": ["net._blocks.15.*", "head"]})
     _, model, groups, _, stages = _plan(doc)

@@ -208,6 +208,16 @@ BAD_SPECS = [
         with_path(job_doc(gradual={"stages": 0, "epochsPerStage": 1, "lr": 0.1}), "spec.stages", "DELETE"),
         "spec.gradual.stages: must be greater than 0 (got 0)",
     ),
+    (
+        "gradual negative warm-up",
+        with_path(job_doc(gradual={"stages": 2, "epochsPerStage": 1, "warmupEpochs": -1}), "spec.stages", "DELETE"),
+        "spec.gradual.warmupEpochs: must be greater than or equal to 0 (got -1)",
+    ),
+    (
+        "gradual zero lr",
+        with_path(job_doc(gradual={"stages": 2, "epochsPerStage": 1, "lr": 0}), "spec.stages", "DELETE"),
+        "spec.gradual.lr: must be greater than 0 (got 0)",
+    ),
     ("wrong kind", with_path(job_doc(), "kind", "PyTorchJob"), "kind: must be 'FineTuneJob' (got 'PyTorchJob')"),
     (
         "wrong apiVersion",
@@ -257,7 +267,7 @@ BAD_PLANS = [
     (
         "gradual past the top",
         with_path(
-            job_doc(gradual={"stages": 4, "startTop": 8, "epochsPerStage": 1, "lr": 0.1}), "spec.stages", "DELETE"
+            job_doc(gradual={"stages": 5, "startTop": 8, "epochsPerStage": 1, "lr": 0.1}), "spec.stages", "DELETE"
         ),
         "spec.gradual.stages: top 11 exceeds the 10 layer groups",
     ),
