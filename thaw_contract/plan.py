@@ -152,14 +152,20 @@ def recipe_warnings(spec: FineTuneJobSpec, stages: list[PlannedStage]) -> list[s
     """Recipes known to go wrong (docs/results.md), said before anything trains. The gate
     (rollback by default) keeps such a stage from costing the model; this keeps it from being silent."""
     out = []
-    one_rate = [s for s in stages if len(s.trainable_groups) > 2 and len(set(s.group_lrs.values())) == 1]
-    if spec.gradual is not None and one_rate and spec.gate.on_regression != "fail":
-        out.append(
-            f"warning: spec.gradual: stage {one_rate[-1].name} trains {len(one_rate[-1].trainable_groups)} groups at "
-            "one learning rate; gradual unfreezing at one rate collapsed to one class on every seed in "
-            "docs/results.md (the gate rolls such a stage back when it regresses). "
-            "Set lrDecay (1.5-2.6) for discriminative rates"
-        )
+    trained: set[int] = set()
+    for s in stages:
+        new = set(s.trainable_groups) - trained
+        one_rate = len(s.trainable_groups) > 2 and len(set(s.group_lrs.values())) == 1
+        warm = s.schedule.name == "onecycle" or s.schedule.warmup_epochs > 0
+        if trained and new and one_rate and not warm:
+            # Measured: the newly unfrozen groups meet the trained head's large gradients at full
+            # rate and momentum; the loss jumps within a few steps and the network dies (one class).
+            out.append(
+                f"warning: {s.field}: stage {s.name} unfreezes {len(new)} groups under a trained head at one learning "
+                "rate without a warm-up; that diverged in its first steps and collapsed to one class on every seed "
+                "in docs/results.md (the gate rolls such a stage back). Set lrDecay (1.5-2.6) or a warm-up"
+            )
+        trained |= set(s.trainable_groups)
     return out
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tests.builders import job_doc
+from tests.builders import job_doc, with_path
 from thaw_contract.spec import DivergenceSpec, GateSpec, SpecError, parse_job, training_hash
 from thaw_contract.stage_result import status_summary
 from trainer.gates import Diverged, DivergenceGuard, GateFailed, decide, previous_carried, rolled_back
@@ -129,19 +129,28 @@ def test_the_operator_says_when_a_stage_was_rolled_back_or_failed_its_gate():
     assert cond(p, "Failed")["message"] == f"stage 0 (head) failed its gate: {line}"
 
 
-def test_one_rate_gradual_unfreezing_is_warned_about_before_anything_trains():
+def test_one_rate_unfreezing_without_warmup_is_warned_about_before_anything_trains():
     from thaw_contract.plan import recipe_warnings
     from trainer.setup import plan_job
 
-    def warnings(**gradual):
-        doc = job_doc(gradual={"stages": 3, "epochsPerStage": 1, "lr": 0.01, "lastAll": True, **gradual})
-        doc["spec"].pop("stages")
+    def warnings(doc):
         job = parse_job(doc)
         return recipe_warnings(job.spec, plan_job(job)[3])
 
-    [line] = warnings(lrDecay=1)
-    assert line.startswith("warning: spec.gradual: stage all trains 10 groups at one learning rate")
-    assert line.endswith("Set lrDecay (1.5-2.6) for discriminative rates")
-    assert warnings() == []  # the default is discriminative (1.5)
-    job = parse_job(job_doc())  # explicit stages: one rate for "all" is full fine-tuning, a sound recipe
-    assert recipe_warnings(job.spec, plan_job(job)[3]) == []
+    def gradual(**fields):
+        doc = job_doc(gradual={"stages": 3, "epochsPerStage": 1, "lr": 0.01, **fields})
+        doc["spec"].pop("stages")
+        return doc
+
+    [line] = warnings(gradual(lrDecay=1, warmupEpochs=0))
+    assert line.startswith("warning: spec.gradual: stage all unfreezes 8 groups under a trained head at one learning")
+    assert line.endswith("Set lrDecay (1.5-2.6) or a warm-up")
+    assert warnings(gradual(lrDecay=1)) == []  # the default warm-up after each unfreeze
+    assert warnings(gradual()) == []  # the default is discriminative (1.5)
+    assert warnings(job_doc()) == []  # the quickstart's stages: discriminative
+    one_rate = with_path(job_doc(), "spec.stages.1.lrDecay", 1.0)
+    [line] = warnings(one_rate)
+    assert line.startswith("warning: spec.stages[1]: stage top3 unfreezes 2 groups")
+    assert warnings(with_path(one_rate, "spec.stages.1.schedule", {"name": "cosine", "warmupEpochs": 1})) == []
+    full = with_path(job_doc(), "spec.stages", [{"name": "all", "trainable": "all", "epochs": 1, "lr": 0.01}])
+    assert warnings(full) == []  # one rate from the start is full fine-tuning, a sound recipe
