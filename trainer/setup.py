@@ -188,3 +188,5 @@ def load_start(setup: Setup, first: int, found: tuple[str, dict] | None = None) 
         raise SpecError(
             f"{what} does not fit {spec.model.architecture} with {spec.model.num_classes} classes: {first_line}"
         ) from None
+    if first > 0:  # a rolled-back stage before it points here at an older stage's weights: say which
+        setup.progress.message(f"{setup.stages[first].name}: starting from {setup.store.uri}/{prefix}")

@@ -145,3 +145,31 @@ def test_store_down_when_stage_one_starts_and_back_30s_later_succeeds(cluster, a
     logs = _pod_logs(cluster, namespace, "outage-1-a1")
     assert "retrying in" in logs, logs[-3000:]  # it did meet the outage
     assert st["stages"][1]["checkpoint"].startswith("s3://thaw/ckpt/outage/stage-01-top3/")
+
+
+def test_a_diverging_stage_is_rolled_back_through_the_operator_and_the_next_starts_before_it(
+    cluster, api, namespace, operator, store_dir
+):
+    """The gate on the path users run: stage pods under torchrun, the operator reading rank 0's
+    result. Stage 1 trains at a rate that diverges; its pods succeed with the stage rolled back,
+    the FineTuneJob says so (status and a StageRolledBack event), and stage 2 loads stage 0's weights."""
+    k = Api(api, namespace)
+    doc = stage_pod_doc("gate", f"file://{store_dir}")
+    doc["spec"]["stages"][1].update(trainable="all", lr=1e6)  # SGD at a million: the loss explodes
+    doc["spec"]["stages"].append({"name": "again", "trainable": {"top": 1}, "epochs": 1, "lr": 0.01})
+    k.create(doc)
+    st = k.phase("gate", "Succeeded", 420)
+    head, top3, again = st["stages"]
+    gate = top3["result"]["gate"]
+    assert gate["decision"] == "rolled_back" and gate["previous"] == head["result"]["gate"]["value"], gate
+    assert top3["result"]["diverged"].startswith("loss "), top3["result"]
+    assert top3["checkpoint"] == head["checkpoint"]  # what it passed on: stage 0's committed weights
+    assert top3["result"]["testAccuracy"] == head["result"]["testAccuracy"]  # re-evaluated on those weights
+    wait_for(
+        lambda: any(r == "StageRolledBack" and "stage 1 (top3) rolled back" in m for r, m in k.events("gate")),
+        30,
+        what="the StageRolledBack event",
+    )
+    assert again["result"]["gate"]["previous"] == head["result"]["gate"]["value"]  # compared with stage 0's
+    logs = _pod_logs(cluster, namespace, "gate-2-a1")
+    assert f"again: starting from file://{store_dir}/gate/stage-00-head/" in logs, logs[-3000:]
