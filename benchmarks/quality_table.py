@@ -175,7 +175,7 @@ def run_one(budget: int, seed: int, method: str, tmp: Path) -> Result:
 
 def worst_drop(runs: list[Result]) -> float:
     """The largest fall of test accuracy from one stage to the next over the runs (0: never fell)."""
-    return max((a - b for r in runs for a, b in zip(r[3], r[3][1:])), default=0.0)
+    return max([0.0, *(a - b for r in runs for a, b in zip(r[3], r[3][1:]))])
 
 
 def hardware(parallel: int) -> str:
