@@ -46,11 +46,16 @@ def param_groups(
     return out
 
 
-def build_optimizer(groups: list[dict], spec: OptimizerSpec, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    groups: list[dict], spec: OptimizerSpec, device: torch.device, channels_last: bool = False
+) -> torch.optim.Optimizer:
     # Fused kernels: one launch for all parameters on CUDA; on CPU a one-off check here found
-    # them faster than the default too (no committed benchmark isolates this; trainer-ab covers
-    # the whole set of issue 14's changes).
-    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    # them faster than the default too (no committed benchmark isolates this). Never with
+    # channels_last in play: fused SGD and AdamW (torch 2.14, CPU) update the wrong elements when
+    # a gradient's memory layout differs from its parameter's, which cost staged runs on
+    # channels_last models 2 points of accuracy, silently (docs/results.md).
+    standard = not channels_last and all(p.is_contiguous() for g in groups for p in g["params"])
+    fused = {"fused": True} if device.type in ("cuda", "cpu") and standard else {}
     if spec.name == "sgd":
         return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=spec.momentum, nesterov=spec.nesterov, **fused)
     return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=spec.betas, **fused)

@@ -157,7 +157,7 @@ def _training(setup: Setup, stage: PlannedStage, inputs: Inputs, freeze: FreezeS
     """Optimizer and scheduler for this stage's parameters only; DDP over the frozen state."""
     spec, env, model = setup.job.spec, setup.env, setup.model
     groups = param_groups(model, setup.groups, setup.group_of, stage, spec.optimizer.weight_decay)
-    optimizer = build_optimizer(groups, spec.optimizer, env.device)
+    optimizer = build_optimizer(groups, spec.optimizer, env.device, setup.channels_last)
     # batchSize is global: every rank takes its share, so the optimization does not depend on
     # how many processes run it (the same YAML locally and on a cluster).
     batch = stage.batch_size // env.world

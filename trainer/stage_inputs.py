@@ -65,7 +65,7 @@ def auto_lr(setup: Setup, stage: PlannedStage, inputs: Inputs) -> float:
             twin = copy.deepcopy(setup.model)
             net = twin.get_submodule(head_module_name(spec.model.architecture)) if inputs.cached else twin
             groups = param_groups(twin, setup.groups, setup.group_of, stage, spec.optimizer.weight_decay)
-            optimizer = build_optimizer(groups, spec.optimizer, env.device)
+            optimizer = build_optimizer(groups, spec.optimizer, env.device, setup.channels_last)
             loader = train_loader(inputs.train, stage.batch_size // env.world, one, True, spec.seed, setup.job)
             autocast = StepContext(env, inputs.prepare, setup.autocast_dtype, None).autocast
             lrs, losses = range_test(net, loader, optimizer, inputs.prepare, env.device, autocast)

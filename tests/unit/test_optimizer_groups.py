@@ -80,6 +80,37 @@ def test_gradual_expands_one_group_per_stage_with_lr_factor():
     assert all(s.epochs == 2 for s in stages)
 
 
+@pytest.mark.parametrize("request_layout", ["channels_last weight", "contiguous weight"])
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_parameters_step_like_the_reference_whatever_their_gradients_layout(name, request_layout):
+    """Fused kernels (torch 2.14, CPU) assume a gradient laid out like its parameter; DDP's bucket
+    views and some autograd paths give a channels_last weight a contiguous gradient."""
+    from thaw_contract.spec import OptimizerSpec
+
+    torch.manual_seed(0)
+    w0 = torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(4, 3, 3, 3)  # contiguous
+    # and the other way round: a contiguous weight, a channels_last gradient (a channels_last model)
+    if request_layout == "contiguous weight":
+        w0, grad = w0.contiguous(), grad.contiguous(memory_format=torch.channels_last)
+    out = []
+    for build in ("thaw", "reference"):
+        p = torch.nn.Parameter(w0.clone(memory_format=torch.preserve_format))
+        groups = [{"params": [p], "lr": 0.1, "weight_decay": 0.0}]
+        spec = OptimizerSpec(name=name)
+        if build == "thaw":
+            opt = build_optimizer(groups, spec, torch.device("cpu"), channels_last=True)
+        elif name == "sgd":
+            opt = torch.optim.SGD(groups, lr=0.1, momentum=spec.momentum, foreach=False)
+        else:
+            opt = torch.optim.AdamW(groups, lr=0.1, betas=spec.betas, foreach=False)
+        for _ in range(3):
+            p.grad = grad.clone()
+            opt.step()
+        out.append(p.detach())
+    assert torch.allclose(out[0], out[1], atol=1e-6)
+
+
 def test_gradual_defaults_are_the_measured_recipe():
     """Only stages and epochsPerStage: discriminative rates, frozen BN statistics, a warm-up after
     each unfreeze, the last stage unfreezing everything (docs/results.md)."""
