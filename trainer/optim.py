@@ -47,7 +47,7 @@ def param_groups(
 
 
 def build_optimizer(
-    groups: list[dict], spec: OptimizerSpec, device: torch.device, channels_last: bool = False
+    groups: list[dict], spec: OptimizerSpec, device: torch.device, channels_last: bool
 ) -> torch.optim.Optimizer:
     # Fused kernels: one launch for all parameters on CUDA; on CPU a one-off check here found
     # them faster than the default too (no committed benchmark isolates this). Never with

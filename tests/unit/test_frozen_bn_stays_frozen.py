@@ -20,7 +20,9 @@ def _setup(doc):
 
 
 def _train_steps(job, model, groups, group_of, stage, steps=3, reapply_train=True):
-    opt = build_optimizer(param_groups(model, groups, group_of, stage, 0.1), job.spec.optimizer, torch.device("cpu"))
+    opt = build_optimizer(
+        param_groups(model, groups, group_of, stage, 0.1), job.spec.optimizer, torch.device("cpu"), False
+    )
     sched = build_scheduler(opt, stage, steps)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):

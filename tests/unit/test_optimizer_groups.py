@@ -53,7 +53,9 @@ def test_every_group_follows_the_schedule_at_every_step():
     doc = job_doc(schedule={"name": "cosine", "warmupEpochs": 1})
     job, model, groups, group_of, stages = _plan(doc)
     stage = stages[1]
-    opt = build_optimizer(param_groups(model, groups, group_of, stage, 0.0), job.spec.optimizer, torch.device("cpu"))
+    opt = build_optimizer(
+        param_groups(model, groups, group_of, stage, 0.0), job.spec.optimizer, torch.device("cpu"), False
+    )
     steps_per_epoch = 4
     sched = build_scheduler(opt, stage, steps_per_epoch)
     total = stage.epochs * steps_per_epoch
