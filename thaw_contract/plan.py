@@ -45,9 +45,9 @@ def expand_stages(spec: FineTuneJobSpec) -> list[tuple[str, StageSpec]]:
     out = []
     for i in range(g.stages):
         last_all = g.last_all and i == g.stages - 1
-        top = g.start_top + i
-        # A warm-up after each unfreeze: the newly trainable groups meet a trained head's large
-        # gradients at full rate otherwise (one-cycle rises on its own).
+        top = g.start_top + i * g.groups_per_stage
+        # At one rate, the newly trainable groups meet a trained head's large gradients at full
+        # rate: a warm-up eases them in (one-cycle rises on its own).
         warm = i > 0 and g.resolved_warmup > 0 and spec.schedule.name != "onecycle"
         stage = StageSpec(
             name="all" if last_all else f"top{top}",
@@ -84,8 +84,10 @@ def _selected_params(
     if hasattr(t, "top"):
         if t.top > len(groups):
             where = f"{field}.trainable.top" if field.startswith("spec.stages") else f"{field}.stages"
+            hint = "; give fewer stages or a smaller groupsPerStage" if field == "spec.gradual" else ""
             raise SpecError(
-                f"{where}: top {t.top} exceeds the {len(groups)} layer groups ({', '.join(g.name for g in groups)})"
+                f"{where}: top {t.top} exceeds the {len(groups)} layer groups "
+                f"({', '.join(g.name for g in groups)}){hint}"
             )
         first = len(groups) - t.top
         return {p for p in params if group_of[p] >= first}

@@ -249,16 +249,22 @@ class StageSpec(SpecModel):
 
 
 class GradualSpec(SpecModel):
-    """Shorthand: stage i trains the top (start + i) groups at lr * lrFactor^i, the last stage every group.
+    """Shorthand: stage i trains the top (startTop + i * groupsPerStage) groups at lr * lrFactor^i,
+    the last stage every group.
 
     The defaults are the recipe measured in docs/results.md, so `stages` and `epochsPerStage` alone
-    give a good run: discriminative rates, BatchNorm statistics kept frozen, and a warm-up after
-    each unfreeze. Without the warm-up (or the decay) a stage that unfreezes the body under a trained
-    head diverged in its first steps and collapsed to one class (docs/results.md, "Why one rate collapsed").
+    give a good run: head, top 3 groups, all; discriminative rates; BatchNorm statistics kept frozen.
+    Discriminative rates are what keep a stage that unfreezes the body under a trained head from
+    diverging in its first steps (docs/results.md, "Why one rate collapsed"); a warm-up after each
+    unfreeze is the default only at one rate (lrDecay 1), since with discriminative rates it cost
+    accuracy on every label budget measured.
     """
 
     stages: int = Field(gt=0, description="how many stages to expand into")
     start_top: int = Field(1, gt=0, description="groups trained in the first stage (1 = head only)")
+    groups_per_stage: int = Field(
+        2, gt=0, description="groups each later stage unfreezes beyond the one before (2: head, top 3, top 5, ...)"
+    )
     epochs_per_stage: int = Field(gt=0)
     lr: PositiveFloat | None = Field(None, description="the head's peak rate; default 0.01 for sgd, 0.001 for adamw")
     lr_factor: float = Field(1.0, gt=0, le=1, description="per-stage multiplier on the head lr")
@@ -267,8 +273,8 @@ class GradualSpec(SpecModel):
     warmup_epochs: float | None = Field(
         None,
         ge=0,
-        description="linear warm-up at the start of every stage after the first (each unfreezes a group); "
-        "default a quarter of epochsPerStage, at most 1; 0 turns it off",
+        description="linear warm-up at the start of every stage after the first (each unfreezes groups); "
+        "default: at one rate (lrDecay 1) a quarter of epochsPerStage, at most 1, otherwise 0",
     )
     freeze_bn_stats: bool = Field(True, description="BatchNorm statistics stay frozen (small batches)")
 
@@ -277,7 +283,9 @@ class GradualSpec(SpecModel):
 
     @property
     def resolved_warmup(self) -> float:
-        return self.warmup_epochs if self.warmup_epochs is not None else min(1.0, self.epochs_per_stage / 4)
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        return min(1.0, self.epochs_per_stage / 4) if self.lr_decay == 1 else 0.0
 
 
 DEFAULT_LR = {"sgd": 0.01, "adamw": 0.001}  # the head's peak rate when gradual: gives none

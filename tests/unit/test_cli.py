@@ -19,7 +19,7 @@ def test_plan_prints_groups_stages_counts_and_rates(capsys):
 
 def test_plan_expands_gradual(tmp_path, capsys):
     doc = with_path(
-        job_doc(gradual={"stages": 3, "epochsPerStage": 1, "lr": 0.1, "lrFactor": 0.5, "lastAll": False}),
+        job_doc(gradual={"stages": 3, "epochsPerStage": 1, "lr": 0.1, "lrFactor": 0.5, "lastAll": False, "lrDecay": 1}),
         "spec.stages",
         "DELETE",
     )
@@ -27,9 +27,9 @@ def test_plan_expands_gradual(tmp_path, capsys):
     path.write_text(yaml.safe_dump(doc))
     assert main(["plan", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "[0] top1:" in out and "[1] top2:" in out and "[2] top3:" in out and "lr head=0.025" in out
+    assert "[0] top1:" in out and "[1] top3:" in out and "[2] top5:" in out and "lr head=0.025" in out
     assert "[0] top1: 1 epochs, batch 32, cosine, trainable" in out  # the head-only stage: no warm-up
-    assert "[1] top2: 1 epochs, batch 32, cosine after a 0.25-epoch warm-up," in out
+    assert "[1] top3: 1 epochs, batch 32, cosine after a 0.25-epoch warm-up," in out  # one rate: warm-up
 
 
 def test_bad_spec_exits_2_with_one_line(tmp_path, capsys):

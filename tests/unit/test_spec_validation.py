@@ -269,7 +269,8 @@ BAD_PLANS = [
         with_path(
             job_doc(gradual={"stages": 5, "startTop": 8, "epochsPerStage": 1, "lr": 0.1}), "spec.stages", "DELETE"
         ),
-        "spec.gradual.stages: top 11 exceeds the 10 layer groups",
+        "spec.gradual.stages: top 12 exceeds the 10 layer groups (stem, stage1, stage2, stage3, stage4, stage5, "
+        "stage6, stage7, top_conv, head); give fewer stages or a smaller groupsPerStage",
     ),
 ]
 
