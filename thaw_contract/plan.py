@@ -52,7 +52,7 @@ def expand_stages(spec: FineTuneJobSpec) -> list[tuple[str, StageSpec]]:
         stage = StageSpec(
             name="all" if last_all else f"top{top}",
             trainable="all" if last_all else {"top": top},
-            epochs=g.epochs_per_stage,
+            epochs=g.last_stage_epochs if i == g.stages - 1 and g.last_stage_epochs else g.epochs_per_stage,
             lr=g.resolved_lr(spec.optimizer.name) * g.lr_factor**i,
             lr_decay=g.lr_decay,
             freeze_bn_stats=g.freeze_bn_stats,

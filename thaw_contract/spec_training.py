@@ -266,6 +266,9 @@ class GradualSpec(SpecModel):
         2, gt=0, description="groups each later stage unfreezes beyond the one before (2: head, top 3, top 5, ...)"
     )
     epochs_per_stage: int = Field(gt=0)
+    last_stage_epochs: int | None = Field(
+        None, gt=0, description="the last stage's epochs instead (like fastai's fine_tune: short frozen, long unfrozen)"
+    )
     lr: PositiveFloat | None = Field(None, description="the head's peak rate; default 0.01 for sgd, 0.001 for adamw")
     lr_factor: float = Field(1.0, gt=0, le=1, description="per-stage multiplier on the head lr")
     lr_decay: float = Field(1.5, ge=1, description="each lower group at the rate of the one above / lrDecay")

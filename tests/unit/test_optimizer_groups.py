@@ -83,6 +83,8 @@ def test_gradual_expands_by_groups_per_stage_with_lr_factor():
     one_by_one = with_path(with_path(doc, "spec.gradual.groupsPerStage", 1), "spec.gradual.stages", 4)
     _, _, _, _, stages = _plan(one_by_one)
     assert [len(s.trainable_groups) for s in stages] == [1, 2, 3, len(groups)]
+    longest_last = with_path(doc, "spec.gradual.lastStageEpochs", 8)  # fastai's fine_tune: long unfrozen
+    assert [s.epochs for s in _plan(longest_last)[4]] == [2, 2, 8]
 
 
 @pytest.mark.parametrize("request_layout", ["channels_last weight", "contiguous weight"])

@@ -218,6 +218,16 @@ BAD_SPECS = [
         with_path(job_doc(gradual={"stages": 2, "epochsPerStage": 1, "lr": 0}), "spec.stages", "DELETE"),
         "spec.gradual.lr: must be greater than 0 (got 0)",
     ),
+    (
+        "gradual zero last-stage epochs",
+        with_path(job_doc(gradual={"stages": 2, "epochsPerStage": 1, "lastStageEpochs": 0}), "spec.stages", "DELETE"),
+        "spec.gradual.lastStageEpochs: must be greater than 0 (got 0)",
+    ),
+    (
+        "gradual zero groups per stage",
+        with_path(job_doc(gradual={"stages": 2, "epochsPerStage": 1, "groupsPerStage": 0}), "spec.stages", "DELETE"),
+        "spec.gradual.groupsPerStage: must be greater than 0 (got 0)",
+    ),
     ("wrong kind", with_path(job_doc(), "kind", "PyTorchJob"), "kind: must be 'FineTuneJob' (got 'PyTorchJob')"),
     (
         "wrong apiVersion",
