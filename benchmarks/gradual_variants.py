@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=[100])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--section", default="gradual-variants", help="the section of --out to replace")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     rows = []
@@ -70,11 +71,12 @@ def main() -> None:
                 )
     table = "\n".join(
         [
-            "### Choosing the `gradual:` defaults",
+            f"#### `gradual:` variants at {', '.join(map(str, args.budgets))} images per class",
             "",
             f"Command: `python benchmarks/gradual_variants.py --budgets {' '.join(map(str, args.budgets))} "
             f"--seeds {' '.join(map(str, args.seeds))}"
             + (f" --variants {' '.join(args.variants)}" if args.variants != list(VARIANTS) else "")
+            + (f" --section {args.section}" if args.section != "gradual-variants" else "")
             + " --out docs/results.md`",
             "",
             f"`gradual: {{stages: 3, epochsPerStage: {EPOCHS // 3}}}` plus the fields named, the quality table's job "
@@ -87,7 +89,7 @@ def main() -> None:
     )
     print(table)
     if args.out:
-        write_section(args.out, "gradual-variants", table)
+        write_section(args.out, args.section, table)
 
 
 if __name__ == "__main__":
