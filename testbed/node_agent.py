@@ -549,19 +549,21 @@ class NodeAgent:
 
     def _start_pod(self, pod) -> None:
         uid = pod.metadata.uid
-        ip = self._alloc_ip()
-        run = PodRun(
-            uid,
-            pod.metadata.namespace,
-            pod.metadata.name,
-            NS_PREFIX + uid[:8],
-            ip,
-            self.state / "pods" / f"{pod.metadata.namespace}_{pod.metadata.name}_{uid[:8]}",
-        )
-        run.names = self._names(pod)
         with self.lock:
+            # A second event for a pod being started (a watch re-list, a status echo) finds it
+            # here before it takes an address: one taken and dropped would never be given back.
             if uid in self.runs:
                 return
+            ip = self._alloc_ip()
+            run = PodRun(
+                uid,
+                pod.metadata.namespace,
+                pod.metadata.name,
+                NS_PREFIX + uid[:8],
+                ip,
+                self.state / "pods" / f"{pod.metadata.namespace}_{pod.metadata.name}_{uid[:8]}",
+            )
+            run.names = self._names(pod)
             self.runs[uid] = run
         run.dir.mkdir(parents=True, exist_ok=True)
         while True:

@@ -40,6 +40,21 @@ def cluster(tmp_path_factory):
         assert not leftover_ns, f"network namespaces left behind: {leftover_ns}"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing cluster test shows the tails of the process node's and the scheduler's logs
+    beside its traceback: CI keeps nothing else, and a flake seen once must say what happened."""
+    outcome = yield
+    rep = outcome.get_result()
+    cp = item.funcargs.get("cluster") if hasattr(item, "funcargs") else None
+    if rep.failed and isinstance(cp, ControlPlane):
+        for name in ("process-0", "kube-scheduler"):
+            path = cp.state / "logs" / f"{name}.log"
+            if path.is_file():
+                tail = path.read_text(errors="replace").splitlines()[-40:]
+                rep.sections.append((f"{name} log (last 40 lines)", "\n".join(tail)))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

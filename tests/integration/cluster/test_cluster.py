@@ -213,6 +213,25 @@ def _process_pod(name: str, script: str, **extra) -> dict:
     }
 
 
+def _wait_running(core, namespace, name, cluster):
+    """Waits for the pod to leave Pending; a pod that ended at once fails here saying how."""
+    seen = []
+
+    def started():
+        seen.append(core.read_namespaced_pod(name, namespace))
+        return seen[-1].status.phase not in (None, "Pending")
+
+    try:
+        wait_for(started, what=f"{name} to start")
+    except AssertionError as err:
+        raise AssertionError(f"{err}; its status: {seen[-1].status}") from None
+    pod = seen[-1]
+    logs = list((cluster.state / "nodes" / "process-0" / "pods").glob(f"{namespace}_{name}_*/main.log"))
+    assert pod.status.phase == "Running", (
+        f"{name} is {pod.status.phase}: {pod.status.container_statuses}; log: {logs[0].read_text() if logs else None}"
+    )
+
+
 def _terminated(core, namespace, name):
     pod = core.read_namespaced_pod(name, namespace)
     if pod.status.phase in ("Succeeded", "Failed"):
@@ -293,9 +312,7 @@ def test_deleting_a_process_pod_sends_sigterm_then_sigkill(api, namespace, clust
     core.create_namespaced_pod(namespace, _process_pod("polite", polite))
     core.create_namespaced_pod(namespace, _process_pod("stubborn", stubborn))
     for name in ("polite", "stubborn"):
-        wait_for(
-            lambda n=name: core.read_namespaced_pod(n, namespace).status.phase == "Running", what=f"{name} running"
-        )
+        _wait_running(core, namespace, name, cluster)
         wait_for(
             lambda n=name: (
                 "ready"
