@@ -30,6 +30,10 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "warmup": ({"warmupEpochs": 1}, "1-epoch warm-up after each unfreeze"),
     "short-warmup": ({"warmupEpochs": 0.25}, "0.25-epoch warm-up after each unfreeze"),
     "long-last": ({"epochsPerStage": 2, "lastStageEpochs": 8}, "head 2, top 3 2, all 8 epochs"),
+    "long-last-lr1.2": (
+        {"epochsPerStage": 2, "lastStageEpochs": 8, "lrDecay": 1.2},
+        "head 2, top 3 2, all 8 epochs; lrDecay 1.2 (the stem at 0.01/1.2^9, not 1.5^9)",
+    ),
     "one-rate": ({"lrDecay": 1}, "one rate (lrDecay 1), so the default 1-epoch warm-up"),
     "one-rate-short-warmup": ({"lrDecay": 1, "warmupEpochs": 0.25}, "one rate, 0.25-epoch warm-up"),
 }

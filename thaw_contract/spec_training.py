@@ -145,7 +145,10 @@ class EarlyStoppingSpec(SpecModel):
 class GateSpec(SpecModel):
     """What happens when a stage leaves the model worse than the stage before it left it."""
 
-    metric: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="compared between stages")
+    metric: Literal["val_accuracy", "val_loss"] = Field(
+        "val_accuracy",
+        description="compared between stages; a tie on val_accuracy advances only if val_loss is no higher",
+    )
     on_regression: Literal["rollback", "keep", "fail"] = Field(
         "rollback",
         description="rollback: the next stage starts from the previous stage's weights; keep: go on with this "

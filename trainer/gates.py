@@ -51,14 +51,26 @@ def decide(gate: GateSpec, own: dict[str, float], previous: dict[str, float] | N
     before = previous[m]
     g = gain(m, own[m], before)
     need = gate.min_gain * abs(before) if gate.relative else gate.min_gain
-    if g >= need:
+    tied = g == 0 and need == 0 and m == "val_accuracy"
+    if g >= need and not (tied and _loss_is_higher(own, previous)):
         return GateOutcome(m, own[m], before, "advanced", carried=dict(own))
     why = f"{m} {own[m]:.4f} against {before:.4f} from the stage before (gain {g:+.4f}, needed {need:+.4f})"
+    if tied:
+        why += f"; tied, and val_loss {own['val_loss']:.4f} against {previous['val_loss']:.4f}"
     if gate.on_regression == "fail":
         raise GateFailed(f"{GATE_FAILED} {why}; spec.gate.onRegression is fail")
     if gate.on_regression == "rollback":
         return GateOutcome(m, own[m], before, "rolled_back", why, carried=dict(previous))
     return GateOutcome(m, own[m], before, "kept", why, carried=dict(own))
+
+
+def _loss_is_higher(own: dict[str, float], previous: dict[str, float]) -> bool:
+    """Accuracy on a small validation set ties often (one image in 300 moves it 0.0033): a
+    stage that only ties goes on only if its validation loss is no higher. Summaries written
+    before gates carry no loss: the tie then advances, as it did."""
+    if own.get("val_loss") is None or previous.get("val_loss") is None:
+        return False
+    return own["val_loss"] > previous["val_loss"]
 
 
 def rolled_back(gate: GateSpec, own: dict[str, float] | None, previous: dict[str, float], why: str) -> GateOutcome:

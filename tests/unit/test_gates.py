@@ -22,6 +22,24 @@ def test_a_stage_that_improves_or_ties_advances_and_passes_its_own_weights_on():
     assert first.decision == "first" and first.previous is None
 
 
+def test_a_tie_on_accuracy_is_decided_by_the_validation_loss():
+    worse_loss = decide(GateSpec(), {"val_accuracy": 0.809, "val_loss": 0.56}, BEFORE)
+    assert worse_loss.decision == "rolled_back" and worse_loss.carried == BEFORE
+    assert worse_loss.reason.endswith("; tied, and val_loss 0.5600 against 0.5500")
+    same_loss = decide(GateSpec(), {"val_accuracy": 0.809, "val_loss": 0.55}, BEFORE)
+    assert same_loss.decision == "advanced"
+    # Only a tie: a gain wins whatever the loss, a summary without a loss (written before gates)
+    # lets a tie advance, and a required gain met exactly is met.
+    assert decide(GateSpec(), {"val_accuracy": 0.81, "val_loss": 0.9}, BEFORE).decision == "advanced"
+    assert decide(GateSpec(), {"val_accuracy": 0.809, "val_loss": 0.9}, {"val_accuracy": 0.809}).decision == "advanced"
+    exact = decide(
+        GateSpec(min_gain=0.25), {"val_accuracy": 0.75, "val_loss": 0.9}, {"val_accuracy": 0.5, "val_loss": 0.5}
+    )
+    assert exact.decision == "advanced"
+    loss_metric = decide(GateSpec(metric="val_loss"), {"val_accuracy": 0.7, "val_loss": 0.55}, BEFORE)
+    assert loss_metric.decision == "advanced"  # a tie on the loss itself has nothing finer to ask
+
+
 def test_a_regression_rolls_back_by_default_and_passes_the_previous_weights_on():
     out = decide(GateSpec(), {"val_accuracy": 0.784, "val_loss": 0.6}, BEFORE)
     assert out.decision == "rolled_back" and out.carried == BEFORE
