@@ -173,3 +173,22 @@ def test_a_diverging_stage_is_rolled_back_through_the_operator_and_the_next_star
     assert again["result"]["gate"]["previous"] == head["result"]["gate"]["value"]  # compared with stage 0's
     logs = _pod_logs(cluster, namespace, "gate-2-a1")
     assert f"again: starting from file://{store_dir}/gate/stage-00-head/" in logs, logs[-3000:]
+
+
+def test_a_gradual_job_runs_its_expanded_stages_through_pods(cluster, api, namespace, operator, store_dir):
+    """`gradual:` through the path users run: the operator names and sizes the stage Jobs from the
+    expansion, and each pod's trainer expands the same spec to the same stage (the same pure
+    function on both sides): names, epochs and the weights each stage starts from agree."""
+    k = Api(api, namespace)
+    doc = stage_pod_doc("grad", f"file://{store_dir}")
+    del doc["spec"]["stages"]
+    doc["spec"]["gradual"] = {"stages": 3, "epochsPerStage": 1, "lastStageEpochs": 2, "lr": 0.05}
+    k.create(doc)
+    st = k.phase("grad", "Succeeded", 420)
+    assert [s["name"] for s in st["stages"]] == ["top1", "top3", "all"]
+    assert [s["result"]["epochs"] for s in st["stages"]] == [1, 1, 2]
+    assert sorted(k.jobs("grad")) == ["grad-0-a1", "grad-1-a1", "grad-2-a1"]
+    for i in (1, 2):
+        prev, stage = st["stages"][i - 1], st["stages"][i]
+        logs = _pod_logs(cluster, namespace, f"grad-{i}-a1")
+        assert f"{stage['name']}: starting from {prev['checkpoint']}" in logs, logs[-3000:]
