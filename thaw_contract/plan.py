@@ -43,6 +43,7 @@ def expand_stages(spec: FineTuneJobSpec) -> list[tuple[str, StageSpec]]:
     g = spec.gradual
     assert g is not None
     out = []
+    epochs = g.stage_epochs()
     for i in range(g.stages):
         last_all = g.last_all and i == g.stages - 1
         top = g.start_top + i * g.groups_per_stage
@@ -52,7 +53,7 @@ def expand_stages(spec: FineTuneJobSpec) -> list[tuple[str, StageSpec]]:
         stage = StageSpec(
             name="all" if last_all else f"top{top}",
             trainable="all" if last_all else {"top": top},
-            epochs=g.last_stage_epochs if i == g.stages - 1 and g.last_stage_epochs else g.epochs_per_stage,
+            epochs=epochs[i],
             lr=g.resolved_lr(spec.optimizer.name) * g.lr_factor**i,
             lr_decay=g.lr_decay,
             freeze_bn_stats=g.freeze_bn_stats,

@@ -70,6 +70,11 @@ def _spec_rules() -> list[dict]:
             "message": "give exactly one of stages or gradual",
         },
         {
+            "rule": "!has(self.gradual) || has(self.gradual.epochs) != has(self.gradual.epochsPerStage)",
+            "message": "give exactly one of gradual.epochs or gradual.epochsPerStage",
+            "fieldPath": ".gradual",
+        },
+        {
             "rule": "!has(self.stages) || self.stages.all(s, !has(s.name) || "
             "self.stages.filter(t, has(t.name) && t.name == s.name).size() == 1)",
             "message": "stage names must be unique",

@@ -85,6 +85,21 @@ def test_gradual_expands_by_groups_per_stage_with_lr_factor():
     assert [len(s.trainable_groups) for s in stages] == [1, 2, 3, len(groups)]
     longest_last = with_path(doc, "spec.gradual.lastStageEpochs", 8)  # fastai's fine_tune: long unfrozen
     assert [s.epochs for s in _plan(longest_last)[4]] == [2, 2, 8]
+    total = with_path(with_path(doc, "spec.gradual.epochsPerStage", "DELETE"), "spec.gradual.epochs", 12)
+    assert [(s.name, s.epochs, s.group_lrs) for s in _plan(total)[4]] == [
+        (s.name, s.epochs, s.group_lrs) for s in _plan(longest_last)[4]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("stages", "epochs", "split"),
+    [(3, 12, [2, 2, 8]), (2, 12, [4, 8]), (4, 12, [1, 1, 1, 9]), (3, 3, [1, 1, 1]), (1, 5, [5]), (3, 30, [5, 5, 20])],
+)
+def test_a_total_epoch_budget_gives_the_last_stage_two_thirds(stages, epochs, split):
+    from thaw_contract.spec import GradualSpec
+
+    assert GradualSpec(stages=stages, epochs=epochs).stage_epochs() == split
+    assert sum(split) == epochs
 
 
 @pytest.mark.parametrize("request_layout", ["channels_last weight", "contiguous weight"])

@@ -228,6 +228,31 @@ BAD_SPECS = [
         with_path(job_doc(gradual={"stages": 2, "epochsPerStage": 1, "groupsPerStage": 0}), "spec.stages", "DELETE"),
         "spec.gradual.groupsPerStage: must be greater than 0 (got 0)",
     ),
+    (
+        "gradual both epoch budgets",
+        with_path(job_doc(gradual={"stages": 3, "epochsPerStage": 1, "epochs": 12}), "spec.stages", "DELETE"),
+        "spec.gradual: give exactly one of epochs or epochsPerStage",
+    ),
+    (
+        "gradual no epoch budget",
+        with_path(job_doc(gradual={"stages": 3, "lr": 0.1}), "spec.stages", "DELETE"),
+        "spec.gradual: give exactly one of epochs or epochsPerStage",
+    ),
+    (
+        "gradual total and last-stage epochs",
+        with_path(job_doc(gradual={"stages": 3, "epochs": 12, "lastStageEpochs": 8}), "spec.stages", "DELETE"),
+        "spec.gradual: lastStageEpochs goes with epochsPerStage; epochs already sizes the last stage",
+    ),
+    (
+        "gradual fewer epochs than stages",
+        with_path(job_doc(gradual={"stages": 3, "epochs": 2}), "spec.stages", "DELETE"),
+        "spec.gradual: epochs 2 is fewer than the 3 stages (one epoch each at least)",
+    ),
+    (
+        "gradual zero epochs",
+        with_path(job_doc(gradual={"stages": 3, "epochs": 0}), "spec.stages", "DELETE"),
+        "spec.gradual.epochs: must be greater than 0 (got 0)",
+    ),
     ("wrong kind", with_path(job_doc(), "kind", "PyTorchJob"), "kind: must be 'FineTuneJob' (got 'PyTorchJob')"),
     (
         "wrong apiVersion",

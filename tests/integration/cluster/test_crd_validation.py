@@ -27,6 +27,13 @@ INVALID = [
         with_path(_doc(), "spec.gradual", {"stages": 2, "epochsPerStage": 1, "lr": 0.1}),
         "give exactly one of stages or gradual",
     ),
+    (
+        "both gradual epoch budgets",
+        with_path(
+            with_path(_doc(), "spec.stages", "DELETE"), "spec.gradual", {"stages": 3, "epochs": 12, "epochsPerStage": 1}
+        ),
+        'spec.gradual: Invalid value: "object": give exactly one of gradual.epochs or gradual.epochsPerStage',
+    ),
     ("neither stages nor gradual", with_path(_doc(), "spec.stages", "DELETE"), "give exactly one of stages or gradual"),
     (
         "empty stages",

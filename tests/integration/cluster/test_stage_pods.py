@@ -182,7 +182,7 @@ def test_a_gradual_job_runs_its_expanded_stages_through_pods(cluster, api, names
     k = Api(api, namespace)
     doc = stage_pod_doc("grad", f"file://{store_dir}")
     del doc["spec"]["stages"]
-    doc["spec"]["gradual"] = {"stages": 3, "epochsPerStage": 1, "lastStageEpochs": 2, "lr": 0.05}
+    doc["spec"]["gradual"] = {"stages": 3, "epochs": 4, "lr": 0.05}  # a third to the earlier stages: 1, 1, 2
     k.create(doc)
     st = k.phase("grad", "Succeeded", 420)
     assert [s["name"] for s in st["stages"]] == ["top1", "top3", "all"]
