@@ -30,7 +30,9 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "warmup": ({"warmupEpochs": 1}, "1-epoch warm-up after each unfreeze"),
     "short-warmup": ({"warmupEpochs": 0.25}, "0.25-epoch warm-up after each unfreeze"),
     "long-last": ({"epochsPerStage": 2, "lastStageEpochs": 8}, "head 2, top 3 2, all 8 epochs"),
-    "long-last-lr1.2": (
+    "longest-last": ({"epochsPerStage": 1, "lastStageEpochs": 10}, "head 1, top 3 1, all 10 epochs"),
+    "total-12": ({"epochsPerStage": None, "epochs": 12}, "`epochs: 12` instead: the earlier stages a third (2, 2, 8)"),
+    "long-last-slow-decay": (
         {"epochsPerStage": 2, "lastStageEpochs": 8, "lrDecay": 1.2},
         "head 2, top 3 2, all 8 epochs; lrDecay 1.2 (the stem at 0.01/1.2^9, not 1.5^9)",
     ),
