@@ -188,8 +188,11 @@ def training_hash(spec: FineTuneJobSpec) -> str:
     # computes: changing them resumes (and older checkpoints keep their digest).
     for stage in dumped.get("stages") or []:
         stage.pop("gate", None)
-    if dumped["model"].get("weights_uri") is None:  # a field newer than older checkpoints' digests
+    # Fields newer than older checkpoints' digests, left out while unset.
+    if dumped["model"].get("weights_uri") is None:
         dumped["model"].pop("weights_uri", None)
+    if dumped.get("gradual") and dumped["gradual"].get("epochs") is None:
+        dumped["gradual"].pop("epochs", None)
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 

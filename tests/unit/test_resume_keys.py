@@ -37,6 +37,15 @@ def test_training_hash_changes_with_what_training_computes():
         assert _hash(with_path(job_doc(), path, value)) != base, path
 
 
+def test_a_new_unset_field_keeps_older_checkpoints_digest():
+    """A job resumed across an upgrade must find its checkpoints: the digest of a gradual job
+    written before gradual.epochs existed (computed at 4acc092) is unchanged."""
+    doc = with_path(job_doc(gradual={"stages": 3, "epochsPerStage": 4}), "spec.stages", "DELETE")
+    assert _hash(doc) == "03d8690d0f68d016"
+    total = with_path(with_path(doc, "spec.gradual.epochsPerStage", "DELETE"), "spec.gradual.epochs", 12)
+    assert _hash(total) != _hash(doc)
+
+
 def test_sync_plan_fetches_changed_and_new_and_drops_removed():
     remote = {"a": (1, "e1"), "b": (2, "e2"), "c": (3, "e3")}
     local = {"a": (1, "e1"), "b": (2, "old"), "d": (4, "e4")}
