@@ -42,7 +42,7 @@ inputs_hash() {
 IMAGE="$REGISTRY/kind-node:$K8S_VERSION-$(inputs_hash)"
 if docker image inspect "$IMAGE" >/dev/null 2>&1; then echo "$IMAGE"; exit 0; fi
 
-command -v mmdebstrap >/dev/null || { log "mmdebstrap is needed (apt-get install mmdebstrap)"; exit 1; }
+command -v mmdebstrap >/dev/null || { log "mmdebstrap is needed (make install installs it; or apt-get install mmdebstrap)"; exit 1; }
 command -v gcc >/dev/null || { log "gcc is needed for the pause binary"; exit 1; }
 WORK=$(mktemp -d)
 BUILD="thaw-kind-node-build-$$"
