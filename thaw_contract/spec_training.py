@@ -308,7 +308,9 @@ class GradualSpec(SpecModel):
             assert self.epochs_per_stage is not None
             last = self.last_stage_epochs or self.epochs_per_stage
             return [self.epochs_per_stage] * (self.stages - 1) + [last]
-        early = max(1, self.epochs // 3 // max(1, self.stages - 1)) if self.stages > 1 else 0
+        if self.stages == 1:
+            return [self.epochs]
+        early = max(1, self.epochs // 3 // (self.stages - 1))
         return [early] * (self.stages - 1) + [self.epochs - early * (self.stages - 1)]
 
     def resolved_lr(self, optimizer: str) -> float:
