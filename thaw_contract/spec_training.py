@@ -149,10 +149,11 @@ class GateSpec(SpecModel):
         "val_accuracy",
         description="compared between stages; a tie on val_accuracy advances only if val_loss is no higher",
     )
-    on_regression: Literal["rollback", "keep", "fail"] = Field(
+    on_regression: Literal["rollback", "keep", "fail", "stop"] = Field(
         "rollback",
         description="rollback: the next stage starts from the previous stage's weights; keep: go on with this "
-        "stage's; fail: the job fails",
+        "stage's; fail: the job fails; stop: the job ends here with the previous stage's weights and succeeds "
+        "(later stages, which would start from the same weights, are skipped)",
     )
     min_gain: float = Field(
         0.0, ge=0, description="the least gain that advances: absolute, or a fraction of the previous value"

@@ -28,6 +28,12 @@ def status_summary(result: dict) -> dict:
     return out
 
 
+def stopped_the_job(summary: dict | None) -> bool:
+    """Whether a committed stage's gate ended the job (gate.onRegression: stop): no later stage
+    runs. The same key in the trainer's summary and in status.stages[k].result."""
+    return bool(summary) and (summary.get("gate") or {}).get("decision") == "stopped"
+
+
 def termination_message(index: int, name: str, checkpoint: str, digest: str, summary: dict) -> dict:
     """What rank 0 of a committed stage reports: the verified checkpoint and its summary."""
     return {"stage": index, "name": name, "checkpoint": checkpoint, "manifestSha256": digest, "metrics": summary}

@@ -30,7 +30,7 @@ class GateOutcome:
     metric: str
     value: float | None  # this stage's committed weights; None when it has none (diverged early)
     previous: float | None  # what the stage before carried forward; None for the first stage
-    decision: str  # first | advanced | rolled_back | kept
+    decision: str  # first | advanced | rolled_back | kept | stopped (rolled back, and the job ends)
     reason: str = ""
     carried: dict[str, float] = field(default_factory=dict)  # metric -> value of the weights passed on
 
@@ -44,7 +44,8 @@ def gain(metric: str, value: float, previous: float) -> float:
 
 def decide(gate: GateSpec, own: dict[str, float], previous: dict[str, float] | None) -> GateOutcome:
     """Compare a stage's committed weights (`own`: val metrics) with what the stage before it
-    passed on. A regression rolls back (the previous weights are passed on), is kept, or fails."""
+    passed on. A regression rolls back (the previous weights are passed on), is kept, fails, or
+    stops the job (rolls back, and no later stage runs)."""
     m = gate.metric
     if previous is None or previous.get(m) is None:
         return GateOutcome(m, own[m], None, "first", carried=dict(own))
@@ -59,9 +60,13 @@ def decide(gate: GateSpec, own: dict[str, float], previous: dict[str, float] | N
         why += f"; tied, and val_loss {own['val_loss']:.4f} against {previous['val_loss']:.4f}"
     if gate.on_regression == "fail":
         raise GateFailed(f"{GATE_FAILED} {why}; spec.gate.onRegression is fail")
-    if gate.on_regression == "rollback":
-        return GateOutcome(m, own[m], before, "rolled_back", why, carried=dict(previous))
-    return GateOutcome(m, own[m], before, "kept", why, carried=dict(own))
+    if gate.on_regression == "keep":
+        return GateOutcome(m, own[m], before, "kept", why, carried=dict(own))
+    return GateOutcome(m, own[m], before, _back(gate), why, carried=dict(previous))
+
+
+def _back(gate: GateSpec) -> str:
+    return "stopped" if gate.on_regression == "stop" else "rolled_back"
 
 
 def _loss_is_higher(own: dict[str, float], previous: dict[str, float]) -> bool:
@@ -76,7 +81,7 @@ def _loss_is_higher(own: dict[str, float], previous: dict[str, float]) -> bool:
 def rolled_back(gate: GateSpec, own: dict[str, float] | None, previous: dict[str, float], why: str) -> GateOutcome:
     """A stage that has nothing of its own to keep (it diverged before an epoch ended)."""
     value = own[gate.metric] if own else None
-    return GateOutcome(gate.metric, value, previous.get(gate.metric), "rolled_back", why, carried=dict(previous))
+    return GateOutcome(gate.metric, value, previous.get(gate.metric), _back(gate), why, carried=dict(previous))
 
 
 def previous_carried(summary: dict | None) -> dict[str, float] | None:

@@ -13,7 +13,13 @@ def stage_summaries(store: Store, stages) -> list[dict]:
     return [p["metrics"] for p in pointers if p is not None]
 
 
-GATE_WORDS = {"first": "", "advanced": "advanced", "rolled_back": "rolled back", "kept": "worse, kept"}
+GATE_WORDS = {
+    "first": "",
+    "advanced": "advanced",
+    "rolled_back": "rolled back",
+    "kept": "worse, kept",
+    "stopped": "rolled back; job stopped",
+}
 
 
 def format_table(rows: list[dict]) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from thaw_contract.plan import PlannedStage, recipe_warnings, stages_to_run
 from thaw_contract.spec import DataSpec, FineTuneJob, SpecError
+from thaw_contract.stage_result import stopped_the_job
 from trainer import checkpoint as ckpt
 from trainer.data import Datasets, build_datasets
 from trainer.distributed import DistEnv, barrier, decided_by_main, init_distributed
@@ -41,6 +42,9 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
     todo = stages_to_run(setup.stages, only_stage, env.world)
     for line in recipe_warnings(job.spec, setup.stages):
         progress.message(line)
+    todo = not_stopped(setup, todo)
+    if not todo:
+        return []
 
     # A finished stage is not run again: its committed checkpoint stands.
     done = {s.index: ckpt.read_final(setup.store, s.index, s.name) for s in todo}
@@ -89,6 +93,10 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
         )
         try:
             results.append(run_stage(setup, stage, data))
+            if stopped_the_job({"gate": results[-1].gate}) and stage is not pending[-1]:
+                later = ", ".join(s.name for s in pending[pending.index(stage) + 1 :])
+                progress.message(f"{stage.name} ended the job (spec.gate.onRegression: stop); skipped: {later}")
+                break
         except Terminated:  # what is queued still commits
             progress.message("SIGTERM: waiting for pending checkpoint uploads")
             setup.writer.flush()
@@ -102,6 +110,29 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
     if setup.metrics is not None and job.spec.metrics.linger_seconds:
         time.sleep(job.spec.metrics.linger_seconds)
     return results
+
+
+def not_stopped(setup: Setup, todo: list[PlannedStage]) -> list[PlannedStage]:
+    """`todo` without the stages after one whose gate ended the job (onRegression: stop): a
+    rerun, or a pod started for a later stage by hand, does nothing for them."""
+    last = todo[-1].index
+
+    def find() -> int | None:
+        for s in setup.stages[:last]:
+            pointer = ckpt.read_pointer(setup.store, s.index, s.name)
+            if pointer is not None and stopped_the_job(pointer.get("metrics")):
+                return s.index
+        return None
+
+    stop = decided_by_main(find, setup.env)
+    if stop is None:
+        return todo
+    skipped = [s.name for s in todo if s.index > stop]
+    if skipped:
+        setup.progress.message(
+            f"{setup.stages[stop].name} ended the job (spec.gate.onRegression: stop); skipped: {', '.join(skipped)}"
+        )
+    return [s for s in todo if s.index <= stop]
 
 
 def start_warmup(setup: Setup, stage: PlannedStage) -> Background | None:

@@ -33,11 +33,16 @@ def gated_weights(setup: Setup, stage: PlannedStage, fit, final_dir: str | None)
         (r for r in fit.history if ckpt.epoch_prefix(stage.index, stage.name, r["epoch"]) == final_dir), None
     )
     outcome = gate(setup, stage, final_row, fit.diverged)
-    if outcome.decision == "rolled_back":
+    if outcome.decision in ("rolled_back", "stopped"):
         prev = setup.stages[stage.index - 1]
         final_dir, _ = decided_by_main(lambda: ckpt.read_final(setup.store, prev.index, prev.name), setup.env)
         setup.model.load_state_dict(ckpt.load_object(setup.store, final_dir, "model.pt"))
-        setup.progress.message(f"{stage.name}: rolled back ({outcome.reason}); the next stage starts from its input")
+        then = (
+            "the job ends with its input (gate: stop)"
+            if outcome.decision == "stopped"
+            else "the next stage starts from its input"
+        )
+        setup.progress.message(f"{stage.name}: rolled back ({outcome.reason}); {then}")
     elif outcome.decision == "kept":
         setup.progress.message(f"{stage.name}: worse than the stage before ({outcome.reason}); kept (gate: keep)")
     return final_dir, outcome

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 from thaw_contract.plan import expand_stages, stage_names
 from thaw_contract.spec import GATE_FAILED, FineTuneJobSpec, StageSpec
-from thaw_contract.stage_result import VAL_ACCURACY, reports_stage
+from thaw_contract.stage_result import VAL_ACCURACY, reports_stage, stopped_the_job
 from thaw_operator import resources as res
 from thaw_operator import status
-from thaw_operator.status import FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, SUSPENDED, TERMINAL
+from thaw_operator.status import FAILED, PENDING, QUEUED, RUNNING, SKIPPED, SUCCEEDED, SUSPENDED, TERMINAL
 
 WAIT_SECONDS = 2.0  # re-plan this soon while waiting for a failed attempt's pods to stop
 
@@ -110,31 +110,50 @@ def plan(
     for j in jobs:
         by_stage.setdefault(j.stage, []).append(j)
     for k, st in enumerate(ctx.stages):
-        if st["phase"] == SUCCEEDED:
-            continue
-        attempts = sorted(by_stage.get(k, []), key=lambda j: j.attempt)
-        latest = attempts[-1] if attempts else None
-        st["attempts"] = max(st["attempts"], latest.attempt if latest else 0)
-        if latest is not None and latest.start_time and "startTime" not in st:
-            st["startTime"] = latest.start_time
-        if latest is None:
-            return _start(ctx, k, st)
-        if latest.complete:
-            if (failed := _verify(ctx, k, st, latest)) is not None:
-                return failed
-            continue  # on to the next stage
-        if latest.failed:
-            return _failure(ctx, k, st, latest)
-        # The latest attempt exists and has not finished.
-        for policy in (_queue, _suspend):
-            if (done := policy(ctx, k, st, latest)) is not None:
-                return done
-        st["phase"] = RUNNING
-        if progress and k in progress:
-            st["progress"] = progress[k]
-        return ctx.finish(RUNNING, "StageRunning", f"{_label(k, st)} running", k)
+        if st["phase"] != SUCCEEDED and (waiting := _stage(ctx, k, st, by_stage.get(k, []), progress)) is not None:
+            return waiting
+        if stopped_the_job(st.get("result")) and k < len(ctx.stages) - 1:
+            return _stop(ctx, k, st)
     n = len(ctx.stages)
     return ctx.finish(SUCCEEDED, "AllStagesSucceeded", f"all {n} stages succeeded", n - 1)
+
+
+def _stage(ctx: _Ctx, k: int, st: dict, jobs: list[JobView], progress: dict[int, dict] | None) -> Plan | None:
+    """Stage k, not yet Succeeded, by its latest attempt: the plan while it is not done; None
+    once its completed attempt's result is verified (on to the next stage)."""
+    latest = max(jobs, key=lambda j: j.attempt) if jobs else None
+    st["attempts"] = max(st["attempts"], latest.attempt if latest else 0)
+    if latest is not None and latest.start_time and "startTime" not in st:
+        st["startTime"] = latest.start_time
+    if latest is None:
+        return _start(ctx, k, st)
+    if latest.complete:
+        return _verify(ctx, k, st, latest)
+    if latest.failed:
+        return _failure(ctx, k, st, latest)
+    # The latest attempt exists and has not finished.
+    for policy in (_queue, _suspend):
+        if (done := policy(ctx, k, st, latest)) is not None:
+            return done
+    st["phase"] = RUNNING
+    if progress and k in progress:
+        st["progress"] = progress[k]
+    return ctx.finish(RUNNING, "StageRunning", f"{_label(k, st)} running", k)
+
+
+def _stop(ctx: _Ctx, k: int, st: dict) -> Plan:
+    """Stage k's gate ended the job (onRegression: stop): the job succeeds with the weights stage
+    k passed on (its input's), and the stages after it never start."""
+    later = ctx.stages[k + 1 :]
+    for row in later:
+        row["phase"] = SKIPPED
+    gate = st["result"]["gate"]
+    skipped = ", ".join(f"{r['index']} ({r['name']})" for r in later)
+    msg = (
+        f"{_label(k, st)} did not improve on the stage before ({gate.get('reason')}); the job ends with the "
+        f"weights before it (spec.gate.onRegression: stop); skipped: stage {skipped}"
+    )
+    return ctx.finish(SUCCEEDED, "StoppedByGate", msg, k)
 
 
 def _finished(old: dict, spec: FineTuneJobSpec, jobs: list[JobView], now: str) -> Plan:
@@ -226,9 +245,13 @@ def _verify(ctx: _Ctx, k: int, st: dict, latest: JobView) -> Plan | None:
     succeeded = f"{label} succeeded" + (f", val accuracy {acc:.4f}" if isinstance(acc, (int, float)) else "")
     ctx.out.events.append(("Normal", "StageSucceeded", succeeded))
     gate = st["result"].get("gate") or {}
-    if gate.get("decision") == "rolled_back":
-        why = f"{label} rolled back: {gate.get('reason')}; the next stage starts from the weights before it"
-        ctx.out.events.append(("Warning", "StageRolledBack", why))
+    if gate.get("decision") in ("rolled_back", "stopped"):
+        then = (
+            "the job ends with the weights before it (spec.gate.onRegression: stop)"
+            if gate["decision"] == "stopped"
+            else "the next stage starts from the weights before it"
+        )
+        ctx.out.events.append(("Warning", "StageRolledBack", f"{label} rolled back: {gate.get('reason')}; {then}"))
     elif gate.get("decision") == "kept":
         why = f"{label} left the model worse: {gate.get('reason')}; kept (spec.gate.onRegression: keep)"
         ctx.out.events.append(("Warning", "StageRegressed", why))

@@ -13,6 +13,7 @@ PENDING, RUNNING, QUEUED, SUSPENDED = "Pending", "Running", "Queued", "Suspended
 SUCCEEDED, FAILED = "Succeeded", "Failed"
 PHASES = (PENDING, RUNNING, QUEUED, SUSPENDED, SUCCEEDED, FAILED)
 TERMINAL = (SUCCEEDED, FAILED)
+SKIPPED = "Skipped"  # a stage's phase only: a gate ended the job before it (onRegression: stop)
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 # The conditions after "Created" (always True): (type, the phase in which it is True, its reason

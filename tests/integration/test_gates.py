@@ -63,6 +63,35 @@ def test_keep_goes_on_with_the_worse_stage_and_fail_stops_with_one_line(tmp_path
     assert not (failing / "store" / "t" / stage_prefix(1, "top3") / FINAL).exists()  # nothing committed
 
 
+def test_stop_ends_the_job_after_the_stage_that_did_not_gain_the_same_both_ways(tmp_path, small_job):
+    """onRegression: stop: the stage is rolled back, the job ends there (exit 0), and no later
+    stage trains: not in the same process, not on a rerun, not in a pod started for it."""
+    small_job["spec"]["stages"].append({"name": "again", "trainable": {"top": 1}, "epochs": 1, "lr": 0.01})
+    small_job["spec"]["stages"][1]["gate"] = {"minGain": 0.5, "onRegression": "stop"}  # a sure regression
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    job_a = write_job(a, json.loads(json.dumps(small_job)))
+    out = run([PY, "-m", "trainer", "run", str(job_a)]).stdout
+    assert "top3: rolled back (val_accuracy" in out and "the job ends with its input (gate: stop)" in out
+    assert "top3 ended the job (spec.gate.onRegression: stop); skipped: again" in out
+    head, top3 = _pointers(a / "store")
+    assert top3["checkpoint"] == head["checkpoint"] and top3["metrics"]["gate"]["decision"] == "stopped"
+    assert not (a / "store" / "t" / stage_prefix(2, "again")).exists()  # it never started
+    rerun = run([PY, "-m", "trainer", "run", str(job_a)]).stdout
+    assert "skipped: again" in rerun and "nothing to do" in rerun
+    report = run([PY, "-m", "trainer", "report", str(job_a)]).stdout
+    assert report.splitlines()[3].rstrip().endswith("rolled back; job stopped")
+
+    job_b = write_job(b, json.loads(json.dumps(small_job)))
+    for k in (0, 1, 2):  # as stage pods run it; stage 2's pod finds the job ended and trains nothing
+        last = run([PY, "-m", "trainer", "run", str(job_b), "--stage", str(k)]).stdout
+    assert "top3 ended the job (spec.gate.onRegression: stop); skipped: again" in last
+    assert not (b / "store" / "t" / stage_prefix(2, "again")).exists()
+    assert [p["metrics"]["weights_sha256"] for p in _pointers(b / "store")] == [
+        p["metrics"]["weights_sha256"] for p in (head, top3)
+    ]
+
+
 def test_a_diverging_stage_stops_and_what_it_passes_on_is_its_input(tmp_path, small_job):
     small_job["spec"]["stages"][1].update(trainable="all", lr=1e6)  # SGD at a million: the loss explodes
     out = run([PY, "-m", "trainer", "run", str(write_job(tmp_path, small_job))]).stdout

@@ -8,7 +8,7 @@ import pytest
 
 from tests.builders import job_doc, with_path
 from thaw_contract.spec import DivergenceSpec, GateSpec, SpecError, parse_job, training_hash
-from thaw_contract.stage_result import status_summary
+from thaw_contract.stage_result import status_summary, stopped_the_job
 from trainer.gates import Diverged, DivergenceGuard, GateFailed, decide, previous_carried, rolled_back
 
 BEFORE = {"val_accuracy": 0.809, "val_loss": 0.55}
@@ -46,6 +46,18 @@ def test_a_regression_rolls_back_by_default_and_passes_the_previous_weights_on()
     assert out.reason == "val_accuracy 0.7840 against 0.8090 from the stage before (gain -0.0250, needed +0.0000)"
     kept = decide(GateSpec(on_regression="keep"), {"val_accuracy": 0.784, "val_loss": 0.6}, BEFORE)
     assert kept.decision == "kept" and kept.carried["val_accuracy"] == 0.784
+
+
+def test_stop_rolls_back_like_rollback_and_says_the_job_ends():
+    out = decide(GateSpec(on_regression="stop"), {"val_accuracy": 0.784, "val_loss": 0.6}, BEFORE)
+    assert out.decision == "stopped" and out.carried == BEFORE
+    assert out.reason == decide(GateSpec(), {"val_accuracy": 0.784, "val_loss": 0.6}, BEFORE).reason
+    assert stopped_the_job({"gate": out.as_dict()}) and not stopped_the_job({"gate": {"decision": "rolled_back"}})
+    assert not stopped_the_job(None) and not stopped_the_job({"valAccuracy": 0.8})
+    better = decide(GateSpec(on_regression="stop"), {"val_accuracy": 0.85, "val_loss": 0.5}, BEFORE)
+    assert better.decision == "advanced"
+    early = rolled_back(GateSpec(on_regression="stop"), None, BEFORE, "diverged before its first epoch ended: nan")
+    assert early.decision == "stopped" and early.carried == BEFORE
 
 
 def test_fail_is_one_line_naming_the_field():
@@ -93,7 +105,7 @@ def test_the_guard_stops_on_a_non_finite_or_exploding_loss_only():
     "override,message",
     [
         ({"gate": {"metric": "f1"}}, "spec.gate.metric: must be 'val_accuracy' or 'val_loss' (got 'f1')"),
-        ({"gate": {"onRegression": "ignore"}}, "spec.gate.onRegression: must be 'rollback', 'keep' or 'fail'"),
+        ({"gate": {"onRegression": "ignore"}}, "spec.gate.onRegression: must be 'rollback', 'keep', 'fail' or 'stop'"),
         ({"gate": {"minGain": -0.1}}, "spec.gate.minGain: must be greater than or equal to 0"),
         ({"divergence": {"lossFactor": 1}}, "spec.divergence.lossFactor: must be greater than 1"),
     ],
@@ -145,6 +157,38 @@ def test_the_operator_says_when_a_stage_was_rolled_back_or_failed_its_gate():
     p = run(ftj(run(ftj()).status), [bad])
     assert p.status["phase"] == "Failed" and cond(p, "Failed")["reason"] == "StageRegressed"
     assert cond(p, "Failed")["message"] == f"stage 0 (head) failed its gate: {line}"
+
+
+def test_a_stage_whose_gate_says_stop_ends_the_job_and_no_later_stage_starts():
+    from tests.unit.test_operator_planner import ftj, job, reasons, result, run
+
+    three = {
+        "stages": [
+            {"name": "head", "trainable": {"top": 1}, "epochs": 1, "lr": 0.05},
+            {"name": "top3", "trainable": {"top": 3}, "epochs": 1, "lr": 0.01},
+            {"name": "all", "trainable": "all", "epochs": 1, "lr": 0.01},
+        ],
+        "gate": {"onRegression": "stop"},
+    }
+    stopped = result(1)
+    stopped["metrics"]["gate"] = {"decision": "stopped", "reason": "val_accuracy 0.78 against 0.81"}
+    observed = [job(0, 1, complete=True, result=result(0)), job(1, 1, complete=True, result=stopped)]
+    p = run(ftj(run(ftj(**three)).status, **three), observed[:1])
+    p = run(ftj(p.status, **three), observed)
+    assert p.create == [] and p.status["phase"] == "Succeeded"
+    assert [s["phase"] for s in p.status["stages"]] == ["Succeeded", "Succeeded", "Skipped"]
+    done = next(c for c in p.status["conditions"] if c["type"] == "Succeeded")
+    assert done["reason"] == "StoppedByGate" and done["message"] == (
+        "stage 1 (top3) did not improve on the stage before (val_accuracy 0.78 against 0.81); the job ends with "
+        "the weights before it (spec.gate.onRegression: stop); skipped: stage 2 (all)"
+    )
+    event = next(m for _, r, m in p.events if r == "StageRolledBack")
+    assert event.endswith("; the job ends with the weights before it (spec.gate.onRegression: stop)")
+    assert "Succeeded" in reasons(p)
+    # The spec edited after the end (a new generation, so not sticky): stage 2 still never starts.
+    again = run(ftj(p.status, generation=2, **three), observed)
+    assert again.create == [] and again.status["phase"] == "Succeeded"
+    assert again.status["stages"][2]["phase"] == "Skipped"
 
 
 def test_one_rate_unfreezing_without_warmup_is_warned_about_before_anything_trains():

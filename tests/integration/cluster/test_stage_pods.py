@@ -175,6 +175,27 @@ def test_a_diverging_stage_is_rolled_back_through_the_operator_and_the_next_star
     assert f"again: starting from file://{store_dir}/gate/stage-00-head/" in logs, logs[-3000:]
 
 
+def test_a_gate_that_says_stop_ends_the_job_and_the_next_stage_never_starts(
+    cluster, api, namespace, operator, store_dir
+):
+    """onRegression: stop on the path users run: stage 1's pods commit it rolled back, the
+    operator reads that from rank 0's result, ends the job Succeeded and creates no Job for stage 2."""
+    k = Api(api, namespace)
+    doc = stage_pod_doc("halt", f"file://{store_dir}")
+    doc["spec"]["stages"][1]["gate"] = {"minGain": 0.5, "onRegression": "stop"}  # no stage gains 50 points
+    doc["spec"]["stages"].append({"name": "again", "trainable": {"top": 1}, "epochs": 1, "lr": 0.01})
+    k.create(doc)
+    st = k.phase("halt", "Succeeded", 420)
+    assert [s["phase"] for s in st["stages"]] == ["Succeeded", "Succeeded", "Skipped"]
+    head, top3, _ = st["stages"]
+    assert top3["result"]["gate"]["decision"] == "stopped" and top3["checkpoint"] == head["checkpoint"]
+    done = next(c for c in st["conditions"] if c["type"] == "Succeeded")
+    assert done["reason"] == "StoppedByGate" and done["message"].endswith("skipped: stage 2 (again)"), done
+    time.sleep(3)  # a few more reconciles: still no Job for stage 2
+    assert sorted(k.jobs("halt")) == ["halt-0-a1", "halt-1-a1"]
+    assert not (store_dir / "halt" / "stage-02-again").exists()
+
+
 def test_a_gradual_job_runs_its_expanded_stages_through_pods(cluster, api, namespace, operator, store_dir):
     """`gradual:` through the path users run: the operator names and sizes the stage Jobs from the
     expansion, and each pod's trainer expands the same spec to the same stage (the same pure
