@@ -14,6 +14,7 @@ from trainer.storage import CheckpointError
 
 
 def _plan(args) -> int:
+    from trainer.gates import describe
     from trainer.setup import plan_job
 
     job = load_job(args.job)
@@ -34,6 +35,8 @@ def _plan(args) -> int:
             f"  [{s.index}] {s.name}: {s.epochs} epochs, batch {s.batch_size}, {s.schedule.name}{warm}, "
             f"trainable {n:,} ({100 * n / total:.1f}%), lr {lrs}"
         )
+        if s.index > 0:
+            print(f"      {describe(s.gate)}")
     from thaw_contract.plan import recipe_warnings
 
     for line in recipe_warnings(job.spec, stages):

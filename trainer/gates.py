@@ -38,6 +38,25 @@ class GateOutcome:
         return asdict(self)
 
 
+ACTIONS = {
+    "rollback": "roll back to the weights before it",
+    "keep": "keep it and warn",
+    "fail": "fail the job",
+    "stop": "roll back and end the job (later stages skipped)",
+}
+
+
+def describe(gate: GateSpec) -> str:
+    """The gate in one line, as `trainer plan` prints it for every stage after the first."""
+    if gate.min_gain == 0:
+        below = "worse than the stage before"
+    elif gate.relative:
+        below = f"a gain under {gate.min_gain:.3g} x the stage before's value"
+    else:
+        below = f"a gain under {gate.min_gain:.3g} on the stage before"
+    return f"gate: {gate.metric} {below} -> {ACTIONS[gate.on_regression]}"
+
+
 def gain(metric: str, value: float, previous: float) -> float:
     return value - previous if metric == "val_accuracy" else previous - value
 

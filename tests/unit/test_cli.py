@@ -15,6 +15,24 @@ def test_plan_prints_groups_stages_counts_and_rates(capsys):
     assert "[0] head: 8 epochs, batch 50, cosine, trainable 12,810 (0.4%), lr head=0.01" in out
     assert "[1] top3: 4 epochs" in out and "trainable 1,030,410 (30.5%)" in out and "stage7=0.00444" in out
     assert "[2] all:" in out and "(100.0%)" in out
+    gates = [line.strip() for line in out.splitlines() if line.strip().startswith("gate:")]
+    assert (
+        gates == ["gate: val_accuracy worse than the stage before -> roll back to the weights before it"] * 2
+    )  # every stage after the first, at the spec's default
+
+
+def test_plan_says_what_each_stages_gate_does(tmp_path, capsys):
+    doc = job_doc(gate={"onRegression": "stop", "minGain": 0.01})
+    doc["spec"]["stages"][1]["gate"] = {"metric": "val_loss", "minGain": 0.05, "relative": True, "onRegression": "fail"}
+    doc["spec"]["stages"].append({"name": "all", "trainable": "all", "epochs": 1, "lr": 0.01})
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.strip() for line in out if line.strip().startswith("gate:")] == [
+        "gate: val_loss a gain under 0.05 x the stage before's value -> fail the job",
+        "gate: val_accuracy a gain under 0.01 on the stage before -> roll back and end the job (later stages skipped)",
+    ]
 
 
 def test_plan_expands_gradual(tmp_path, capsys):
