@@ -36,7 +36,7 @@ VARIANTS: dict[str, tuple[dict, str]] = {
         {"epochsPerStage": 2, "lastStageEpochs": 8, "lrDecay": 1.2},
         "head 2, top 3 2, all 8 epochs; lrDecay 1.2 (the stem at 0.01/1.2^9, not 1.5^9)",
     ),
-    "total-12-lr-0.02": ({"epochsPerStage": None, "epochs": 12, "lr": 0.02}, "`epochs: 12` at twice the rate (lr 0.02)"),
+    "total-12-hot": ({"epochsPerStage": None, "epochs": 12, "lr": 0.02}, "`epochs: 12` at twice the rate (lr 0.02)"),
     "one-rate": ({"lrDecay": 1}, "one rate (lrDecay 1), so the default 1-epoch warm-up"),
     "one-rate-short-warmup": ({"lrDecay": 1, "warmupEpochs": 0.25}, "one rate, 0.25-epoch warm-up"),
 }
