@@ -42,12 +42,19 @@ VARIANTS: dict[str, tuple[dict, str]] = {
 }
 
 
-def run(budget: int, seed: int, variant: str, tmp: Path) -> tuple[float, bool]:
-    """Test accuracy after the last stage, and whether the gate rolled that stage back."""
-    doc = base(budget, seed, f"file://{tmp}/store")
+def job(budget: int, seed: int, variant: str, store: str) -> dict:
+    """The variant's FineTuneJob, named as its checkpoints are (so a DNS-1035 label)."""
+    doc = base(budget, seed, store)
     gradual_defaults(doc)
     doc["spec"]["gradual"].update(VARIANTS[variant][0])
-    name = f"{variant}-{budget}-{seed}"
+    doc["metadata"]["name"] = f"{variant}-{budget}-{seed}"
+    return doc
+
+
+def run(budget: int, seed: int, variant: str, tmp: Path) -> tuple[float, bool]:
+    """Test accuracy after the last stage, and whether the gate rolled that stage back."""
+    doc = job(budget, seed, variant, f"file://{tmp}/store")
+    name = doc["metadata"]["name"]
     acc, wall, _, per_stage = neural(doc, tmp, name)
     last = sorted((tmp / "store" / name).glob("stage-*/final.json"))[-1]
     rolled = json.loads(last.read_text())["metrics"]["gate"]["decision"] == "rolled_back"
