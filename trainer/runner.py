@@ -80,7 +80,7 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
     if warming is not None:
         finish_warmup(setup, warming)
     results = []
-    for stage in pending:
+    for i, stage in enumerate(pending):
         progress.message(
             json.dumps(
                 {
@@ -93,9 +93,8 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
         )
         try:
             results.append(run_stage(setup, stage, data))
-            if stopped_the_job({"gate": results[-1].gate}) and stage is not pending[-1]:
-                later = ", ".join(s.name for s in pending[pending.index(stage) + 1 :])
-                progress.message(f"{stage.name} ended the job (spec.gate.onRegression: stop); skipped: {later}")
+            if stopped_the_job({"gate": results[-1].gate}) and pending[i + 1 :]:
+                progress.message(skipped_line(stage, pending[i + 1 :]))
                 break
         except Terminated:  # what is queued still commits
             progress.message("SIGTERM: waiting for pending checkpoint uploads")
@@ -127,12 +126,13 @@ def not_stopped(setup: Setup, todo: list[PlannedStage]) -> list[PlannedStage]:
     stop = decided_by_main(find, setup.env)
     if stop is None:
         return todo
-    skipped = [s.name for s in todo if s.index > stop]
-    if skipped:
-        setup.progress.message(
-            f"{setup.stages[stop].name} ended the job (spec.gate.onRegression: stop); skipped: {', '.join(skipped)}"
-        )
+    if skipped := [s for s in todo if s.index > stop]:
+        setup.progress.message(skipped_line(setup.stages[stop], skipped))
     return [s for s in todo if s.index <= stop]
+
+
+def skipped_line(stopper: PlannedStage, skipped: list[PlannedStage]) -> str:
+    return f"{stopper.name} ended the job (spec.gate.onRegression: stop); skipped: {', '.join(s.name for s in skipped)}"
 
 
 def start_warmup(setup: Setup, stage: PlannedStage) -> Background | None:
