@@ -162,11 +162,12 @@ class GateSpec(SpecModel):
 
 
 class DivergenceSpec(SpecModel):
-    """A stage whose loss turns non-finite or grows past lossFactor x its first reading stops,
-    restores its best epoch (or its input weights), and the gate decides what follows."""
+    """A stage whose loss turns non-finite or grows past lossFactor x its input weights' loss
+    (and past a uniform guess's) stops, restores its best epoch (or its input weights), and the
+    gate decides what follows."""
 
     enabled: bool = True
-    loss_factor: float = Field(4.0, gt=1, description="a running loss above this multiple of the stage's first")
+    loss_factor: float = Field(4.0, gt=1, description="a running loss above this multiple of the input weights' loss")
 
 
 class Top(SpecModel):

@@ -14,6 +14,7 @@ STATUS_FIELDS = {
     "epochs_run": "epochs",
     "trainable_params": "trainableParams",
     "diverged": "diverged",
+    "collapsed": "collapsed",
     "lr_found": "lrFound",
 }
 GATE_STATUS_FIELDS = ("decision", "metric", "value", "previous", "reason")

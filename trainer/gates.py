@@ -33,6 +33,7 @@ class GateOutcome:
     decision: str  # first | advanced | rolled_back | kept | stopped (rolled back, and the job ends)
     reason: str = ""
     carried: dict[str, float] = field(default_factory=dict)  # metric -> value of the weights passed on
+    collapsed: str = ""  # the weights passed on predict one class (a first stage's, or kept): why
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -61,26 +62,31 @@ def gain(metric: str, value: float, previous: float) -> float:
     return value - previous if metric == "val_accuracy" else previous - value
 
 
-def decide(gate: GateSpec, own: dict[str, float], previous: dict[str, float] | None) -> GateOutcome:
+def decide(
+    gate: GateSpec, own: dict[str, float], previous: dict[str, float] | None, collapse: str | None = None
+) -> GateOutcome:
     """Compare a stage's committed weights (`own`: val metrics) with what the stage before it
     passed on. A regression rolls back (the previous weights are passed on), is kept, fails, or
-    stops the job (rolls back, and no later stage runs)."""
+    stops the job (rolls back, and no later stage runs). Weights that collapsed to a constant
+    prediction (`collapse`, from `collapsed`) are a regression whatever their metrics say."""
     m = gate.metric
     if previous is None or previous.get(m) is None:
-        return GateOutcome(m, own[m], None, "first", carried=dict(own))
+        return GateOutcome(m, own[m], None, "first", carried=dict(own), collapsed=collapse or "")  # reported only
     before = previous[m]
     g = gain(m, own[m], before)
     need = gate.min_gain * abs(before) if gate.relative else gate.min_gain
     tied = g == 0 and need == 0 and m == "val_accuracy"
-    if g >= need and not (tied and _loss_is_higher(own, previous)):
+    if collapse is None and g >= need and not (tied and _loss_is_higher(own, previous)):
         return GateOutcome(m, own[m], before, "advanced", carried=dict(own))
     why = f"{m} {own[m]:.4f} against {before:.4f} from the stage before (gain {g:+.4f}, needed {need:+.4f})"
-    if tied:
+    if collapse is not None:
+        why = f"it predicts {collapse}; {why}"
+    elif tied:
         why += f"; tied, and val_loss {own['val_loss']:.4f} against {previous['val_loss']:.4f}"
     if gate.on_regression == "fail":
         raise GateFailed(f"{GATE_FAILED} {why}; spec.gate.onRegression is fail")
     if gate.on_regression == "keep":
-        return GateOutcome(m, own[m], before, "kept", why, carried=dict(own))
+        return GateOutcome(m, own[m], before, "kept", why, carried=dict(own), collapsed=collapse or "")
     return GateOutcome(m, own[m], before, _back(gate), why, carried=dict(previous))
 
 
@@ -119,10 +125,24 @@ def previous_carried(summary: dict | None) -> dict[str, float] | None:
 @dataclass
 class DivergenceGuard:
     """Watches the running training loss, read every few steps (loop.SYNC_EVERY) and summed over
-    ranks, so every rank reaches the same verdict at the same step."""
+    ranks, so every rank reaches the same verdict at the same step.
+
+    The reference is the loss of the stage's input weights: the first step's, read before the
+    optimizer has moved anything (a mean over the first steps would already hold an explosion
+    at a rate that diverges within a few steps, and then never be exceeded). It is one batch, so
+    the limit is never below the loss of a uniform guess, ln(classes): a well-fit input with a
+    small first loss does not make an ordinary noisy reading look like divergence. A non-finite
+    step makes its reading non-finite (the reading is the steps' sum), so it is caught there."""
 
     spec: DivergenceSpec
-    reference: float | None = None  # the stage's first reading
+    num_classes: int
+    reference: float | None = None  # the loss of the stage's input weights on its first batch
+
+    @property
+    def limit(self) -> float | None:
+        if self.reference is None:
+            return None
+        return max(self.spec.loss_factor * self.reference, math.log(self.num_classes))
 
     def check(self, mean_loss: float, where: str) -> None:
         if not self.spec.enabled:
@@ -131,8 +151,30 @@ class DivergenceGuard:
             raise Diverged(f"loss {mean_loss} at {where}")
         if self.reference is None:
             self.reference = mean_loss
-        elif mean_loss > self.spec.loss_factor * self.reference:
+        elif mean_loss > self.limit:
             raise Diverged(
-                f"loss {mean_loss:.4g} above {self.spec.loss_factor:g} x {self.reference:.4g} (the stage's first "
-                f"reading) at {where}"
+                f"loss {mean_loss:.4g} above {self.limit:.4g} ({self.spec.loss_factor:g} x {self.reference:.4g}, the "
+                f"input weights' loss, and at least ln {self.num_classes}) at {where}"
             )
+
+
+# A model that gives (nearly) every validation image the same class has collapsed to a constant
+# prediction: its loss can sit at chance with nothing non-finite, so the guard never sees it.
+COLLAPSE_SHARE = 0.99
+
+
+def collapsed(predicted: list[int], labels: list[int]) -> str | None:
+    """Why the validation predictions show a collapse (None if they do not): one class takes at
+    least COLLAPSE_SHARE of the predictions while the labels are not that one-sided. Counts per
+    class, summed over ranks."""
+    total = sum(predicted)
+    if total == 0 or max(labels) >= COLLAPSE_SHARE * total:
+        return None
+    top = max(range(len(predicted)), key=predicted.__getitem__)
+    share = predicted[top] / total
+    if share < COLLAPSE_SHARE:
+        return None
+    return (
+        f"class {top} for {share:.1%} of {total} validation images ({labels[top] / total:.1%} of the labels): "
+        "collapsed to a constant prediction"
+    )

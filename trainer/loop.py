@@ -63,9 +63,12 @@ def train_epoch(
     check_grads: list[nn.Parameter] | None = None,
     on_step: Callable[[float, float, int], None] | None = None,
     on_read: Callable[[float, int, int], None] | None = None,
+    read_first: bool = False,
 ) -> dict:
     """One pass over `loader`. `on_read(loss sum, images, step)` sees the loss of the steps since
-    the last read (the divergence guard); what it raises stops the epoch."""
+    the last read (the divergence guard); what it raises stops the epoch. `read_first`: a read
+    after the first step alone, whose loss is the input weights' (the forward ran before the
+    optimizer's first step): the guard's reference, one host sync per stage."""
     model.train()
     device = ctx.env.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -111,7 +114,7 @@ def train_epoch(
         correct += (logits.argmax(1) == y).sum()
         count += n
         unread.append((waited, n))
-        reading = len(unread) == SYNC_EVERY or i + 1 == steps
+        reading = len(unread) == SYNC_EVERY or i + 1 == steps or (read_first and i == 0)
         if not reading:
             progress.step()  # the bar moves every step; the loss shows at each read
         mark = time.perf_counter()
@@ -146,15 +149,18 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, ctx: StepContext, pad_to: int | None = None) -> dict:
-    """Loss and accuracy over this rank's shard, summed over all ranks (exact, no padding of
-    the data set). A short last batch is padded to `pad_to` and the padding masked out, so
+def evaluate(model: nn.Module, loader: DataLoader, ctx: StepContext, classes: int, pad_to: int | None = None) -> dict:
+    """Loss, accuracy and images per class (predicted and labelled) over this rank's shard,
+    summed over all ranks (exact, no padding of the data set; every rank sends `classes`
+    counts, even one whose shard is empty). A short last batch is padded to `pad_to` and the padding masked out, so
     the model meets one batch shape (each new shape costs a GPU its kernel plans again)."""
     was_training = model.training
     model.eval()
     device = ctx.env.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    predicted = torch.zeros(classes, dtype=torch.int64, device=device)  # images per class the model names
+    labels = torch.zeros_like(predicted)  # ... and the labels name
     count = 0
     for x, y in loader:
         n = y.shape[0]
@@ -165,9 +171,18 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: StepContext, pad_to: int
         with ctx.autocast():
             logits = model(x)[:n]
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
+        guess = logits.argmax(1)
+        correct += (guess == y).sum()
+        predicted += torch.bincount(guess, minlength=classes)
+        labels += torch.bincount(y, minlength=classes)
         count += n
-    loss_total, correct_total = torch.stack([loss_sum, correct.double()]).tolist()  # one host sync
-    loss_total, correct_total, count = all_sum([loss_total, correct_total, count], ctx.env)
+    totals = torch.cat([torch.stack([loss_sum, correct.double()]), predicted.double(), labels.double()]).tolist()
+    loss_total, correct_total, count, *counts = all_sum([*totals[:2], count, *totals[2:]], ctx.env)  # one sync
     model.train(was_training)
-    return {"loss": loss_total / max(count, 1), "accuracy": correct_total / max(count, 1), "count": int(count)}
+    return {
+        "loss": loss_total / max(count, 1),
+        "accuracy": correct_total / max(count, 1),
+        "count": int(count),
+        "predicted": [int(c) for c in counts[:classes]],
+        "labels": [int(c) for c in counts[classes:]],
+    }

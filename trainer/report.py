@@ -31,6 +31,8 @@ def format_table(rows: list[dict]) -> str:
         gate = GATE_WORDS.get((r.get("gate") or {}).get("decision", "first"), "")
         if r.get("diverged"):
             gate = f"{gate} (diverged)".strip()
+        if r.get("collapsed"):
+            gate = f"{gate} (collapsed: predicts one class)".strip()
         lines.append(
             f"{name:<14}{r['trainable_params']:>12,}{r['epochs_run']:>8}"
             f"{'-' if best is None else f'{best:.4f}':>10}{r['test_accuracy']:>10.4f}{r['seconds']:>9.1f}  {gate}"

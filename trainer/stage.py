@@ -22,10 +22,7 @@ from trainer.data import Datasets
 from trainer.distributed import all_gather_objects, all_sum, average_buffers, barrier
 from trainer.early_stopping import EarlyStopping
 from trainer.freezing import FreezeState, apply_stage
-from trainer.gates import (
-    Diverged,
-    DivergenceGuard,
-)
+from trainer.gates import Diverged, DivergenceGuard, collapsed
 from trainer.loaders import eval_loader, train_loader
 from trainer.loop import StepContext, evaluate, train_epoch
 from trainer.optim import build_optimizer, build_scheduler, param_groups
@@ -129,6 +126,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         history=fit.history,
         gate=outcome.as_dict(),
         diverged=fit.diverged,
+        collapsed=outcome.collapsed or None,
         lr_found=lr_found,
     )
     if setup.metrics is not None:
@@ -188,7 +186,7 @@ def _training(setup: Setup, stage: PlannedStage, inputs: Inputs, freeze: FreezeS
         stopper=stopper,
         tracker=stopper or EarlyStopping("min" if best_metric.endswith("loss") else "max", 10**9),
         best_metric=best_metric,
-        guard=DivergenceGuard(spec.divergence),
+        guard=DivergenceGuard(spec.divergence, spec.model.num_classes),
     )
 
 
@@ -228,7 +226,7 @@ def _fit(setup: Setup, stage: PlannedStage, inputs: Inputs, tr: Training, fit: F
         fit.train_seconds += m["seconds"]
         if tr.trains_bn:
             average_buffers(inputs.net, setup.env)
-        val = evaluate(inputs.net, tr.val_loader, tr.step, pad_to=tr.batch)
+        val = evaluate(inputs.net, tr.val_loader, tr.step, setup.job.spec.model.num_classes, pad_to=tr.batch)
         elapsed = time.perf_counter() - t_start
         row = {
             "stage": stage.name,
@@ -240,6 +238,10 @@ def _fit(setup: Setup, stage: PlannedStage, inputs: Inputs, tr: Training, fit: F
             "lr": {g["name"]: g["lr"] for g in tr.optimizer.param_groups},
             "eta_seconds": round(elapsed / (epoch + 1 - fit.first_epoch) * (stage.epochs - epoch - 1), 1),
         }
+        collapse = collapsed(val["predicted"], val["labels"])
+        if collapse is not None:
+            row["collapsed"] = collapse
+            setup.progress.message(f"warning: {stage.name}: epoch {epoch + 1} predicts {collapse}")
         fit.history.append(row)
         _checkpoint_epoch(setup, stage, tr, fit, row, epoch)
         if setup.metrics is not None:
@@ -278,6 +280,7 @@ def _train_epoch(setup: Setup, stage: PlannedStage, tr: Training, fit: Fit, epoc
         tr.trainable if epoch == 0 else None,
         on_step,
         on_read,
+        read_first=tr.guard.spec.enabled and tr.guard.reference is None,
     )
 
 

@@ -38,6 +38,7 @@ class StageResult:
     history: list[dict] = field(default_factory=list)
     gate: dict | None = None  # gates.GateOutcome: advanced, rolled back, kept
     diverged: str | None = None  # why the divergence guard stopped it
+    collapsed: str | None = None  # the weights it passes on predict one class (gates.collapsed): why
     lr_found: float | None = None  # lr: auto, the head's rate the range test picked
 
 

@@ -45,6 +45,8 @@ def gated_weights(setup: Setup, stage: PlannedStage, fit, final_dir: str | None)
         setup.progress.message(f"{stage.name}: rolled back ({outcome.reason}); {then}")
     elif outcome.decision == "kept":
         setup.progress.message(f"{stage.name}: worse than the stage before ({outcome.reason}); kept (gate: keep)")
+    elif outcome.collapsed:  # a first stage: nothing to roll back to
+        setup.progress.message(f"warning: {stage.name}: its final weights predict {outcome.collapsed}")
     return final_dir, outcome
 
 
@@ -62,7 +64,7 @@ def gate(setup: Setup, stage: PlannedStage, final_row: dict | None, diverged: st
                 f"stage {stage.name} diverged before its first epoch ended ({diverged}); lower {stage.field}.lr"
             )
         return rolled_back(stage.gate, None, previous, f"diverged before its first epoch ended: {diverged}")
-    return decide(stage.gate, {m: final_row[m] for m in METRICS}, previous)
+    return decide(stage.gate, {m: final_row[m] for m in METRICS}, previous, final_row.get("collapsed"))
 
 
 def evaluate_test(setup: Setup, data: Datasets, batch: int) -> dict:
@@ -70,4 +72,5 @@ def evaluate_test(setup: Setup, data: Datasets, batch: int) -> dict:
     env = setup.env
     prepare = image_preparer(setup.mean, setup.std, env.device, setup.channels_last, False)
     loader = eval_loader(data.test, batch, env, setup.job)
-    return evaluate(setup.model, loader, StepContext(env, prepare, setup.autocast_dtype, None), pad_to=batch)
+    ctx = StepContext(env, prepare, setup.autocast_dtype, None)
+    return evaluate(setup.model, loader, ctx, setup.job.spec.model.num_classes, pad_to=batch)

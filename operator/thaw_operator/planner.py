@@ -255,6 +255,8 @@ def _verify(ctx: _Ctx, k: int, st: dict, latest: JobView) -> Plan | None:
     elif gate.get("decision") == "kept":
         why = f"{label} left the model worse: {gate.get('reason')}; kept (spec.gate.onRegression: keep)"
         ctx.out.events.append(("Warning", "StageRegressed", why))
+    elif st["result"].get("collapsed"):  # a first stage, with nothing to roll back to
+        ctx.out.events.append(("Warning", "StageCollapsed", f"{label} predicts {st['result']['collapsed']}"))
     return None
 
 

@@ -113,6 +113,33 @@ def test_a_first_stage_that_diverges_fails_with_one_line_naming_its_lr(tmp_path,
     assert line.endswith("lower spec.stages[0].lr")
 
 
+def test_a_collapse_to_one_class_is_rolled_back_later_and_reported_in_a_first_stage(tmp_path, small_job):
+    """Issue 26's blind spot: SGD at 0.5 over the whole network sends every image to one class
+    with finite losses (the divergence guard is off here, so only the collapse check can see it).
+    A later stage that collapses is rolled back; a first stage has nothing to roll back to, so
+    its result says so, and the report's gate column."""
+    small_job["spec"]["divergence"] = {"enabled": False}
+    small_job["spec"]["stages"][1].update(trainable="all", lr=0.5, lrDecay=1)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    out = run([PY, "-m", "trainer", "run", str(write_job(a, json.loads(json.dumps(small_job))))]).stdout
+    assert "warning: top3: epoch 1 predicts class " in out and "collapsed to a constant prediction" in out
+    head, top3 = _pointers(a / "store")
+    gate = top3["metrics"]["gate"]
+    assert gate["decision"] == "rolled_back" and gate["reason"].startswith("it predicts class ")
+    assert top3["checkpoint"] == head["checkpoint"] and top3["metrics"].get("collapsed") is None
+
+    small_job["spec"]["stages"] = [small_job["spec"]["stages"][1]]
+    job = write_job(b, small_job)
+    out = run([PY, "-m", "trainer", "run", str(job)]).stdout
+    assert "warning: top3: its final weights predict class " in out, out[-3000:]
+    (only,) = _pointers(b / "store", ("top3",))
+    assert only["metrics"]["collapsed"].endswith("collapsed to a constant prediction")
+    assert only["metrics"]["gate"]["decision"] == "first"
+    report = run([PY, "-m", "trainer", "report", str(job)]).stdout
+    assert report.splitlines()[2].rstrip().endswith("(collapsed: predicts one class)")
+
+
 def test_lr_auto_picks_a_rate_once_and_a_retried_stage_trains_the_same(tmp_path, small_job):
     small_job["spec"]["stages"][1].update(lr="auto", lrDecay=2.6)
     job = write_job(tmp_path, small_job)

@@ -91,14 +91,99 @@ def test_what_the_stage_before_passed_on_is_read_from_its_summary():
 
 
 def test_the_guard_stops_on_a_non_finite_or_exploding_loss_only():
-    g = DivergenceGuard(DivergenceSpec(loss_factor=4))
-    g.check(2.3, "epoch 1 step 25")
-    g.check(9.0, "epoch 1 step 50")  # under 4 x 2.3
-    with pytest.raises(Diverged, match=r"loss 9.3 above 4 x 2.3 \(the stage's first reading\) at epoch 2 step 25"):
+    g = DivergenceGuard(DivergenceSpec(loss_factor=4), num_classes=10)
+    g.check(2.3, "epoch 1 step 1")  # the input weights' loss: the reference
+    g.check(9.0, "epoch 1 step 26")  # under 4 x 2.3
+    exploded = r"loss 9.3 above 9.2 \(4 x 2.3, the input weights' loss, and at least ln 10\) at epoch 2 step 25"
+    with pytest.raises(Diverged, match=exploded):
         g.check(9.3, "epoch 2 step 25")
     with pytest.raises(Diverged, match="loss nan at epoch 1 step 25"):
-        DivergenceGuard(DivergenceSpec()).check(math.nan, "epoch 1 step 25")
-    DivergenceGuard(DivergenceSpec(enabled=False)).check(math.inf, "anywhere")
+        DivergenceGuard(DivergenceSpec(), 10).check(math.nan, "epoch 1 step 25")
+    DivergenceGuard(DivergenceSpec(enabled=False), 10).check(math.inf, "anywhere")
+
+
+def test_a_small_input_loss_does_not_turn_ordinary_noise_into_divergence():
+    """A well-fit input (first-batch loss 0.05): 4 x 0.05 would stop a stage at 0.3; the limit is
+    never below a uniform guess's loss, ln(classes)."""
+    g = DivergenceGuard(DivergenceSpec(loss_factor=4), num_classes=10)
+    g.check(0.05, "epoch 1 step 1")
+    assert g.limit == pytest.approx(math.log(10))
+    g.check(2.2, "epoch 1 step 26")
+    floor = r"above 2.303 \(4 x 0.05, the input weights' loss, and at least ln 10\) at epoch 1 step 51"
+    with pytest.raises(Diverged, match=floor):
+        g.check(2.4, "epoch 1 step 51")
+
+
+def _explode(steps: int, lr: float, read_first: bool) -> tuple[float, float | None, str | None]:
+    """Real SGD on a tiny linear model at `lr`, the guard on the loop's reads as a stage wires
+    it: (the input weights' loss on the first batch, the guard's reference, why it stopped)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from trainer.distributed import DistEnv
+    from trainer.loop import StepContext, train_epoch
+    from trainer.progress import Progress
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(steps * 16, 8, generator=g), torch.randint(0, 4, (steps * 16,), generator=g)
+    with torch.no_grad():
+        first = F.cross_entropy(model(x[:16]), y[:16]).item()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    guard = DivergenceGuard(DivergenceSpec(loss_factor=4), num_classes=4)
+    ctx = StepContext(DistEnv(0, 1, 0, 1, torch.device("cpu")), lambda t: t, None, None)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    try:
+        train_epoch(
+            model, loader, opt, sched, ctx, Progress(False),
+            on_read=lambda s, n, step: guard.check(s / n, f"step {step}"), read_first=read_first,
+        )  # fmt: skip
+    except Diverged as err:
+        return first, guard.reference, str(err)
+    return first, guard.reference, None
+
+
+def test_a_loss_that_explodes_inside_the_first_read_is_caught_against_the_input_weights_loss():
+    """Issue 26: at a rate that explodes within a few steps, the mean of the first 25 steps
+    already holds the explosion; taken as the reference, nothing later exceeds 4 x it. The
+    reference is the first step's loss alone: the input weights', before any update."""
+    first, reference, why = _explode(steps=60, lr=1e4, read_first=True)
+    assert reference == pytest.approx(first, rel=1e-5)
+    assert why is not None  # non-finite, or above the limit, within the first 26 steps
+    _, late_reference, unseen = _explode(steps=60, lr=1e4, read_first=False)  # the old wiring
+    assert late_reference > 100 * first and unseen is None  # the blind spot this closes
+
+
+def test_collapse_is_one_class_for_nearly_every_validation_image_on_labels_that_are_not():
+    from trainer.gates import collapsed
+
+    assert collapsed([0, 300, 0], [100, 100, 100]) == (
+        "class 1 for 100.0% of 300 validation images (33.3% of the labels): collapsed to a constant prediction"
+    )
+    assert collapsed([1, 299, 0], [100, 100, 100]) is not None  # 99.7%
+    assert collapsed([5, 290, 5], [100, 100, 100]) is None  # 96.7%: a bad model, not a constant one
+    assert collapsed([0, 300, 0], [0, 300, 0]) is None  # the labels are one class themselves
+    assert collapsed([0, 0], [0, 0]) is None  # nothing evaluated
+
+
+def test_collapsed_weights_are_a_regression_for_the_gate_and_reported_for_a_first_stage():
+    why = "class 3 for 100.0% of 300 validation images (10.0% of the labels): collapsed to a constant prediction"
+    better = {"val_accuracy": 0.85, "val_loss": 0.5}  # metrics alone would advance
+    out = decide(GateSpec(), better, BEFORE, collapse=why)
+    assert out.decision == "rolled_back" and out.carried == BEFORE and out.reason.startswith(f"it predicts {why}; ")
+    assert out.collapsed == ""  # what it passes on did not collapse
+    assert decide(GateSpec(on_regression="stop"), better, BEFORE, why).decision == "stopped"
+    kept = decide(GateSpec(on_regression="keep"), better, BEFORE, why)
+    assert kept.decision == "kept" and kept.collapsed == why
+    with pytest.raises(GateFailed, match="it predicts class 3"):
+        decide(GateSpec(on_regression="fail"), better, BEFORE, why)
+    first = decide(GateSpec(), {"val_accuracy": 0.1, "val_loss": 2.3}, None, why)
+    assert first.decision == "first" and first.collapsed == why
+    summary = status_summary({"best_val_accuracy": 0.1, "test_accuracy": 0.1, "collapsed": why, "gate": {}})
+    assert summary["collapsed"] == why
 
 
 @pytest.mark.parametrize(
@@ -157,6 +242,17 @@ def test_the_operator_says_when_a_stage_was_rolled_back_or_failed_its_gate():
     p = run(ftj(run(ftj()).status), [bad])
     assert p.status["phase"] == "Failed" and cond(p, "Failed")["reason"] == "StageRegressed"
     assert cond(p, "Failed")["message"] == f"stage 0 (head) failed its gate: {line}"
+
+
+def test_the_operator_warns_when_a_first_stage_passes_on_a_collapsed_model():
+    from tests.unit.test_operator_planner import ftj, job, result, run
+
+    why = "class 3 for 100.0% of 300 validation images (10.0% of the labels): collapsed to a constant prediction"
+    head = result(0)
+    head["metrics"]["collapsed"] = why
+    p = run(ftj(run(ftj()).status), [job(0, 1, complete=True, result=head)])
+    assert ("Warning", "StageCollapsed", f"stage 0 (head) predicts {why}") in p.events
+    assert p.status["stages"][0]["result"]["collapsed"] == why
 
 
 def test_a_stage_whose_gate_says_stop_ends_the_job_and_no_later_stage_starts():

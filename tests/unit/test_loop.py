@@ -39,7 +39,7 @@ def test_accumulating_two_half_batches_equals_one_full_batch():
 def test_bf16_autocast_on_cpu_trains_and_evaluates():
     model = _fit(accumulation=1, batch=16, autocast=torch.bfloat16)
     data = TensorDataset(torch.randn(10, 6), torch.randint(0, 3, (10,)))
-    out = evaluate(model, DataLoader(data, batch_size=4), StepContext(ENV, lambda x: x, torch.bfloat16, None))
+    out = evaluate(model, DataLoader(data, batch_size=4), StepContext(ENV, lambda x: x, torch.bfloat16, None), 3)
     assert out["count"] == 10 and 0 <= out["accuracy"] <= 1
 
 
@@ -80,13 +80,15 @@ def test_a_padded_last_batch_gives_the_exact_metrics_and_one_batch_shape():
     ctx = StepContext(ENV, lambda x: x, None, None)
     shapes = []
     model.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
-    exact = evaluate(model, DataLoader(data, batch_size=10), ctx)
+    exact = evaluate(model, DataLoader(data, batch_size=10), ctx, 3)
     shapes.clear()
-    padded = evaluate(model, DataLoader(data, batch_size=4), ctx, pad_to=4)
+    padded = evaluate(model, DataLoader(data, batch_size=4), ctx, 3, pad_to=4)
     assert shapes == [(4, 6)] * 3  # 4 + 4 + (2 padded to 4)
     assert padded["count"] == 10
     assert padded["accuracy"] == exact["accuracy"]
     assert padded["loss"] == pytest.approx(exact["loss"], rel=1e-6)
+    assert padded["predicted"] == exact["predicted"] and sum(exact["predicted"]) == 10  # padding not counted
+    assert padded["labels"] == torch.bincount(data.tensors[1], minlength=3).tolist()
 
 
 def test_metrics_read_from_the_device_match_a_direct_computation():
