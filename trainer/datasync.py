@@ -2,7 +2,10 @@
 
 Local rank 0 syncs, the others wait at a barrier. The mirror keeps an index of (key, size,
 ETag); a re-run against an unchanged prefix lists the bucket and downloads nothing, a changed
-object is fetched again, a removed one is deleted locally.
+object is fetched again, a removed one is deleted locally. Objects are fetched FETCH_THREADS at
+a time (a dataset is many small objects: one GET at a time leaves the link idle between
+round trips); one object is written to a temporary name and renamed, so a file in the mirror
+is always whole. An interrupted sync keeps what it finished (the index is written either way).
 """
 
 from __future__ import annotations
@@ -10,18 +13,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from trainer.storage import MiB, StoreError, s3_client, s3_error, split_s3_uri
 
 INDEX = ".thaw-sync.json"
 RETRY_SECONDS = 120.0  # how long an unreachable data store is waited for (check and sync)
+FETCH_THREADS = 32  # GETs in flight: what s5cmd and rclone use for many small objects
 
 
 def cache_path(cache_dir: str, uri: str) -> Path:
     bucket, prefix = split_s3_uri(uri)
     tag = hashlib.sha256(uri.encode()).hexdigest()[:8]
     return Path(cache_dir).expanduser() / "s3" / f"{bucket}-{prefix.replace('/', '_')}-{tag}"
+
+
+def unsafe_key(key: str) -> str | None:
+    """Why an object key (relative to the prefix) cannot be a path in the mirror: it would land
+    outside it (`..`, a leading `/`) or on the sync's own files. None if it is fine."""
+    parts = key.split("/")
+    if key.startswith("/") or ".." in parts or "" in parts or "\0" in key:
+        return "it would land outside the data cache"
+    if key == INDEX or parts[-1].startswith(".tmp-"):
+        return "its name is one the sync uses for its own files"
+    return None
 
 
 def plan_sync(remote: dict[str, tuple[int, str]], local: dict[str, tuple[int, str]]) -> tuple[list[str], list[str]]:
@@ -56,16 +73,43 @@ def check_prefix(uri: str, endpoint: str | None = None, timeout_seconds: float =
         raise SpecError(f"spec.data.source: {err}") from None
 
 
-def sync_prefix(uri: str, dest: Path, endpoint: str | None = None) -> int:
+def sync_prefix(uri: str, dest: Path, endpoint: str | None = None, threads: int = FETCH_THREADS) -> int:
     """Mirror uri into dest; returns the number of objects downloaded."""
-    client = s3_client(endpoint)
+    client = s3_client(endpoint, max_connections=threads)
     bucket, prefix = split_s3_uri(uri)
-    from boto3.s3.transfer import TransferConfig
-
-    # Parts of 8 MiB, 4 at a time: memory is bounded by the parts in flight, not the object size.
-    transfer = TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB, max_concurrency=4)
-    listing: dict[str, tuple[int, str]] = {}
     full = f"{prefix}/" if prefix else ""
+    listing = _listing(client, uri, bucket, full)
+    index_file = dest / INDEX
+    local = {k: tuple(v) for k, v in json.loads(index_file.read_text()).items()} if index_file.is_file() else {}
+    local = {k: v for k, v in local.items() if (dest / k).is_file()}  # files removed by hand are fetched again
+    fetch, drop = plan_sync(listing, local)
+    for key in drop:
+        (dest / key).unlink(missing_ok=True)
+        del local[key]
+    dest.mkdir(parents=True, exist_ok=True)
+    fetching = set(fetch)
+    done = {k: v for k, v in local.items() if k not in fetching}
+
+    def one(key: str) -> None:
+        _fetch(client, f"{uri}/{key}", bucket, full + key, dest / key, listing[key][0])
+        done[key] = listing[key]  # one dict item set: safe across threads
+
+    try:
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="data-sync") as pool:
+            futures = [pool.submit(one, k) for k in fetch]
+            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in finished if f.exception() is not None), None)
+            if failed is not None:
+                pool.shutdown(cancel_futures=True)
+                raise failed.exception()
+    finally:  # what finished stays finished: the next sync (a retry) fetches only the rest
+        index_file.write_text(json.dumps(done))
+    return len(fetch)
+
+
+def _listing(client, uri: str, bucket: str, full: str) -> dict[str, tuple[int, str]]:
+    """key (relative to the prefix) -> (size, ETag), every key checked for a safe local path."""
+    listing: dict[str, tuple[int, str]] = {}
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=full):
             for o in page.get("Contents", []):
@@ -75,23 +119,30 @@ def sync_prefix(uri: str, dest: Path, endpoint: str | None = None) -> int:
         raise s3_error(err, uri, bucket, "list") from None
     if not listing:
         raise StoreError(f"{uri}: no objects under this prefix")
-    index_file = dest / INDEX
-    local = {k: tuple(v) for k, v in json.loads(index_file.read_text()).items()} if index_file.is_file() else {}
-    local = {k: v for k, v in local.items() if (dest / k).is_file()}  # files removed by hand are fetched again
-    fetch, drop = plan_sync(listing, local)
-    for key in fetch:
-        path = dest / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}")
-        # Streamed to disk by boto3's transfer manager (ranged, parallel parts): never the whole object in memory.
-        try:
-            client.download_file(bucket, full + key, str(tmp), Config=transfer)
-        except Exception as err:
-            tmp.unlink(missing_ok=True)
-            raise s3_error(err, f"{uri}/{key}", bucket, "read") from None
-        os.replace(tmp, path)
-    for key in drop:
-        (dest / key).unlink(missing_ok=True)
-    dest.mkdir(parents=True, exist_ok=True)
-    index_file.write_text(json.dumps(listing))
-    return len(fetch)
+    for key in listing:
+        why = unsafe_key(key)
+        if why is not None:
+            raise StoreError(f"{uri}: object key {key!r} cannot be mirrored ({why}); rename or remove it")
+    return listing
+
+
+def _fetch(client, name: str, bucket: str, key: str, path: Path, size: int) -> None:
+    """One object to a temporary name, then renamed. A small object is one GET streamed to disk;
+    a large one goes through boto3's transfer manager (ranged parts, 4 at a time): memory is
+    bounded by the parts in flight, never the object."""
+    from boto3.s3.transfer import TransferConfig
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        if size < 8 * MiB:
+            body = client.get_object(Bucket=bucket, Key=key)["Body"]
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(body, f, MiB)
+        else:
+            config = TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB, max_concurrency=4)
+            client.download_file(bucket, key, str(tmp), Config=config)
+    except Exception as err:
+        tmp.unlink(missing_ok=True)
+        raise s3_error(err, name, bucket, "read") from None
+    os.replace(tmp, path)

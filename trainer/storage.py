@@ -145,9 +145,11 @@ def s3_client(
     region: str | None = None,
     path_style: bool = True,
     credentials: tuple[str, str] | None = None,
+    max_connections: int = 10,
 ):
     """A client with explicit settings; credentials from boto3's chain unless given (the operator
-    passes the ones it read from the job's Secret)."""
+    passes the ones it read from the job's Secret). `max_connections`: the pool, one per thread
+    that uses the client at once (botocore's default is 10)."""
     import boto3
     from botocore.config import Config
 
@@ -156,6 +158,7 @@ def s3_client(
         connect_timeout=5,
         read_timeout=60,
         retries={"mode": "standard", "max_attempts": 3},
+        max_pool_connections=max_connections,
     )
     # A fresh session: boto3's default one caches the credentials it found first.
     keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]} if credentials else {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -141,6 +142,36 @@ def test_dataset_prefix_is_downloaded_once_and_kept_in_sync(s3_env, seaweed, tmp
     assert sync_prefix("s3://data/set", dest) == 1
     assert (dest / "train/c1/img.png").read_bytes() == b"new"
     assert not (dest / "train/c2/img.png").exists()
+
+
+def test_a_prefix_of_many_objects_is_fetched_in_parallel_and_an_interrupted_sync_keeps_what_it_finished(
+    s3_env, seaweed, tmp_path, monkeypatch
+):
+    from trainer import datasync
+
+    client = seaweed.client()
+    keys = [f"many/train/c{i % 4}/img{i:03d}.jpg" for i in range(200)]
+    for i, key in enumerate(keys):
+        client.put_object(Bucket="data", Key=key, Body=i.to_bytes(2, "big") * 500)
+    dest = tmp_path / "mirror"
+    real, calls = datasync._fetch, []
+
+    def failing_late(*args):
+        calls.append(args[1])
+        if len(calls) == 150:
+            raise datasync.StoreError("injected: the link dropped")
+        return real(*args)
+
+    monkeypatch.setattr(datasync, "_fetch", failing_late)
+    with pytest.raises(datasync.StoreError, match="injected"):
+        sync_prefix("s3://data/many", dest, threads=8)
+    monkeypatch.setattr(datasync, "_fetch", real)
+    kept = len(json.loads((dest / datasync.INDEX).read_text()))
+    assert 100 <= kept < 200  # what finished before the failure is indexed (the rest cancelled or failed)
+    assert sync_prefix("s3://data/many", dest, threads=8) == 200 - kept  # only the rest, the second time
+    for i, key in enumerate(keys):
+        assert (dest / key.removeprefix("many/")).read_bytes() == i.to_bytes(2, "big") * 500
+    assert not list(dest.rglob(".tmp-*"))
 
 
 def test_data_sync_streams_objects_to_disk(s3_env, seaweed, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tests.builders import job_doc, with_path
 from thaw_contract.spec import parse_job, training_hash
-from trainer.datasync import cache_path, plan_sync
+from trainer.datasync import INDEX, cache_path, plan_sync, unsafe_key
 
 
 def _hash(doc) -> str:
@@ -58,3 +58,12 @@ def test_cache_path_is_stable_and_distinct_per_prefix():
     assert a == cache_path("/cache", "s3://data/set/a")
     assert a != cache_path("/cache", "s3://data/set_a")
     assert str(a).startswith("/cache/s3/data-set_a-")
+
+
+def test_object_keys_that_would_leave_the_mirror_or_hit_its_own_files_are_refused():
+    for key in ("train/c0/a.jpg", "a.jpg", "train/..c/a.jpg", "train/c0/..jpg"):
+        assert unsafe_key(key) is None, key
+    for key in ("../etc/passwd", "train/../../x", "/abs/x.jpg", "train//x.jpg", "train/c0/..", "a\0b"):
+        assert unsafe_key(key) == "it would land outside the data cache", key
+    for key in (INDEX, "train/c0/.tmp-a.jpg"):
+        assert unsafe_key(key) == "its name is one the sync uses for its own files", key
