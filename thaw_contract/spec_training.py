@@ -94,6 +94,13 @@ class DataSpec(SpecModel):
     pin_memory: bool = Field(True, description="pinned host memory + non_blocking copies (CUDA only)")
     persistent_workers: bool = True
     cache_dir: str = Field("~/.cache/thaw", description="where datasets are unpacked once per node")
+    max_bad_fraction: float = Field(
+        0.001,
+        ge=0,
+        le=1,
+        description="images that do not decode are skipped and named; above this fraction of the job's images "
+        "the stage fails (exit 2)",
+    )
 
     @field_validator("source")
     @classmethod

@@ -15,6 +15,7 @@ STATUS_FIELDS = {
     "trainable_params": "trainableParams",
     "diverged": "diverged",
     "collapsed": "collapsed",
+    "bad_images": "badImages",
     "lr_found": "lrFound",
 }
 GATE_STATUS_FIELDS = ("decision", "metric", "value", "previous", "reason")

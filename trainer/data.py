@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from thaw_contract.spec import AugmentationSpec, DataSpec, SpecError
+from trainer.bad_images import BadImages, no_image_decodes
 
 FASHION_MNIST_DIR = Path(os.environ.get("THAW_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = (
@@ -48,6 +49,7 @@ class Source:
     train: ImageSplit
     test: ImageSplit
     classes: tuple[str, ...]
+    bad: BadImages | None = None  # a folder source: images that do not decode (trainer/bad_images.py)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -138,12 +140,24 @@ def _folder(uri: str) -> Source:
     def loader(path: str) -> torch.Tensor:
         return decode_image(path, mode=ImageReadMode.RGB)
 
-    train = ImageFolder(str(train_dir), loader=loader)
-    test = ImageFolder(str(test_dir), loader=loader)
+    train = ImageFolder(str(train_dir), loader=loader, allow_empty=True)
+    test = ImageFolder(str(test_dir), loader=loader, allow_empty=True)
     if test.classes != train.classes:
-        raise SpecError(f"spec.data.source: {test_dir} has classes {test.classes}, train has {train.classes}")
+        missing = sorted(set(train.classes) - set(test.classes)) or sorted(set(test.classes) - set(train.classes))
+        raise SpecError(
+            f"spec.data.source: the class folders of {test_dir} and {train_dir} differ (only in one: "
+            f"{', '.join(missing)})"
+        )
+    for ds, d in ((train, train_dir), (test, test_dir)):
+        counts = np.bincount(np.asarray(ds.targets, dtype=np.int64), minlength=len(ds.classes))
+        empty = [c for c, n in zip(ds.classes, counts) if n == 0]
+        if empty:
+            raise SpecError(f"spec.data.source: {d}/{empty[0]} holds no images (ImageFolder: one folder per class)")
     labels = lambda ds: torch.tensor(ds.targets, dtype=torch.int64)  # noqa: E731
-    return Source(ImageSplit(None, labels(train), train), ImageSplit(None, labels(test), test), tuple(train.classes))
+    bad = BadImages(train_dir.parent)
+    return Source(
+        ImageSplit(None, labels(train), train), ImageSplit(None, labels(test), test), tuple(train.classes), bad
+    )
 
 
 def load_source(spec: DataSpec) -> Source:
@@ -168,6 +182,23 @@ def stratified_take(
         n = per_class if per_class is not None else int(round(len(idx) * (fraction or 0)))
         out.append(idx[: min(n, len(idx))])
     return np.sort(np.concatenate(out))
+
+
+def check_class_sizes(labels: torch.Tensor, classes: tuple[str, ...], spec: DataSpec) -> None:
+    """valPerClass and trainPerClass against the smallest class: one line naming the field."""
+    counts = np.bincount(np.asarray(labels), minlength=len(classes))
+    c = int(np.argmin(counts))
+    n, name = int(counts[c]), classes[c]
+    if spec.val_per_class >= n:
+        raise SpecError(
+            f"spec.data.valPerClass: {spec.val_per_class} leaves no training images of class {name!r}, which has "
+            f"{n}; use at most {n - 1}"
+        )
+    if spec.train_per_class is not None and spec.train_per_class > n - spec.val_per_class:
+        raise SpecError(
+            f"spec.data.trainPerClass: {spec.train_per_class} is more than class {name!r} has after valPerClass "
+            f"({n} - {spec.val_per_class} = {n - spec.val_per_class}); use at most that, or leave it unset for all"
+        )
 
 
 def split_train_val(labels: torch.Tensor, spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -212,8 +243,17 @@ def augment(img: torch.Tensor, aug: AugmentationSpec) -> torch.Tensor:
 class Images(Dataset):
     """One split's samples, resized (and augmented when training) on access."""
 
-    def __init__(self, split: ImageSplit, indices: np.ndarray, size: int, aug: AugmentationSpec | None):
+    def __init__(
+        self,
+        split: ImageSplit,
+        indices: np.ndarray,
+        size: int,
+        aug: AugmentationSpec | None,
+        bad: BadImages | None = None,
+        name: str = "train",
+    ):
         self.split, self.indices, self.size, self.aug = split, indices, size, aug
+        self.bad, self.name = bad, name
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -225,13 +265,27 @@ class Images(Dataset):
     def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
         i = int(self.indices[k])
         if self.split.folder is not None:
-            img, label = self.split.folder[i]
+            img, label = self._decoded(k)
         else:
             img, label = self.split.images[i], int(self.split.labels[i])
         img = resize_uint8(img, self.size)
         if self.aug is not None:
             img = augment(img, self.aug)
         return img.contiguous(), label
+
+    def _decoded(self, k: int) -> tuple[torch.Tensor, int]:
+        """Sample k of a folder split; one that does not decode is recorded and the next of this
+        split stands in (a batch keeps its shape; spec.data.maxBadFraction bounds how many)."""
+        folder = self.split.folder
+        for step in range(len(self.indices)):
+            i = int(self.indices[(k + step) % len(self.indices)])
+            try:
+                return folder[i]
+            except Exception as err:  # torchvision's decoders raise RuntimeError; a vanished file OSError
+                if self.bad is None:
+                    raise
+                self.bad.record(folder.samples[i][0], err)
+        raise no_image_decodes(self.name)
 
 
 @dataclass
@@ -240,6 +294,7 @@ class Datasets:
     val: Images
     test: Images
     classes: tuple[str, ...]
+    bad: BadImages | None = None
 
 
 def build_datasets(spec: DataSpec, num_classes: int, seed: int) -> Datasets:
@@ -248,14 +303,14 @@ def build_datasets(spec: DataSpec, num_classes: int, seed: int) -> Datasets:
         raise SpecError(
             f"spec.model.numClasses: {num_classes} does not match the {len(src.classes)} classes of {spec.source}"
         )
+    check_class_sizes(src.train.labels, src.classes, spec)
     train_idx, val_idx = split_train_val(src.train.labels, spec, seed)
-    if len(train_idx) == 0:
-        raise SpecError(f"spec.data.valPerClass: {spec.val_per_class} leaves no training images")
     test_idx = np.arange(len(src.test.labels))[: spec.test_limit]
     aug = spec.augmentation if (spec.augmentation.hflip or spec.augmentation.crop_padding) else None
     return Datasets(
-        train=Images(src.train, train_idx, spec.image_size, aug),
-        val=Images(src.train, val_idx, spec.image_size, None),
-        test=Images(src.test, test_idx, spec.image_size, None),
+        train=Images(src.train, train_idx, spec.image_size, aug, src.bad, "train"),
+        val=Images(src.train, val_idx, spec.image_size, None, src.bad, "validation"),
+        test=Images(src.test, test_idx, spec.image_size, None, src.bad, "test"),
         classes=src.classes,
+        bad=src.bad,
     )

@@ -182,7 +182,7 @@ def resident_data(data: Datasets, spec, device: torch.device) -> Datasets:
                 f"device's free memory; {spec.data.source} does not (use auto or off)"
             )
         return data
-    return Datasets(*(ResidentImages(s, device) for s in splits), data.classes)
+    return Datasets(*(ResidentImages(s, device) for s in splits), data.classes, data.bad)
 
 
 def local_data(spec: DataSpec, env: DistEnv) -> DataSpec:

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from thaw_contract.plan import PlannedStage
 from thaw_contract.spec import training_hash
+from trainer import bad_images
 from trainer import checkpoint as ckpt
 from trainer.data import Datasets
 from trainer.distributed import all_gather_objects, all_sum, average_buffers, barrier
@@ -104,12 +105,13 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     fit = Fit(seed, inputs.seconds)
     if resume is not None:
         _restore(setup, stage, tr, fit, resume)
-    _fit(setup, stage, inputs, tr, fit, t_start)
+    _fit(setup, stage, inputs, tr, fit, t_start, data)
     final_dir = best_weights(setup, fit)
     freeze.remove()
     tr.wrapped = None
     final_dir, outcome = gated_weights(setup, stage, fit, final_dir)
     test = evaluate_test(setup, data, tr.batch)
+    bad = _bad_images(setup, data)
     result = StageResult(
         index=stage.index,
         name=stage.name,
@@ -127,6 +129,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         gate=outcome.as_dict(),
         diverged=fit.diverged,
         collapsed=outcome.collapsed or None,
+        bad_images=bad,
         lr_found=lr_found,
     )
     if setup.metrics is not None:
@@ -214,7 +217,16 @@ def _restore(setup: Setup, stage: PlannedStage, tr: Training, fit: Fit, resume: 
         fit.first_epoch = stage.epochs  # it had stopped early; only the commit was missing
 
 
-def _fit(setup: Setup, stage: PlannedStage, inputs: Inputs, tr: Training, fit: Fit, t_start: float) -> None:
+def _bad_images(setup: Setup, data: Datasets) -> dict | None:
+    """Images that did not decode so far, on every rank: fatal above spec.data.maxBadFraction."""
+    total = len(data.train) + len(data.val) + len(data.test)
+    limit = setup.job.spec.data.max_bad_fraction
+    return bad_images.check(data.bad, total, limit, setup.env, setup.progress.message)
+
+
+def _fit(
+    setup: Setup, stage: PlannedStage, inputs: Inputs, tr: Training, fit: Fit, t_start: float, data: Datasets
+) -> None:
     """The epochs: train, evaluate, checkpoint; stop early, or on divergence."""
     for epoch in range(fit.first_epoch, stage.epochs):
         try:
@@ -227,6 +239,7 @@ def _fit(setup: Setup, stage: PlannedStage, inputs: Inputs, tr: Training, fit: F
         if tr.trains_bn:
             average_buffers(inputs.net, setup.env)
         val = evaluate(inputs.net, tr.val_loader, tr.step, setup.job.spec.model.num_classes, pad_to=tr.batch)
+        _bad_images(setup, data)  # before the epoch commits: a stage over the limit ends here
         elapsed = time.perf_counter() - t_start
         row = {
             "stage": stage.name,

@@ -39,6 +39,7 @@ class StageResult:
     gate: dict | None = None  # gates.GateOutcome: advanced, rolled back, kept
     diverged: str | None = None  # why the divergence guard stopped it
     collapsed: str | None = None  # the weights it passes on predict one class (gates.collapsed): why
+    bad_images: dict | None = None  # images that did not decode and were skipped: count, first files
     lr_found: float | None = None  # lr: auto, the head's rate the range test picked
 
 

@@ -174,6 +174,16 @@ def test_a_prefix_of_many_objects_is_fetched_in_parallel_and_an_interrupted_sync
     assert not list(dest.rglob(".tmp-*"))
 
 
+def test_an_object_gone_between_the_listing_and_its_get_is_one_line_and_leaves_no_file(s3_env, seaweed, tmp_path):
+    from trainer import datasync
+    from trainer.storage import MissingObject
+
+    getter = datasync._Getter(seaweed.client(), "data", 4)
+    with pytest.raises(MissingObject, match=r"^s3://data/gone/a.jpg: no such object$"):
+        datasync._fetch(getter, "s3://data/gone/a.jpg", "gone/a.jpg", tmp_path / "a.jpg", 100)
+    assert list(tmp_path.iterdir()) == [] and getter.fast  # the store answered: the fast path stays on
+
+
 def test_data_sync_streams_objects_to_disk(s3_env, seaweed, tmp_path):
     """A 96 MiB object lands on disk without ever being held whole in Python memory."""
     import tracemalloc

@@ -63,3 +63,98 @@ def test_fashion_mnist_from_the_debian_package():
 def test_image_folder_layout_errors_name_the_source(tmp_path):
     with pytest.raises(SpecError, match="spec.data.source: .*train is not a directory"):
         build_datasets(DataSpec(source=f"file://{tmp_path}"), num_classes=2, seed=0)
+
+
+def _folder(root, per_class=(6, 6), test=2, classes=("dark", "light")):
+    """A tiny ImageFolder of 8 px PNGs: train/<class>/i.png and test/<class>/i.png."""
+    from torchvision.io import encode_png
+
+    for split, counts in (("train", per_class), ("test", (test,) * len(classes))):
+        for label, n in zip(classes, counts):
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = torch.full((3, 8, 8), 40 if label == "dark" else 200, dtype=torch.uint8)
+                (root / split / label / f"{i}.png").write_bytes(encode_png(img).numpy().tobytes())
+    return f"file://{root}"
+
+
+def test_an_image_that_does_not_decode_is_skipped_named_and_another_stands_in(tmp_path):
+    from trainer.bad_images import check, verdict
+
+    src = _folder(tmp_path)
+    png = (tmp_path / "train/dark/1.png").read_bytes()
+    (tmp_path / "train/dark/0.png").write_bytes(b"not an image at all")
+    (tmp_path / "train/light/2.png").write_bytes(png[: len(png) // 2])  # truncated
+    ds = build_datasets(DataSpec(source=src, image_size=16, val_per_class=1), num_classes=2, seed=0)
+    samples = [ds.train[k] for k in range(len(ds.train))] + [ds.val[k] for k in range(len(ds.val))]
+    assert all(x.shape == (3, 16, 16) for x, _ in samples)  # every batch keeps its shape
+    seen = ds.bad.seen()
+    assert sorted(seen) == ["train/dark/0.png", "train/light/2.png"]
+    assert all(why.startswith("RuntimeError: ") and "\n" not in why for why in seen.values())
+    warnings = []
+    total = len(ds.train) + len(ds.val) + len(ds.test)
+    from trainer.distributed import DistEnv
+
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+    assert check(ds.bad, total, 0.5, env, warnings.append) == {"count": 2, "first": sorted(seen)}
+    assert warnings == [
+        f"warning: data: 2 of {total} images do not decode; skipped: "
+        + ", ".join(f"{n} ({seen[n]})" for n in sorted(seen))
+    ]
+    check(ds.bad, total, 0.5, env, warnings.append)
+    assert len(warnings) == 1  # said once, not every epoch
+    line = verdict(seen, total, 0.001)
+    assert line.startswith(f"spec.data.maxBadFraction: 2 of {total} images do not decode (") and "\n" not in line
+    assert "first: train/dark/0.png (RuntimeError: " in line and line.endswith("or raise maxBadFraction")
+    with pytest.raises(SpecError, match=r"^spec.data.maxBadFraction: 2 of 16 images"):
+        check(ds.bad, total, 0.001, env, warnings.append)
+
+
+def test_bad_images_recorded_in_dataloader_workers_reach_the_main_process(tmp_path):
+    from torch.utils.data import DataLoader
+
+    src = _folder(tmp_path, per_class=(8, 8))
+    for i in (0, 3, 5):
+        (tmp_path / f"train/light/{i}.png").write_bytes(b"\x89PNG broken")
+    ds = build_datasets(DataSpec(source=src, image_size=16, val_per_class=1), num_classes=2, seed=0)
+    for _ in DataLoader(ds.train, batch_size=4, num_workers=2):
+        pass
+    for _ in DataLoader(ds.val, batch_size=4, num_workers=2):
+        pass
+    assert sorted(ds.bad.seen()) == [f"train/light/{i}.png" for i in (0, 3, 5)]
+
+
+def test_a_split_where_nothing_decodes_is_one_line(tmp_path):
+    src = _folder(tmp_path, per_class=(3, 3), test=1)
+    for p in (tmp_path / "test").rglob("*.png"):
+        p.write_bytes(b"garbage")
+    ds = build_datasets(DataSpec(source=src, image_size=16, val_per_class=1), num_classes=2, seed=0)
+    with pytest.raises(SpecError, match="^spec.data.source: no image of the test split decodes$"):
+        ds.test[0]
+
+
+@pytest.mark.parametrize(
+    "layout,spec,message",
+    [
+        ({"per_class": (6, 0)}, {}, r"^spec.data.source: .*/train/light holds no images \(ImageFolder"),
+        ({"test": 0}, {}, r"^spec.data.source: .*/test/dark holds no images"),
+        ({"per_class": (6, 3)}, {"val_per_class": 3}, "^spec.data.valPerClass: 3 leaves no training images of "
+         "class 'light', which has 3; use at most 2$"),
+        ({}, {"val_per_class": 2, "train_per_class": 5}, r"^spec.data.trainPerClass: 5 is more than class 'dark' "
+         r"has after valPerClass \(6 - 2 = 4\); use at most that, or leave it unset for all$"),
+    ],
+)  # fmt: skip
+def test_data_shape_mistakes_are_one_line_naming_the_field(tmp_path, layout, spec, message):
+    src = _folder(tmp_path, **layout)
+    with pytest.raises(SpecError, match=message) as err:
+        build_datasets(DataSpec(source=src, image_size=16, **spec), num_classes=2, seed=0)
+    assert "\n" not in str(err.value)
+
+
+def test_a_class_folder_missing_from_test_is_named(tmp_path):
+    src = _folder(tmp_path)
+    (tmp_path / "train/extra").mkdir()
+    (tmp_path / "train/extra/0.png").write_bytes((tmp_path / "train/dark/0.png").read_bytes())
+    with pytest.raises(SpecError, match=r"^spec.data.source: the class folders of .*test and .*train differ "
+                       r"\(only in one: extra\)$"):  # fmt: skip
+        build_datasets(DataSpec(source=src, image_size=16, val_per_class=1), num_classes=3, seed=0)

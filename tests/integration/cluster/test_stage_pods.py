@@ -98,6 +98,67 @@ def test_configuration_errors_fail_at_once_with_the_trainers_line(cluster, api, 
         assert "error: spec." in logs and "Traceback" not in logs, logs[-3000:]
 
 
+def _photo_folder(root, empty_class: bool = False) -> str:
+    """Two classes of 16 px PNGs (train 12 each, test 4 each); the first dark image corrupt."""
+    import torch
+    from torchvision.io import encode_png
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for label, base in (("dark", 40), ("light", 200)):
+            (root / split / label).mkdir(parents=True)
+            for i in range(0 if empty_class and label == "light" and split == "train" else n):
+                img = (torch.full((3, 16, 16), base) + torch.randint(0, 30, (3, 16, 16), generator=g)).to(torch.uint8)
+                (root / split / label / f"{i}.png").write_bytes(encode_png(img).numpy().tobytes())
+    (root / "train/dark/0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return f"file://{root}"
+
+
+def test_bad_data_through_stage_pods_is_skipped_and_named_or_fails_once_with_its_line(
+    cluster, api, namespace, operator, store_dir
+):
+    """Issue 27's bad data on the path users run: one image that does not decode is skipped, named
+    in the log and in status; above spec.data.maxBadFraction, an empty class folder or a valPerClass
+    larger than a class: Failed after one attempt, with the trainer's one line."""
+    k = Api(api, namespace)
+    store = f"file://{store_dir}"
+    good, empty = _photo_folder(store_dir / "photos"), _photo_folder(store_dir / "empty", empty_class=True)
+    model = {"architecture": "efficientnet_lite0", "weights": "BUNDLED", "numClasses": 2}
+    data = {"imageSize": 32, "valPerClass": 2, "batchSize": 4, "maxBadFraction": 0.1}
+    docs = {
+        "skip": {"source": good},
+        "toomany": {"source": good, "maxBadFraction": 0},
+        "noclass": {"source": empty},
+        "valsize": {"source": good, "valPerClass": 12},
+    }
+    for name, extra in docs.items():
+        doc = stage_pod_doc(name, store, model=model, data={**data, **extra})
+        doc["spec"]["stages"] = doc["spec"]["stages"][:1]
+        k.create(doc)
+    st = k.phase("skip", "Succeeded", 300)
+    bad = st["stages"][0]["result"]["badImages"]
+    assert bad == {"count": 1, "first": ["train/dark/0.png"]}, st["stages"][0]["result"]
+    logs = _pod_logs(cluster, namespace, "skip-0-a1")
+    assert "warning: data: 1 of 32 images do not decode; skipped: train/dark/0.png (RuntimeError: " in logs, logs[
+        -3000:
+    ]
+    expected = {
+        "toomany": "stage 0 (head) configuration error: spec.data.maxBadFraction: 1 of 32 images do not decode",
+        "noclass": "stage 0 (head) configuration error: spec.data.source: ",
+        "valsize": "stage 0 (head) configuration error: spec.data.valPerClass: 12 leaves no training images of class",
+    }
+    for name, message in expected.items():
+        st = k.phase(name, "Failed", 300)
+        failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "InvalidConfiguration" and failed["message"].startswith(message), (name, failed)
+        assert "\n" not in failed["message"]
+        assert sorted(k.jobs(name)) == [f"{name}-0-a1"]  # one attempt, not retried
+        assert "Traceback" not in _pod_logs(cluster, namespace, f"{name}-0-a1")
+    assert "empty/train/light holds no images" in next(
+        c["message"] for c in k.status("noclass")["conditions"] if c["type"] == "Failed"
+    )
+
+
 def test_a_stage_pod_killed_by_the_kernels_oom_killer_is_counted_and_named(
     cluster, api, namespace, operator, store_dir
 ):
