@@ -80,6 +80,7 @@ def train_epoch(
     mark = interval_start = t0
     unread: list[tuple[float, int]] = []  # (data wait, images) of the steps since the last read
     read_sum, read_count = 0.0, 0
+    trained_at = None  # the rates of the epoch's last optimizer step (the schedule then moves on)
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
         waited = time.perf_counter() - mark
@@ -108,6 +109,7 @@ def train_epoch(
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            trained_at = {g.get("name", str(k)): g["lr"] for k, g in enumerate(optimizer.param_groups)}
             scheduler.step()
         n = y.shape[0]
         loss_sum += loss.detach().double() * n
@@ -145,6 +147,7 @@ def train_epoch(
         "data_wait_seconds": data_wait,
         "step_seconds": seconds / max(steps, 1),
         "rank_images": rank_images,
+        "lr": trained_at,
     }
 
 

@@ -245,10 +245,11 @@ def _fit(
             "stage": stage.name,
             "stage_index": stage.index,
             "epoch": epoch,
-            **{k: round(v, 6) for k, v in m.items() if k != "rank_images"},
+            **{k: round(v, 6) for k, v in m.items() if k not in ("rank_images", "lr")},
             "val_loss": round(val["loss"], 6),
             "val_accuracy": round(val["accuracy"], 6),
-            "lr": {g["name"]: g["lr"] for g in tr.optimizer.param_groups},
+            # The rates the epoch's last step trained at (after it the schedule has moved on: 0 at a cosine's end).
+            "lr": m["lr"] or {g["name"]: g["lr"] for g in tr.optimizer.param_groups},
             "eta_seconds": round(elapsed / (epoch + 1 - fit.first_epoch) * (stage.epochs - epoch - 1), 1),
         }
         collapse = collapsed(val["predicted"], val["labels"])

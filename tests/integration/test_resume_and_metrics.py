@@ -15,8 +15,9 @@ import pytest
 from testbed.net import free_ports, wait_until
 from testbed.prometheus import Prometheus
 from tests.integration.conftest import ROOT, run, torchrun, write_job
-from thaw_contract.spec import CheckpointSpec
+from thaw_contract.spec import CheckpointSpec, ScheduleSpec
 from trainer import checkpoint as ckpt
+from trainer.schedule import lr_factor
 from trainer.storage import open_store
 
 pytestmark = pytest.mark.integration
@@ -158,15 +159,22 @@ def test_prometheus_scrapes_every_rank_with_sane_values(small_job, tmp_path, s3_
         assert 0 < trainable[("head", "0")] < trainable[("top3", "0")] < total[("top3", "0")]
         # Per layer group, the last value each rank exported (it lingers past a scrape) is the rate the
         # trainer recorded for the stage's last epoch: timing-free, unlike a peak a scrape may miss.
+        # The rate recorded is the one the epoch's last step trained at (the cosine one step before
+        # its floor), not the schedule's value after that step.
         lrs = _series(prom, "thaw_learning_rate", labels=("stage", "rank", "group"))
+        last = {}
         for (stage, peak), final in zip((("head", 0.05), ("top3", 0.01)), _finals("s3://thaw/metrics")):
             recorded = final["history"][-1]["lr"]
             for rank in ("0", "1"):
                 got = {g: v for (s, r, g), v in lrs.items() if (s, r) == (stage, rank)}
                 assert got == pytest.approx(recorded), (stage, rank, got, recorded)
-            assert max(recorded.values()) == pytest.approx(0.5 * peak), recorded
+            total = int(steps[(stage, "0")])
+            last[stage] = peak * lr_factor(total - 1, total, 0, ScheduleSpec(min_lr_factor=0.5))
+            assert 0.5 * peak < last[stage] < 0.6 * peak
+            assert max(recorded.values()) == pytest.approx(last[stage]), recorded
         top3 = sorted(v for (s, r, _), v in lrs.items() if (s, r) == ("top3", "0"))
-        assert len(top3) == 3 and top3 == pytest.approx([0.005 / 2.6**2, 0.005 / 2.6, 0.005]), top3  # lrDecay
+        rates = [last["top3"] / 2.6**2, last["top3"] / 2.6, last["top3"]]
+        assert len(top3) == 3 and top3 == pytest.approx(rates), top3  # lrDecay
         assert _series(prom, "thaw_epoch")[("top3", "1")] == 4
         assert _series(prom, "thaw_checkpoint_upload_bytes_total")[("top3", "0")] > 100_000
         assert t0 <= _series(prom, "thaw_checkpoint_last_success_timestamp_seconds")[("top3", "0")] <= time.time()

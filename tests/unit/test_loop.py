@@ -136,3 +136,14 @@ def test_the_training_loader_drops_a_ragged_batch_but_keeps_a_lone_short_one():
     assert [len(b[1]) for b in train_loader(ds(3), 4, ENV, True, 0, job)] == [3]
     two = DistEnv(1, 2, 1, 2, torch.device("cpu"))  # rank 1 of 2: a shard of 5
     assert [len(b[1]) for b in train_loader(ds(10), 2, two, True, 0, job)] == [2, 2]
+
+
+def test_the_epochs_rate_is_the_one_its_last_step_trained_at_not_the_schedules_next():
+    """A schedule that reaches 0 after the last step: the epoch reports the last step's rate."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    loader = DataLoader(TensorDataset(torch.randn(16, 6), torch.randint(0, 3, (16,))), batch_size=4)
+    opt = torch.optim.SGD([{"params": model.parameters(), "lr": 0.4, "name": "head"}], lr=0.4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 4)  # 1, 0.75, 0.5, 0.25, then 0
+    out = train_epoch(model, loader, opt, sched, StepContext(ENV, lambda x: x, None, None), Progress(False))
+    assert out["lr"] == {"head": pytest.approx(0.1)} and opt.param_groups[0]["lr"] == 0
