@@ -23,7 +23,7 @@ GATE_WORDS = {
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'stage':<14}{'trainable':>12}{'epochs':>8}{'best val':>10}{'test acc':>10}{'wall s':>9}  gate"
+    head = f"{'stage':<14}{'trainable':>12}{'epochs':>8}{'val acc':>10}{'test acc':>10}{'wall s':>9}  gate"
     lines = [head, "-" * len(head)]
     for r in rows:
         name = r["name"] + (" (cached)" if r.get("feature_cache") else "")

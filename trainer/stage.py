@@ -37,7 +37,7 @@ from trainer.stage_checkpoints import (
     save_epoch,
     state_digest,
 )
-from trainer.stage_end import best_weights, evaluate_test, gated_weights
+from trainer.stage_end import best_weights, evaluate_test, gated_weights, kept_row
 from trainer.stage_inputs import Inputs, auto_lr, stage_inputs
 from trainer.train_state import TrainState, rng_state, set_rng_state
 from trainer.uploader import retrying
@@ -107,6 +107,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         _restore(setup, stage, tr, fit, resume)
     _fit(setup, stage, inputs, tr, fit, t_start, data)
     final_dir = best_weights(setup, fit)
+    judged = kept_row(stage, fit, final_dir)
     freeze.remove()
     tr.wrapped = None
     final_dir, outcome = gated_weights(setup, stage, fit, final_dir)
@@ -118,7 +119,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         trainable_params=n_trainable,
         total_params=n_total,
         epochs_run=len(fit.history),
-        best_val_accuracy=max((r["val_accuracy"] for r in fit.history), default=None),
+        best_val_accuracy=judged["val_accuracy"] if judged else None,  # the weights judged, not the max
         test_accuracy=test["accuracy"],
         test_loss=test["loss"],
         seconds=time.perf_counter() - t_start,

@@ -28,7 +28,10 @@ class StageResult:
     trainable_params: int
     total_params: int
     epochs_run: int
-    best_val_accuracy: float | None  # None when it diverged before an epoch ended
+    # The val accuracy of the epoch whose weights it committed (its best where one is kept, else its
+    # last): the value the gate judged. None when it diverged before an epoch ended. The name is
+    # older than that rule (committed summaries and gates.previous_carried read it).
+    best_val_accuracy: float | None
     test_accuracy: float
     test_loss: float
     seconds: float

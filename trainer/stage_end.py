@@ -26,13 +26,16 @@ def best_weights(setup: Setup, fit) -> str | None:
     return fit.best_dir
 
 
+def kept_row(stage: PlannedStage, fit, final_dir: str | None) -> dict | None:
+    """The history row of the epoch whose weights the stage would commit (what the gate judges,
+    and what the report and status show as its validation accuracy); None if no epoch ended."""
+    return next((r for r in fit.history if ckpt.epoch_prefix(stage.index, stage.name, r["epoch"]) == final_dir), None)
+
+
 def gated_weights(setup: Setup, stage: PlannedStage, fit, final_dir: str | None) -> tuple[str, GateOutcome]:
     """The gate's verdict on those weights; where it rolls the stage back, the stage's input
     (the previous stage's final weights) is loaded instead. The prefix passed on."""
-    final_row = next(
-        (r for r in fit.history if ckpt.epoch_prefix(stage.index, stage.name, r["epoch"]) == final_dir), None
-    )
-    outcome = gate(setup, stage, final_row, fit.diverged)
+    outcome = gate(setup, stage, kept_row(stage, fit, final_dir), fit.diverged)
     if outcome.decision in ("rolled_back", "stopped"):
         prev = setup.stages[stage.index - 1]
         final_dir, _ = decided_by_main(lambda: ckpt.read_final(setup.store, prev.index, prev.name), setup.env)

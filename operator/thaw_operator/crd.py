@@ -178,7 +178,7 @@ def status_schema() -> dict:
             "phase": {"type": "string", "description": "Pending, Running, Queued, Suspended, Succeeded or Failed"},
             "currentStage": {"type": "integer", "description": "index of the stage running or next to run"},
             "stageProgress": {"type": "string", "description": "stages finished / stages"},
-            "valAccuracy": {"type": "number", "description": "best validation accuracy of the last finished stage"},
+            "valAccuracy": {"type": "number", "description": "val accuracy of the last stage's committed weights"},
             "observedGeneration": {"type": "integer"},
             "message": {"type": "string"},
             "completionTime": {

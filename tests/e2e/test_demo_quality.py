@@ -50,7 +50,7 @@ def test_demo_runs_every_stage_and_reports(demo_run):
     assert rows[0]["feature_cache"] is True, "the head stage trains on cached features"
     for name in names:
         assert name in proc.stdout
-    assert "best val" in proc.stdout and "curves:" in proc.stdout
+    assert "val acc" in proc.stdout and "curves:" in proc.stdout
     assert (tmp / "store" / "quickstart" / "curves.png").stat().st_size > 10_000
     epochs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"event": "epoch"')]
     assert {e["stage"] for e in epochs} == set(names)
