@@ -25,6 +25,11 @@ def _plan(args) -> int:
     total = sum(counts)
     print(f"{job.metadata.name}: {job.spec.model.architecture}, {len(groups)} layer groups, {total:,} parameters")
     print("groups (stem -> head): " + ", ".join(f"{g.name}={c:,}" for g, c in zip(groups, counts)))
+    fmt = lambda xs: "(" + ", ".join(f"{x:.3f}" for x in xs) + ")"  # noqa: E731
+    print(
+        f"input: RGB at {job.spec.data.image_size} px, scaled to [0, 1], then (x - mean) / std with mean "
+        f"{fmt(built.mean)}, std {fmt(built.std)}"
+    )
     for s in stages:
         n = sum(p.numel() for name, p in built.model.named_parameters() if name in s.trainable_params)
         lrs = ", ".join(f"{groups[g].name}={lr:.3g}" for g, lr in s.group_lrs.items())
@@ -35,6 +40,7 @@ def _plan(args) -> int:
             f"  [{s.index}] {s.name}: {s.epochs} epochs, batch {s.batch_size}, {s.schedule.name}{warm}, "
             f"trainable {n:,} ({100 * n / total:.1f}%), lr {lrs}"
         )
+        print(f"      {bn_policy(s)}")
         if s.index > 0:
             print(f"      {describe(s.gate)}")
     from thaw_contract.plan import recipe_warnings
@@ -42,6 +48,15 @@ def _plan(args) -> int:
     for line in recipe_warnings(job.spec, stages):
         print(line)
     return 0
+
+
+def bn_policy(stage) -> str:
+    """What the stage's BatchNorm layers do with their running statistics (trainer/freezing.py)."""
+    if stage.freeze_bn_stats:
+        return "BatchNorm: every layer's statistics stay fixed, trainable ones too (freezeBnStats)"
+    if stage.train_bn:
+        return "BatchNorm: every layer updates its statistics, in frozen groups too (trainBn)"
+    return "BatchNorm: layers in trainable groups update their statistics; frozen groups' stay fixed"
 
 
 def _run(args) -> int:

@@ -19,6 +19,13 @@ def test_plan_prints_groups_stages_counts_and_rates(capsys):
     assert (
         gates == ["gate: val_accuracy worse than the stage before -> roll back to the weights before it"] * 2
     )  # every stage after the first, at the spec's default
+    assert "input: RGB at 64 px, scaled to [0, 1], then (x - mean) / std with mean (0.500, 0.500, 0.500)" in out
+    bn = [line.strip() for line in out.splitlines() if line.strip().startswith("BatchNorm:")]
+    assert bn == [  # the quickstart freezes the statistics once the backbone trains
+        "BatchNorm: layers in trainable groups update their statistics; frozen groups' stay fixed",
+        "BatchNorm: every layer's statistics stay fixed, trainable ones too (freezeBnStats)",
+        "BatchNorm: every layer's statistics stay fixed, trainable ones too (freezeBnStats)",
+    ]
 
 
 def test_plan_says_what_each_stages_gate_does(tmp_path, capsys):
