@@ -187,6 +187,11 @@ def status_schema() -> dict:
                 "description": "when it became Succeeded or Failed (ttlSecondsAfterFinished counts from here)",
             },
             "stages": {"type": "array", "items": obj, "description": "per stage: phase, attempts, times, checkpoint"},
+            "ignoredPods": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "pods that carried a stage Job's labels without being its: never read (the last 20)",
+            },
             "conditions": {
                 "type": "array",
                 "items": {

@@ -30,7 +30,10 @@ def _meta(obj: dict) -> dict:
     return {k: m[k] for k in ("name", "namespace", "uid", "resourceVersion", "deletionTimestamp") if k in m} | {
         "labels": {k: labels[k] for k in LABELS if k in labels},
         "annotations": {k: annotations[k] for k in ANNOTATIONS if k in annotations},
-        "ownerReferences": [{"uid": r.get("uid"), "kind": r.get("kind")} for r in m.get("ownerReferences") or []],
+        "ownerReferences": [
+            {"uid": r.get("uid"), "kind": r.get("kind"), "controller": bool(r.get("controller"))}
+            for r in m.get("ownerReferences") or []
+        ],
     }
 
 
@@ -68,6 +71,31 @@ def job_name_of(pod: dict) -> str | None:
 
 def owned_by(obj: dict, uid: str) -> bool:
     return any(r.get("uid") == uid for r in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def controlled_by(obj: dict, uid: str) -> bool:
+    """Whether `uid` is obj's controller (the Job controller sets it on the pods it creates). A
+    pod that only carries a stage Job's labels is anyone's: its phase and termination message
+    must not count (anyone who may create pods in the namespace could forge a result)."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == uid and r.get("controller") for r in refs)
+
+
+def split_pods(jobs: list[dict], pods: list[dict]) -> tuple[dict[str, list[dict]], list[str]]:
+    """Pods by the name of the stage Job that controls them, and the names of pods that carry a
+    stage Job's name label without being its (ignored, and said in a Warning event)."""
+    uid_of = {j["metadata"]["name"]: j["metadata"].get("uid") for j in jobs}
+    mine: dict[str, list[dict]] = {}
+    foreign = []
+    for p in pods:
+        name = job_name_of(p)
+        if name not in uid_of:
+            continue
+        if controlled_by(p, uid_of[name]):
+            mine.setdefault(name, []).append(p)
+        else:
+            foreign.append(p["metadata"]["name"])
+    return mine, sorted(foreign)
 
 
 def phase(pod: dict) -> str | None:

@@ -74,6 +74,7 @@ class _Ctx:
     now: str
     old: dict
     stages: list[dict]
+    foreign: list[str] = field(default_factory=list)  # pods with a stage Job's labels, not its own
     out: Plan = field(default_factory=Plan)
 
     def finish(self, phase: str, reason: str, message: str, current: int) -> Plan:
@@ -81,7 +82,22 @@ class _Ctx:
         self.out.status = status.build(self.old, phase, reason, message, self.stages, current, self.now, gen)
         if self.old.get("phase") != phase:
             self.out.events.append(("Warning" if phase == FAILED else "Normal", phase, message))
+        self._ignore_foreign()
         return self.out
+
+    def _ignore_foreign(self) -> None:
+        """Each pod that wears a stage Job's labels without being its is named once, in a Warning
+        event and in status.ignoredPods (the last IGNORED_KEPT), and never read."""
+        seen = list(self.old.get("ignoredPods") or [])
+        new = [p for p in self.foreign if p not in seen]
+        for pod in new:
+            msg = f"pod {pod} carries a stage Job's labels but that Job does not control it; its result is ignored"
+            self.out.events.append(("Warning", "ForeignPodIgnored", msg))
+        if seen or new:
+            self.out.status["ignoredPods"] = (seen + new)[-IGNORED_KEPT:]
+
+
+IGNORED_KEPT = 20
 
 
 def _label(k: int, st: dict) -> str:
@@ -96,8 +112,10 @@ def plan(
     now: str,
     image: str,
     progress: dict[int, dict] | None = None,
+    foreign: list[str] | tuple[str, ...] = (),
 ) -> Plan:
-    """`progress`: the numbers rank 0 of a running stage serves (epoch, val accuracy, ETA)."""
+    """`progress`: the numbers rank 0 of a running stage serves (epoch, val accuracy, ETA).
+    `foreign`: pods that carry a stage Job's labels but are not controlled by it (never read)."""
     old = ftj.get("status") or {}
     if spec is None:  # the API server's schema let it through, but the trainer's models did not
         ctx = _Ctx(ftj, None, [], image, now, old, [])  # type: ignore[arg-type]
@@ -105,7 +123,8 @@ def plan(
     if old.get("phase") in TERMINAL and old.get("observedGeneration") == ftj["metadata"].get("generation", 1):
         return _finished(old, spec, jobs, now)
     stage_specs = [s for _, s in expand_stages(spec)]
-    ctx = _Ctx(ftj, spec, stage_specs, spec.image or image, now, old, _stage_rows(old, spec, stage_specs))
+    rows = _stage_rows(old, spec, stage_specs)
+    ctx = _Ctx(ftj, spec, stage_specs, spec.image or image, now, old, rows, list(foreign))
     by_stage: dict[int, list[JobView]] = {}
     for j in jobs:
         by_stage.setdefault(j.stage, []).append(j)

@@ -188,3 +188,26 @@ def test_a_relist_reports_what_the_lost_watch_would_have():
     ]
     changed = c._replace(listed, version=22)
     assert sorted(o["metadata"]["name"] for o in changed) == ["j-1-a1", "j-2-a1", "j-3-a1"]
+
+
+def _controlled(p: dict, job_uid: str) -> dict:
+    p["metadata"]["ownerReferences"] = [{"uid": job_uid, "kind": "Job", "name": "j-0-a1", "controller": True}]
+    return p
+
+
+def test_only_pods_the_stage_job_controls_count_a_label_alone_is_ignored():
+    j = job(conds=[("Complete", "", "")])
+    done = {"exitCode": 0, "reason": "Completed", "message": json.dumps(RESULT)}
+    forged_result = json.dumps(RESULT | {"checkpoint": "s3://evil/x", "metrics": {"valAccuracy": 1.0}})
+    real = _controlled(pod("p0", "0", "Succeeded", done), "uid-j-0-a1")
+    forged = pod("forged", "0", "Succeeded", {"exitCode": 0, "reason": "Completed", "message": forged_result})
+    owner_only = pod("also-forged", "0", "Succeeded", {"exitCode": 0, "message": forged_result})
+    owner_only["metadata"]["ownerReferences"] = [{"uid": "uid-j-0-a1", "kind": "Job"}]  # not the controller
+    other_job = pod("unrelated", job_name="elsewhere-0-a1")
+    for pods in ([real, forged, owner_only, other_job], [forged, owner_only, real, other_job]):  # any order
+        mine, foreign = observe.split_pods([j], pods)
+        assert mine == {"j-0-a1": [real]} and foreign == ["also-forged", "forged"]
+        assert observe.job_view(j, mine["j-0-a1"]).result["checkpoint"] == RESULT["checkpoint"]
+    # The slim copy the watch cache keeps carries the controller flag.
+    slim = observe.slim_pod(real)
+    assert observe.controlled_by(slim, "uid-j-0-a1") and not observe.controlled_by(observe.slim_pod(forged), "x")

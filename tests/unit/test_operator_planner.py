@@ -390,3 +390,22 @@ def test_every_generated_name_is_a_valid_label_at_the_limits():
         assert label.fullmatch(service) and len(service) <= 63
         assert label.fullmatch(job_name) and len(f"{job_name}-{63}") <= 63
         assert len(res.config_map_name(name)) <= 253
+
+
+def test_a_foreign_pod_is_named_once_in_a_warning_and_in_status():
+    first = plan(ftj(), parse_job(ftj()).spec, None, [], NOW, IMAGE, None, ["forged-1"])
+    events = [e for e in first.events if e[1] == "ForeignPodIgnored"]
+    assert events == [
+        (
+            "Warning",
+            "ForeignPodIgnored",
+            "pod forged-1 carries a stage Job's labels but that Job does not control it; its result is ignored",
+        )
+    ]
+    assert first.status["ignoredPods"] == ["forged-1"]
+    again = plan(ftj(first.status), parse_job(ftj()).spec, None, [], NOW, IMAGE, None, ["forged-1", "forged-2"])
+    assert [e[2].split()[1] for e in again.events if e[1] == "ForeignPodIgnored"] == ["forged-2"]  # only the new one
+    assert again.status["ignoredPods"] == ["forged-1", "forged-2"]
+    quiet = plan(ftj(again.status), parse_job(ftj()).spec, None, [], NOW, IMAGE)
+    assert quiet.status["ignoredPods"] == ["forged-1", "forged-2"]  # kept once gone
+    assert not [e for e in quiet.events if e[1] == "ForeignPodIgnored"]

@@ -16,7 +16,7 @@ from kubernetes import client, watch
 from testbed.control_plane import DELAY, EXIT_CODE
 from testbed.operator_process import OperatorProcess
 from tests.integration.cluster.conftest import wait_for
-from tests.integration.cluster.test_operator import Api, ftj_doc, reported
+from tests.integration.cluster.test_operator import KWOK, Api, ftj_doc, reported
 
 pytestmark = pytest.mark.cluster
 OK = {EXIT_CODE: "0", DELAY: "300ms"}
@@ -49,6 +49,55 @@ def test_one_broken_job_among_ten_good_ones_and_all_ten_succeed(api, namespace, 
     k.core.delete_namespaced_config_map("broken-job", namespace)
     st = k.phase("broken", "Succeeded", 60)
     assert all(c["type"] != "Stalled" for c in st["conditions"])
+
+
+def test_a_pod_that_only_wears_a_stage_jobs_labels_cannot_report_its_result(api, namespace, operator, tmp_path):
+    """Anyone who may create pods in the namespace can copy a stage pod's labels and index. Such a
+    pod, ending Succeeded with a forged result, is ignored (a Warning event, status.ignoredPods):
+    the stage's first attempt, whose own pods report nothing, is retried, and the job's result is
+    the one its own pods report."""
+    from thaw_operator import resources as res
+    from thaw_operator.observe import INDEX_ANNOTATION
+
+    k = Api(api, namespace)
+    doc = ftj_doc(
+        "forge",
+        f"file://{tmp_path}/store",
+        stages=1,
+        podAnnotations={EXIT_CODE: "0", DELAY: "15s"},
+        runPolicy={"retriesPerStage": 1},
+    )
+    k.create(doc)
+    wait_for(lambda: "forge-0-a1" in k.jobs("forge"), 30, what="stage 0")
+    forged = {
+        "metadata": {
+            "name": "forge-0-a1-0-forged",
+            "labels": {
+                res.LABEL_JOB: "forge",
+                res.LABEL_STAGE: "0",
+                res.LABEL_ATTEMPT: "1",
+                "batch.kubernetes.io/job-name": "forge-0-a1",
+                "job-name": "forge-0-a1",
+            },
+            "annotations": {INDEX_ANNOTATION: "0", **OK, **reported({0: 0.99}, store="s3://evil/store")},
+        },
+        "spec": {
+            "nodeName": "kwok-gpu-0",
+            "tolerations": KWOK["tolerations"],
+            "containers": [{"name": "trainer", "image": "thaw/trainer:forged"}],
+        },
+    }
+    k.core.create_namespaced_pod(namespace, forged)
+    k.patch("forge", {"podAnnotations": {**OK, **reported({0: 0.5})}})  # what attempt 2's own pods report
+    st = k.phase("forge", "Succeeded", 120)
+    assert st["stages"][0]["checkpoint"] == "s3://kwok/store/head/epoch-0000", st["stages"][0]
+    assert st["valAccuracy"] == pytest.approx(0.5) and st["stages"][0]["attempts"] == 2
+    assert st["ignoredPods"] == ["forge-0-a1-0-forged"]
+    wait_for(
+        lambda: any(r == "ForeignPodIgnored" and "forge-0-a1-0-forged" in m for r, m in k.events("forge")),
+        30,
+        what="the ForeignPodIgnored event",
+    )
 
 
 def test_the_job_file_follows_mutable_fields_for_the_next_stage(api, namespace, operator, tmp_path):
