@@ -19,7 +19,6 @@ import json
 import logging
 import threading
 import time
-import urllib.request
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -31,6 +30,7 @@ from thaw_operator import resources as res
 from thaw_operator.apply import apply, post_event
 from thaw_operator.crd import GROUP, PLURAL, VERSION
 from thaw_operator.planner import JobView, Plan, plan
+from thaw_operator.progress import scrape_progress
 from thaw_operator.workqueue import NAMES as PRIORITY_NAMES
 
 log = logging.getLogger("thaw.operator")
@@ -75,33 +75,6 @@ def _views(owned: list[dict], pods: list[dict], workloads: dict) -> tuple[list[J
         observe.job_view(j, pods_of.get(j["metadata"]["name"], []), workloads.get(j["metadata"]["uid"])) for j in owned
     ]
     return [v for v in views if v is not None], foreign
-
-
-def scrape_progress(pod, port: int) -> dict | None:
-    """Epoch, validation accuracy and ETA that rank 0 serves on its metrics port (best effort:
-    the operator reaches only pods it created, at the address their status gives)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    ip = (pod.get("status") or {}).get("podIP")
-    if not ip:
-        return None
-    try:
-        with _NO_PROXY.open(f"http://{ip}:{port}/metrics", timeout=2) as r:
-            text = r.read(1 << 20).decode()
-    except (OSError, ValueError):
-        return None
-    wanted = {"thaw_epoch": "epoch", "thaw_val_accuracy_ratio": "valAccuracy", "thaw_eta_seconds": "etaSeconds"}
-    out: dict = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in wanted and sample.labels.get("rank", "0") == "0":
-                out[wanted[sample.name]] = sample.value
-    if "epoch" in out:
-        out["epoch"] = int(out["epoch"])
-    return out or None
-
-
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def reconcile(namespace: str, name: str) -> Plan | None:
