@@ -194,6 +194,9 @@ def stage_job(
         # SIGTERM (suspend, preemption) lets the trainer commit queued checkpoints first: as long
         # as one upload may be retried, plus a margin, so the kubelet never cuts the flush short.
         "terminationGracePeriodSeconds": int(spec.checkpoint.upload_timeout_seconds) + GRACE_MARGIN_SECONDS,
+        # The trainer never talks to the API server: a token in the pod would only be something a
+        # tenant's code could use (cloud workload identity, e.g. EKS IRSA, mounts its own token).
+        "automountServiceAccountToken": False,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": 10001,

@@ -231,6 +231,7 @@ def test_stage_job_shape():
     assert j["metadata"]["ownerReferences"][0]["uid"] == "u-1"
     pod = s["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["subdomain"] == "ft-1"
+    assert pod["automountServiceAccountToken"] is False  # the trainer never calls the API server
     assert (
         pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     )

@@ -93,6 +93,11 @@ def test_a_pod_that_only_wears_a_stage_jobs_labels_cannot_report_its_result(api,
     assert st["stages"][0]["checkpoint"] == "s3://kwok/store/head/epoch-0000", st["stages"][0]
     assert st["valAccuracy"] == pytest.approx(0.5) and st["stages"][0]["attempts"] == 2
     assert st["ignoredPods"] == ["forge-0-a1-0-forged"]
+    # The API server's ServiceAccount admission mounts a token into a pod unless told not to: the
+    # forged pod got one, the stage pods none (automountServiceAccountToken: false).
+    pods = k.core.list_namespaced_pod(namespace, label_selector=f"{res.LABEL_JOB}=forge").items
+    tokens = {p.metadata.name: any(v.name.startswith("kube-api-access") for v in p.spec.volumes or []) for p in pods}
+    assert tokens.pop("forge-0-a1-0-forged") is True and tokens and not any(tokens.values()), tokens
     wait_for(
         lambda: any(r == "ForeignPodIgnored" and "forge-0-a1-0-forged" in m for r, m in k.events("forge")),
         30,
