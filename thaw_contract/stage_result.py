@@ -19,6 +19,9 @@ STATUS_FIELDS = {
     "lr_found": "lrFound",
 }
 GATE_STATUS_FIELDS = ("decision", "metric", "value", "previous", "reason")
+# Stage k's pods get the manifest digest stage k-1's rank 0 reported (and the operator recorded)
+# here, and load stage k-1's final checkpoint only if its manifest still has that digest.
+INPUT_DIGEST_ENV = "THAW_INPUT_MANIFEST_SHA256"
 VAL_ACCURACY = STATUS_FIELDS["best_val_accuracy"]
 
 

@@ -13,11 +13,13 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import time
 from typing import Any
 
 from thaw_contract.spec import SpecError
+from thaw_contract.stage_result import INPUT_DIGEST_ENV
 from trainer.storage import CheckpointError, Store, StoreError, delete_prefix
 
 log = logging.getLogger(__name__)
@@ -121,9 +123,14 @@ def load_object(store: Store, prefix: str, name: str) -> Any:
         ) from None
 
 
+def manifest_digest(manifest: dict) -> str:
+    """A checkpoint's identity: the sha256 of its manifest (which holds every file's sha256)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
 def mark_final(store: Store, index: int, name: str, epoch_dir: str, manifest: dict, metrics: dict) -> dict:
     """Name the stage's final checkpoint; written only after that checkpoint verified."""
-    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    digest = manifest_digest(manifest)
     pointer = {"checkpoint": epoch_dir, "epoch": manifest["epoch"], "manifestSha256": digest, "metrics": metrics}
     store.put(f"{stage_prefix(index, name)}/{FINAL}", json.dumps(pointer).encode())
     return pointer
@@ -136,15 +143,29 @@ def read_pointer(store: Store, index: int, name: str) -> dict | None:
         return None
 
 
-def read_final(store: Store, index: int, name: str) -> tuple[str, dict] | None:
-    """(checkpoint prefix, manifest) of a finished stage, or None if it has not finished."""
+def read_final(store: Store, index: int, name: str, recorded: str | None = None) -> tuple[str, dict] | None:
+    """(checkpoint prefix, manifest) of a finished stage, or None if it has not finished.
+    `recorded`: the manifest digest its rank 0 reported when it committed (the operator passes it
+    to the next stage's pods): a checkpoint with another one was replaced in the store since, and
+    is refused with one line (SpecError, exit 2: a retry would read the same objects)."""
     pointer = read_pointer(store, index, name)
     if pointer is None:
         return None
     manifest = verify(store, pointer["checkpoint"])
     if manifest is None:
         raise CheckpointError(f"stage {index} ({name}) is marked final but {pointer['checkpoint']} does not verify")
+    if recorded and manifest_digest(manifest) != recorded:
+        raise SpecError(
+            f"stage {index} ({name})'s final checkpoint {store.uri}/{pointer['checkpoint']} has manifest sha256 "
+            f"{manifest_digest(manifest)}, not {recorded} as its pods reported when it committed: it was replaced "
+            "in the store since"
+        )
     return pointer["checkpoint"], manifest
+
+
+def recorded_input_digest() -> str | None:
+    """The digest the operator recorded for the previous stage's final checkpoint (stage pods only)."""
+    return os.environ.get(INPUT_DIGEST_ENV) or None
 
 
 def prune(

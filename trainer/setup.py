@@ -171,7 +171,7 @@ def load_start(setup: Setup, first: int, found: tuple[str, dict] | None = None) 
         what = f"spec.model.checkpoint {uri}"
     else:
         prev = setup.stages[first - 1]
-        found = found or ckpt.read_final(setup.store, prev.index, prev.name)
+        found = found or ckpt.read_final(setup.store, prev.index, prev.name, ckpt.recorded_input_digest())
         if found is None:
             raise SpecError(
                 f"--stage {first}: stage {prev.index} ({prev.name}) has no final checkpoint "

@@ -38,7 +38,8 @@ def gated_weights(setup: Setup, stage: PlannedStage, fit, final_dir: str | None)
     outcome = gate(setup, stage, kept_row(stage, fit, final_dir), fit.diverged)
     if outcome.decision in ("rolled_back", "stopped"):
         prev = setup.stages[stage.index - 1]
-        final_dir, _ = decided_by_main(lambda: ckpt.read_final(setup.store, prev.index, prev.name), setup.env)
+        recorded = ckpt.recorded_input_digest()
+        final_dir, _ = decided_by_main(lambda: ckpt.read_final(setup.store, prev.index, prev.name, recorded), setup.env)
         setup.model.load_state_dict(ckpt.load_object(setup.store, final_dir, "model.pt"))
         then = (
             "the job ends with its input (gate: stop)"

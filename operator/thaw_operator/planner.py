@@ -201,7 +201,11 @@ def _stage_rows(old: dict, spec: FineTuneJobSpec, stage_specs: list[StageSpec]) 
                 "phase": prev.get("phase", PENDING),
                 "epochs": stage_specs[k].epochs,
                 "attempts": prev.get("attempts", 0),
-                **{key: prev[key] for key in ("startTime", "completionTime", "checkpoint", "result") if key in prev},
+                **{
+                    key: prev[key]
+                    for key in ("startTime", "completionTime", "checkpoint", "manifestSha256", "result")
+                    if key in prev
+                },
             }
         )
     return rows
@@ -217,12 +221,17 @@ def _start(ctx: _Ctx, k: int, st: dict) -> Plan:
         return ctx.finish(SUSPENDED, "Suspended", f"suspended before {label} started", k)
     ctx.out.create += [
         res.headless_service(ctx.ftj, k),
-        res.stage_job(ctx.ftj, ctx.spec, k, ctx.stage_specs[k], 1, ctx.image),
+        res.stage_job(ctx.ftj, ctx.spec, k, ctx.stage_specs[k], 1, ctx.image, input_digest=_input_digest(ctx, k)),
     ]
     st["phase"], st["attempts"] = RUNNING, 1
     st["startTime"] = st.get("startTime", ctx.now)
     ctx.out.events.append(("Normal", "StageStarted", f"{label} attempt 1: Job {res.job_name(name, k, 1)}"))
     return ctx.finish(RUNNING, "StageRunning", f"{label} running", k)
+
+
+def _input_digest(ctx: _Ctx, k: int) -> str | None:
+    """The manifest digest stage k-1's rank 0 reported for its final checkpoint (status)."""
+    return ctx.stages[k - 1].get("manifestSha256") if k > 0 else None
 
 
 def _retry(ctx: _Ctx, k: int, st: dict, cause: str) -> Plan:
@@ -233,7 +242,9 @@ def _retry(ctx: _Ctx, k: int, st: dict, cause: str) -> Plan:
         msg = f"{label} failed {st['attempts']} times ({cause}); retries exhausted"
         return ctx.finish(FAILED, "RetriesExhausted", msg, k)
     attempt = st["attempts"] + 1
-    job = res.stage_job(ctx.ftj, ctx.spec, k, ctx.stage_specs[k], attempt, ctx.image, suspend=ctx.spec.suspend)
+    job = res.stage_job(
+        ctx.ftj, ctx.spec, k, ctx.stage_specs[k], attempt, ctx.image, ctx.spec.suspend, _input_digest(ctx, k)
+    )
     ctx.out.create.append(job)
     st["phase"], st["attempts"] = RUNNING, attempt
     ctx.out.events.append(
@@ -257,6 +268,7 @@ def _verify(ctx: _Ctx, k: int, st: dict, latest: JobView) -> Plan | None:
     st.update(
         phase=SUCCEEDED,
         checkpoint=result["checkpoint"],
+        manifestSha256=result.get("manifestSha256") or "",
         result=dict(result.get("metrics") or {}),
         completionTime=latest.completion_time or ctx.now,
     )

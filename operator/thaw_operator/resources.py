@@ -12,6 +12,7 @@ import re
 import yaml
 
 from thaw_contract.spec import API_VERSION, EXIT_CONFIG_ERROR, KIND, FineTuneJobSpec, StageSpec
+from thaw_contract.stage_result import INPUT_DIGEST_ENV
 
 LABEL_JOB = "thaw.dev/finetunejob"
 LABEL_STAGE = "thaw.dev/stage"
@@ -110,7 +111,9 @@ def _resources(spec: FineTuneJobSpec, gpus: int) -> dict:
     return {"requests": amounts, "limits": limits} if limits else {}
 
 
-def _env(ftj: dict, spec: FineTuneJobSpec, stage: int, jobname: str, nodes: int, gpus: int) -> list[dict]:
+def _env(
+    ftj: dict, spec: FineTuneJobSpec, stage: int, jobname: str, nodes: int, gpus: int, input_digest: str | None
+) -> list[dict]:
     ns, name = ftj["metadata"]["namespace"], ftj["metadata"]["name"]
     master = f"{jobname}-0.{service_name(name, stage)}.{ns}.svc.cluster.local"
     env = [
@@ -131,6 +134,8 @@ def _env(ftj: dict, spec: FineTuneJobSpec, stage: int, jobname: str, nodes: int,
         {"name": "HOME", "value": "/tmp"},  # read-only root filesystem: caches go to the /tmp emptyDir
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if input_digest:  # what stage-1's rank 0 reported: the pods load that checkpoint or nothing
+        env.append({"name": INPUT_DIGEST_ENV, "value": input_digest})
     if spec.checkpoint.credentials_secret:
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             ref = {"name": spec.checkpoint.credentials_secret, "key": key}
@@ -152,8 +157,17 @@ def spread_affinity(name: str, stage: int, attempt: int) -> dict:
 
 
 def stage_job(
-    ftj: dict, spec: FineTuneJobSpec, stage: int, stage_spec: StageSpec, attempt: int, image: str, suspend: bool = False
+    ftj: dict,
+    spec: FineTuneJobSpec,
+    stage: int,
+    stage_spec: StageSpec,
+    attempt: int,
+    image: str,
+    suspend: bool = False,
+    input_digest: str | None = None,
 ) -> dict:
+    """Stage `stage`'s Indexed Job. `input_digest`: the manifest digest the stage before reported
+    for its final checkpoint (recorded in status), which these pods check before loading it."""
     name = ftj["metadata"]["name"]
     jobname = job_name(name, stage, attempt)
     nodes, gpus = stage_topology(spec, stage_spec)
@@ -167,7 +181,7 @@ def stage_job(
         # error exits 2 before any rendezvous, with its line in the termination message.
         "command": ["python", "-m", "trainer", "launch"],
         "args": [CONFIG_PATH, "--stage", str(stage)],
-        "env": _env(ftj, spec, stage, jobname, nodes, gpus),
+        "env": _env(ftj, spec, stage, jobname, nodes, gpus, input_digest),
         "ports": [
             {"name": "metrics" if r == 0 else f"metrics-{r}", "containerPort": spec.metrics.port + r}
             for r in range(max(gpus, 1))

@@ -59,6 +59,23 @@ def test_final_pointer_names_a_verified_checkpoint(tmp_path):
         ckpt.read_final(store, 0, "head")
 
 
+def test_a_final_checkpoint_replaced_after_it_committed_is_refused_by_its_recorded_digest(tmp_path):
+    """Whoever can write to the store can swap in another checkpoint that verifies on its own
+    (objects and a manifest that match each other); the digest rank 0 reported does not follow."""
+    store = LocalStore(tmp_path)
+    prefix, manifest = _save(store, 2)
+    recorded = ckpt.mark_final(store, 0, "head", prefix, manifest, {})["manifestSha256"]
+    assert ckpt.read_final(store, 0, "head", recorded)[0] == prefix
+    other, other_manifest = _save(store, 3)  # a valid checkpoint of its own
+    ckpt.mark_final(store, 0, "head", other, other_manifest, {})
+    with pytest.raises(SpecError) as err:
+        ckpt.read_final(store, 0, "head", recorded)
+    line = str(err.value)
+    assert line.startswith(f"stage 0 (head)'s final checkpoint {store.uri}/{other} has manifest sha256 ")
+    assert f"not {recorded} as its pods reported when it committed" in line and "\n" not in line
+    assert ckpt.read_final(store, 0, "head")[0] == other  # no digest recorded (a local run): not checked
+
+
 def test_prune_keeps_the_last_n_and_the_best(tmp_path):
     store = LocalStore(tmp_path)
     prefixes = [_save(store, e)[0] for e in range(5)]

@@ -410,3 +410,26 @@ def test_a_foreign_pod_is_named_once_in_a_warning_and_in_status():
     quiet = plan(ftj(again.status), parse_job(ftj()).spec, None, [], NOW, IMAGE)
     assert quiet.status["ignoredPods"] == ["forged-1", "forged-2"]  # kept once gone
     assert not [e for e in quiet.events if e[1] == "ForeignPodIgnored"]
+
+
+def test_the_next_stage_gets_the_digest_the_stage_before_reported():
+    from thaw_contract.stage_result import INPUT_DIGEST_ENV
+
+    p = run(ftj(run(ftj()).status), [job(0, 1, complete=True, result=result(0))])
+    assert p.status["stages"][0]["manifestSha256"] == "ab" * 32
+    (stage1,) = [o for o in p.create if o["kind"] == "Job"]
+    env = {e["name"]: e.get("value") for e in stage1["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env[INPUT_DIGEST_ENV] == "ab" * 32
+    first = [o for o in run(ftj()).create if o["kind"] == "Job"][0]
+    assert INPUT_DIGEST_ENV not in {e["name"] for e in first["spec"]["template"]["spec"]["containers"][0]["env"]}
+    # Carried across reconciles, and into a retry of stage 1.
+    again = run(ftj(p.status), [job(0, 1, complete=True, result=result(0)), job(1, 1, failed=True)])
+    assert again.status["stages"][0]["manifestSha256"] == "ab" * 32
+    retry = [o for o in again.create if o["kind"] == "Job"]
+    assert (
+        retry
+        and {e["name"]: e.get("value") for e in retry[0]["spec"]["template"]["spec"]["containers"][0]["env"]}[
+            INPUT_DIGEST_ENV
+        ]
+        == "ab" * 32
+    )

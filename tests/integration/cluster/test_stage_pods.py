@@ -159,6 +159,45 @@ def test_bad_data_through_stage_pods_is_skipped_and_named_or_fails_once_with_its
     )
 
 
+def test_a_final_checkpoint_swapped_in_the_store_between_stages_is_refused_by_the_next(
+    cluster, api, namespace, operator, store_dir
+):
+    """Whoever can write to the store replaces stage 0's final checkpoint, after its pods reported
+    it, with another that verifies on its own: stage 1's pods refuse it with one line naming the
+    digest the operator recorded (exit 2, one attempt), and load nothing."""
+    import torch
+
+    from thaw_contract.spec import CheckpointSpec
+    from trainer import checkpoint as ckpt
+    from trainer.storage import open_store
+
+    k = Api(api, namespace)
+    k.create(stage_pod_doc("swap", f"file://{store_dir}"))
+    st = wait_for(
+        lambda: (s := k.status("swap")).get("stages") and s["stages"][0]["phase"] == "Succeeded" and s,
+        300,
+        interval=0.1,
+        what="stage 0 succeeded",
+    )
+    recorded = st["stages"][0]["manifestSha256"]
+    store = open_store(CheckpointSpec(uri=f"file://{store_dir}"), "swap")
+    prefix, manifest = ckpt.read_final(store, 0, "head", recorded)
+    state = ckpt.load_object(store, prefix, "model.pt")
+    state = {n: torch.zeros_like(t) if n.startswith("classifier") else t for n, t in state.items()}
+    other = ckpt.epoch_prefix(0, "head", 7)
+    fields = {k: v for k, v in manifest.items() if k != "files"}
+    swapped = ckpt.commit(store, other, ckpt.encode({"model.pt": state}), fields)
+    ckpt.mark_final(store, 0, "head", other, swapped, {})  # verifies on its own: only the digest differs
+    st = k.phase("swap", "Failed", 300)
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidConfiguration", failed
+    assert failed["message"].startswith("stage 1 (top3) configuration error: stage 0 (head)'s final checkpoint "), (
+        failed
+    )
+    assert f"not {recorded} as its pods reported when it committed" in failed["message"]
+    assert sorted(k.jobs("swap")) == ["swap-0-a1", "swap-1-a1"]  # one attempt: a retry would read the same
+
+
 def test_a_stage_pod_killed_by_the_kernels_oom_killer_is_counted_and_named(
     cluster, api, namespace, operator, store_dir
 ):
