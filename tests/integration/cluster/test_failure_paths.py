@@ -64,7 +64,7 @@ def test_a_pod_that_only_wears_a_stage_jobs_labels_cannot_report_its_result(api,
         "forge",
         f"file://{tmp_path}/store",
         stages=1,
-        podAnnotations={EXIT_CODE: "0", DELAY: "15s"},
+        podAnnotations={EXIT_CODE: "0", DELAY: "6s"},
         runPolicy={"retriesPerStage": 1},
     )
     k.create(doc)
