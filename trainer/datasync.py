@@ -88,7 +88,9 @@ def sync_prefix(uri: str, dest: Path, endpoint: str | None = None, threads: int 
     listing = _listing(client, uri, bucket, full)
     index_file = dest / INDEX
     local = {k: tuple(v) for k, v in json.loads(index_file.read_text()).items()} if index_file.is_file() else {}
-    local = {k: v for k, v in local.items() if (dest / k).is_file()}  # files removed by hand are fetched again
+    # Files removed by hand are fetched again; an index written before keys were checked is read
+    # through the same check, so a drop never unlinks outside the mirror.
+    local = {k: v for k, v in local.items() if unsafe_key(k) is None and (dest / k).is_file()}
     fetch, drop = plan_sync(listing, local)
     for key in drop:
         (dest / key).unlink(missing_ok=True)
