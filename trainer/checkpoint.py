@@ -154,10 +154,11 @@ def read_final(store: Store, index: int, name: str, recorded: str | None = None)
     manifest = verify(store, pointer["checkpoint"])
     if manifest is None:
         raise CheckpointError(f"stage {index} ({name}) is marked final but {pointer['checkpoint']} does not verify")
-    if recorded and (got := manifest_digest(manifest)) != recorded:
+    if recorded and manifest_digest(manifest) != recorded:
         raise SpecError(
             f"stage {index} ({name})'s final checkpoint {store.uri}/{pointer['checkpoint']} has manifest sha256 "
-            f"{got}, not {recorded} as its pods reported when it committed: it was replaced in the store since"
+            f"{manifest_digest(manifest)}, not {recorded} as its pods reported when it committed: it was replaced "
+            "in the store since"
         )
     return pointer["checkpoint"], manifest
 

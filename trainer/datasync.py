@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -150,7 +151,8 @@ class _Getter:
             retries=False,
             ca_certs=os.environ.get("AWS_CA_BUNDLE"),
         )
-        self.fast = True  # False once the pool could not reach the store (one bool store: no lock needed)
+        self.fast = True
+        self._lock = threading.Lock()
 
     def small(self, key: str, tmp: Path, size: int) -> None:
         if self.fast and self._presigned(key, tmp, size):
@@ -167,7 +169,8 @@ class _Getter:
         try:
             r = self.pool.request("GET", url, preload_content=False)
         except urllib3.exceptions.HTTPError:
-            self.fast = False  # unreachable this way: every later object goes through botocore
+            with self._lock:
+                self.fast = False  # unreachable this way: every later object goes through botocore
             return False
         try:
             if r.status != 200:

@@ -110,7 +110,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     judged = kept_row(stage, fit, final_dir)
     freeze.remove()
     tr.wrapped = None
-    final_dir, outcome = gated_weights(setup, stage, fit, final_dir, judged)
+    final_dir, outcome = gated_weights(setup, stage, fit, final_dir)
     test = evaluate_test(setup, data, tr.batch)
     bad = _bad_images(setup, data)
     result = StageResult(

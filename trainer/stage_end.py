@@ -32,13 +32,10 @@ def kept_row(stage: PlannedStage, fit, final_dir: str | None) -> dict | None:
     return next((r for r in fit.history if ckpt.epoch_prefix(stage.index, stage.name, r["epoch"]) == final_dir), None)
 
 
-def gated_weights(
-    setup: Setup, stage: PlannedStage, fit, final_dir: str | None, row: dict | None
-) -> tuple[str, GateOutcome]:
-    """The gate's verdict on those weights (`row`: their epoch, from kept_row); where it rolls the
-    stage back, the stage's input (the previous stage's final weights) is loaded instead. The
-    prefix passed on."""
-    outcome = gate(setup, stage, row, fit.diverged)
+def gated_weights(setup: Setup, stage: PlannedStage, fit, final_dir: str | None) -> tuple[str, GateOutcome]:
+    """The gate's verdict on those weights; where it rolls the stage back, the stage's input
+    (the previous stage's final weights) is loaded instead. The prefix passed on."""
+    outcome = gate(setup, stage, kept_row(stage, fit, final_dir), fit.diverged)
     if outcome.decision in ("rolled_back", "stopped"):
         prev = setup.stages[stage.index - 1]
         recorded = ckpt.recorded_input_digest()

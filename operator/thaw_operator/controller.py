@@ -67,12 +67,14 @@ def _stage_pods(namespace: str, name: str, live: bool = False) -> list[dict]:
     return _list_live(client.CoreV1Api(state.CONFIG.api).list_namespaced_pod, namespace, f"{res.LABEL_JOB}={name}")
 
 
-def _views(owned: list[dict], pods_of: dict[str, list[dict]], workloads: dict) -> list[JobView]:
-    """The stage Jobs as the planner sees them, each with the pods it controls."""
+def _views(owned: list[dict], pods: list[dict], workloads: dict) -> tuple[list[JobView], list[str]]:
+    """The stage Jobs as the planner sees them (each with the pods it controls), and the names
+    of pods that carry a stage Job's labels without being its."""
+    pods_of, foreign = observe.split_pods(owned, pods)
     views = [
         observe.job_view(j, pods_of.get(j["metadata"]["name"], []), workloads.get(j["metadata"]["uid"])) for j in owned
     ]
-    return [v for v in views if v is not None]
+    return [v for v in views if v is not None], foreign
 
 
 def reconcile(namespace: str, name: str) -> Plan | None:
@@ -182,14 +184,13 @@ def _reconcile(namespace: str, name: str) -> Plan | None:
     owned = [j for j in _stage_jobs(namespace, name) if observe.owned_by(j, uid)]
     queued = any(res.KUEUE_QUEUE in (j["metadata"].get("labels") or {}) for j in owned)
     workloads = workloads_by_job(namespace) if queued else {}
-    # Only pods a stage Job controls count; the rest only wear its labels (named, never read).
-    pods_of, foreign = observe.split_pods(owned, _stage_pods(namespace, name))
-    jobs = _views(owned, pods_of, workloads)
+    pods = _stage_pods(namespace, name)
+    jobs, foreign = _views(owned, pods, workloads)
     if state.synced_cache(state.CONFIG.pods, namespace) is not None and observe.needs_fresh_pods(
         jobs, ftj.get("status") or {}
     ):
-        pods_of, foreign = observe.split_pods(owned, _stage_pods(namespace, name, live=True))
-        jobs = _views(owned, pods_of, workloads)
+        pods = _stage_pods(namespace, name, live=True)
+        jobs, foreign = _views(owned, pods, workloads)
     progress = {}
     if spec is not None:
         latest: dict[int, JobView] = {}
@@ -199,7 +200,13 @@ def _reconcile(namespace: str, name: str) -> Plan | None:
         for k, j in latest.items():
             if j.complete or j.failed:
                 continue
-            rank0 = [p for p in pods_of.get(j.name, []) if observe.is_rank0(p, "Running")]
+            rank0 = [
+                p
+                for p in pods
+                if observe.job_name_of(p) == j.name
+                and observe.is_rank0(p, "Running")
+                and p["metadata"]["name"] not in foreign
+            ]
             found = scrape_progress(rank0[0], spec.metrics.port) if rank0 and spec.metrics.enabled else None
             if found and found.get("epoch"):
                 progress[k] = found
