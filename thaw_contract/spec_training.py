@@ -154,7 +154,8 @@ class GateSpec(SpecModel):
 
     metric: Literal["val_accuracy", "val_loss"] = Field(
         "val_accuracy",
-        description="compared between stages; a tie on val_accuracy advances only if val_loss is no higher",
+        description="compared between stages; with alpha null, a tie on val_accuracy advances only if val_loss "
+        "is no higher",
     )
     on_regression: Literal["rollback", "keep", "fail", "stop"] = Field(
         "rollback",
@@ -166,6 +167,14 @@ class GateSpec(SpecModel):
         0.0, ge=0, description="the least gain that advances: absolute, or a fraction of the previous value"
     )
     relative: bool = Field(False, description="minGain is a fraction of the previous stage's value")
+    alpha: float | None = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="both models answer the same validation images; a stage is a regression only where a "
+        "one-sided paired test (McNemar on accuracy, a paired z-test on per-image losses) finds it worse with "
+        "p < alpha. null: compare the two values as measured (any drop, even one image, is a regression)",
+    )
 
 
 class DivergenceSpec(SpecModel):

@@ -14,7 +14,7 @@ from trainer.storage import CheckpointError
 
 
 def _plan(args) -> int:
-    from trainer.gates import describe
+    from trainer.gates import describe, sensitivity, visible_drop
     from trainer.setup import plan_job
 
     job = load_job(args.job)
@@ -30,6 +30,7 @@ def _plan(args) -> int:
         f"input: RGB at {job.spec.data.image_size} px, scaled to [0, 1], then (x - mean) / std with mean "
         f"{fmt(built.mean)}, std {fmt(built.std)}"
     )
+    val_images = job.spec.model.num_classes * job.spec.data.val_per_class
     for s in stages:
         n = sum(p.numel() for name, p in built.model.named_parameters() if name in s.trainable_params)
         lrs = ", ".join(f"{groups[g].name}={lr:.3g}" for g, lr in s.group_lrs.items())
@@ -43,11 +44,24 @@ def _plan(args) -> int:
         print(f"      {bn_policy(s)}")
         if s.index > 0:
             print(f"      {describe(s.gate)}")
+            seen = sensitivity(s.gate, val_images)
+            if seen:
+                print(f"      {seen}")
+            drop = visible_drop(val_images, 0.1, s.gate.alpha) if seen else 0
+            if drop is None or drop > BLIND_GATE:
+                print(
+                    f"warning: {s.name}: on {val_images} validation images the gate cannot see a drop of "
+                    f"{100 * BLIND_GATE:.0f} points; raise spec.data.valPerClass"
+                )
     from thaw_contract.plan import recipe_warnings
 
     for line in recipe_warnings(job.spec, stages):
         print(line)
     return 0
+
+
+# A paired gate that cannot see a 5-point drop (where a tenth of the images change) mostly waves stages through.
+BLIND_GATE = 0.05
 
 
 def bn_policy(stage) -> str:

@@ -34,6 +34,8 @@ class GateOutcome:
     reason: str = ""
     carried: dict[str, float] = field(default_factory=dict)  # metric -> value of the weights passed on
     collapsed: str = ""  # the weights passed on predict one class (a first stage's, or kept): why
+    own: dict[str, float] = field(default_factory=dict)  # this stage's values, as compared
+    p: float | None = None  # the paired test's one-sided p-value (gate.alpha), where it ran
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -49,36 +51,117 @@ ACTIONS = {
 
 def describe(gate: GateSpec) -> str:
     """The gate in one line, as `trainer plan` prints it for every stage after the first."""
-    if gate.min_gain == 0:
-        below = "worse than the stage before"
-    elif gate.relative:
-        below = f"a gain under {gate.min_gain:.3g} x the stage before's value"
+    if gate.alpha is None:
+        below = "worse than the stage before (as measured)"
     else:
-        below = f"a gain under {gate.min_gain:.3g} on the stage before"
+        test = "McNemar" if gate.metric == "val_accuracy" else "paired z-test on per-image losses"
+        below = f"worse than the stage before on the same validation images ({test}, p < {gate.alpha:g})"
+    if gate.min_gain:
+        below += f", or a gain under {gate.min_gain:.3g}" + (" x the stage before's value" if gate.relative else "")
     return f"gate: {gate.metric} {below} -> {ACTIONS[gate.on_regression]}"
+
+
+SHARES = (0.05, 0.1, 0.2)  # of the validation images whose answer changes between two stages
+
+
+def sensitivity(gate: GateSpec, val_images: int) -> str | None:
+    """How small an accuracy drop the paired gate can see on `val_images` images (None where it
+    runs no paired test on accuracy): the figure to weigh valPerClass against."""
+    if gate.alpha is None or gate.metric != "val_accuracy" or val_images <= 0:
+        return None
+    seen = [visible_drop(val_images, s, gate.alpha) for s in SHARES]
+    drops = " / ".join("none" if d is None else f"{100 * d:.1f}" for d in seen)
+    shares = " / ".join(f"{s:.0%}" for s in SHARES)
+    return f"the gate sees a drop of {drops} points on {val_images} validation images where {shares} of them change"
+
+
+def mcnemar_worse(worse: int, better: int) -> float:
+    """One-sided exact McNemar: the chance, were both models equally good, that at least `worse`
+    of the `worse + better` images they disagree on go against the new one (a binomial tail)."""
+    n = worse + better
+    return sum(math.comb(n, k) for k in range(worse, n + 1)) / 2**n if n else 1.0
+
+
+def paired_z_worse(new_losses: list[float], old_losses: list[float]) -> float:
+    """One-sided paired z-test that the new per-image losses are higher (normal tail of the mean
+    difference; validation sets are hundreds of images)."""
+    d = [a - b for a, b in zip(new_losses, old_losses, strict=True)]
+    n = len(d)
+    mean = sum(d) / n if n else 0.0
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    if var == 0:
+        return 0.0 if mean > 0 else 1.0
+    return 0.5 * math.erfc(mean / math.sqrt(var / n) / math.sqrt(2))
+
+
+def visible_drop(images: int, share: float, alpha: float) -> float | None:
+    """The smallest accuracy drop McNemar calls significant on `images` validation images when
+    `share` of them change their answer between the two models (None: no drop is)."""
+    d = max(1, round(images * share))
+    worse = next((b for b in range((d + 1) // 2, d + 1) if mcnemar_worse(b, d - b) < alpha), None)
+    return None if worse is None else (2 * worse - d) / images
 
 
 def gain(metric: str, value: float, previous: float) -> float:
     return value - previous if metric == "val_accuracy" else previous - value
 
 
+@dataclass(frozen=True)
+class Answers:
+    """Both models on the same validation images, image by image in one order (a rolled-back
+    stage's input and the weights it would commit): what the paired test reads."""
+
+    new_correct: list[bool]
+    old_correct: list[bool]
+    new_losses: list[float]
+    old_losses: list[float]
+
+    def test(self, metric: str) -> tuple[float, str]:
+        """The one-sided p-value that the new model is worse, and the counts behind it in words."""
+        if metric == "val_accuracy":
+            pairs = list(zip(self.new_correct, self.old_correct, strict=True))
+            worse = sum(1 for n, o in pairs if o and not n)
+            better = sum(1 for n, o in pairs if n and not o)
+            p = mcnemar_worse(worse, better)
+            return p, f"on the same {len(pairs)} images: worse on {worse}, better on {better}, McNemar p {p:.3g}"
+        p = paired_z_worse(self.new_losses, self.old_losses)
+        return p, f"on the same {len(self.new_losses)} images: paired z-test p {p:.3g}"
+
+
 def decide(
-    gate: GateSpec, own: dict[str, float], previous: dict[str, float] | None, collapse: str | None = None
+    gate: GateSpec,
+    own: dict[str, float],
+    previous: dict[str, float] | None,
+    collapse: str | None = None,
+    answers: Answers | None = None,
 ) -> GateOutcome:
     """Compare a stage's committed weights (`own`: val metrics) with what the stage before it
     passed on. A regression rolls back (the previous weights are passed on), is kept, fails, or
     stops the job (rolls back, and no later stage runs). Weights that collapsed to a constant
-    prediction (`collapse`, from `collapsed`) are a regression whatever their metrics say."""
+    prediction (`collapse`, from `collapsed`) are a regression whatever their metrics say.
+
+    With gate.alpha and both models' `answers`, a drop is a regression only where the paired
+    test finds it beyond chance: one image in 300 is noise, and the same images were compared.
+    Without them (alpha null), any drop is, and a tie on accuracy goes to the lower loss."""
     m = gate.metric
     if previous is None or previous.get(m) is None:
-        return GateOutcome(m, own[m], None, "first", carried=dict(own), collapsed=collapse or "")  # reported only
+        return GateOutcome(m, own[m], None, "first", carried=dict(own), collapsed=collapse or "", own=dict(own))
     before = previous[m]
     g = gain(m, own[m], before)
     need = gate.min_gain * abs(before) if gate.relative else gate.min_gain
-    tied = g == 0 and need == 0 and m == "val_accuracy"
-    if collapse is None and g >= need and not (tied and _loss_is_higher(own, previous)):
-        return GateOutcome(m, own[m], before, "advanced", carried=dict(own))
+    p, tested = (None, "")
+    if gate.alpha is not None and answers is not None:
+        p, tested = answers.test(m)
+        worse = p < gate.alpha or (need > 0 and g < need)
+        tied = False
+    else:
+        tied = g == 0 and need == 0 and m == "val_accuracy"
+        worse = g < need or (tied and _loss_is_higher(own, previous))
+    if collapse is None and not worse:
+        return GateOutcome(m, own[m], before, "advanced", tested, carried=dict(own), own=dict(own), p=p)
     why = f"{m} {own[m]:.4f} against {before:.4f} from the stage before (gain {g:+.4f}, needed {need:+.4f})"
+    if tested:
+        why += f"; {tested} < {gate.alpha:g}" if p < gate.alpha else f"; {tested}"
     if collapse is not None:
         why = f"it predicts {collapse}; {why}"
     elif tied:
@@ -86,8 +169,8 @@ def decide(
     if gate.on_regression == "fail":
         raise GateFailed(f"{GATE_FAILED} {why}; spec.gate.onRegression is fail")
     if gate.on_regression == "keep":
-        return GateOutcome(m, own[m], before, "kept", why, carried=dict(own), collapsed=collapse or "")
-    return GateOutcome(m, own[m], before, _back(gate), why, carried=dict(previous))
+        return GateOutcome(m, own[m], before, "kept", why, dict(own), collapse or "", dict(own), p)
+    return GateOutcome(m, own[m], before, _back(gate), why, carried=dict(previous), own=dict(own), p=p)
 
 
 def _back(gate: GateSpec) -> str:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainer.distributed import DistEnv, all_sum
+from trainer.distributed import DistEnv, all_gather_objects, all_sum
 from trainer.progress import Progress
 
 
@@ -152,11 +152,20 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, ctx: StepContext, classes: int, pad_to: int | None = None) -> dict:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    ctx: StepContext,
+    classes: int,
+    pad_to: int | None = None,
+    per_image: bool = False,
+) -> dict:
     """Loss, accuracy and images per class (predicted and labelled) over this rank's shard,
     summed over all ranks (exact, no padding of the data set; every rank sends `classes`
     counts, even one whose shard is empty). A short last batch is padded to `pad_to` and the padding masked out, so
-    the model meets one batch shape (each new shape costs a GPU its kernel plans again)."""
+    the model meets one batch shape (each new shape costs a GPU its kernel plans again).
+    `per_image`: also each image's answer and loss, in the data set's order (what a paired test
+    of two models reads), gathered from every rank."""
     was_training = model.training
     model.eval()
     device = ctx.env.device
@@ -165,6 +174,7 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: StepContext, classes: in
     predicted = torch.zeros(classes, dtype=torch.int64, device=device)  # images per class the model names
     labels = torch.zeros_like(predicted)  # ... and the labels name
     count = 0
+    answers: list[torch.Tensor] = []  # per batch: right or wrong, then the loss, per image
     for x, y in loader:
         n = y.shape[0]
         if pad_to is not None and n < pad_to:
@@ -173,19 +183,38 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: StepContext, classes: in
         y = y.to(device, non_blocking=ctx.non_blocking)
         with ctx.autocast():
             logits = model(x)[:n]
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        losses = F.cross_entropy(logits.float(), y, reduction="none")
+        loss_sum += losses.sum().double()
         guess = logits.argmax(1)
         correct += (guess == y).sum()
+        if per_image:
+            answers.append(torch.stack([(guess == y).float(), losses]).cpu())
         predicted += torch.bincount(guess, minlength=classes)
         labels += torch.bincount(y, minlength=classes)
         count += n
     totals = torch.cat([torch.stack([loss_sum, correct.double()]), predicted.double(), labels.double()]).tolist()
     loss_total, correct_total, count, *counts = all_sum([*totals[:2], count, *totals[2:]], ctx.env)  # one sync
     model.train(was_training)
-    return {
+    out = {
         "loss": loss_total / max(count, 1),
         "accuracy": correct_total / max(count, 1),
         "count": int(count),
         "predicted": [int(c) for c in counts[:classes]],
         "labels": [int(c) for c in counts[classes:]],
     }
+    if per_image:
+        mine = torch.cat(answers, 1).tolist() if answers else [[], []]
+        out["correct"], out["losses"] = _interleave(all_gather_objects(mine, ctx.env))
+    return out
+
+
+def _interleave(parts: list[list[list[float]]]) -> tuple[list[bool], list[float]]:
+    """Rank r evaluated images r, r + world, ... (loaders.eval_loader): back into one order."""
+    correct: list[bool] = []
+    losses: list[float] = []
+    for i in range(max((len(p[0]) for p in parts), default=0)):
+        for rank_correct, rank_losses in parts:
+            if i < len(rank_correct):
+                correct.append(rank_correct[i] > 0.5)
+                losses.append(rank_losses[i])
+    return correct, losses

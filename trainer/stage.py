@@ -110,7 +110,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     judged = kept_row(stage, fit, final_dir)
     freeze.remove()
     tr.wrapped = None
-    final_dir, outcome = gated_weights(setup, stage, fit, final_dir)
+    final_dir, outcome = gated_weights(setup, stage, fit, final_dir, data, tr.batch)
     test = evaluate_test(setup, data, tr.batch)
     bad = _bad_images(setup, data)
     result = StageResult(
@@ -119,7 +119,8 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
         trainable_params=n_trainable,
         total_params=n_total,
         epochs_run=len(fit.history),
-        best_val_accuracy=judged["val_accuracy"] if judged else None,  # the weights judged, not the max
+        # The weights judged (as the gate measured them), not the max over epochs.
+        best_val_accuracy=outcome.own.get("val_accuracy", judged["val_accuracy"] if judged else None),
         test_accuracy=test["accuracy"],
         test_loss=test["loss"],
         seconds=time.perf_counter() - t_start,

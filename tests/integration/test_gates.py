@@ -4,6 +4,7 @@ a stage pod runs): the weights a regressing stage passes on are its input's, bit
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -159,3 +160,24 @@ def test_lr_auto_picks_a_rate_once_and_a_retried_stage_trains_the_same(tmp_path,
     again = run([PY, "-m", "trainer", "run", str(job), "--stage", "1"]).stdout
     assert f"top3: lr auto -> {found['lr']:.3g}" in again and not (stage_dir / "lr_find.png").exists()
     assert _pointers(tmp_path / "store")[1]["metrics"]["weights_sha256"] == top3["metrics"]["weights_sha256"]
+
+
+def test_the_default_gate_compares_both_models_image_by_image_on_the_validation_set(tmp_path, small_job):
+    """The paired test's counts come from the two models' answers on the same images: the images
+    the stage got right and its input got wrong, less the reverse, are exactly the accuracy gain."""
+    out = run([PY, "-m", "trainer", "run", str(write_job(tmp_path, small_job))]).stdout
+    head, top3 = _pointers(tmp_path / "store")
+    gate = top3["metrics"]["gate"]
+    images = small_job["spec"]["data"]["valPerClass"] * small_job["spec"]["model"]["numClasses"]
+    words = re.fullmatch(
+        rf"(.*; )?on the same {images} images: worse on (\d+), better on (\d+), McNemar p ([0-9.e-]+)( < 0.05)?",
+        gate["reason"],
+    )
+    assert words, gate["reason"]
+    worse, better, p = int(words[2]), int(words[3]), float(words[4])
+    assert (better - worse) / images == pytest.approx(gate["value"] - gate["previous"], abs=1e-9)
+    assert p == pytest.approx(gate["p"], rel=1e-2) and (gate["decision"] == "advanced") == (gate["p"] >= 0.05)
+    assert top3["metrics"]["best_val_accuracy"] == gate["value"]  # the report shows what the gate compared
+    assert gate["previous"] == pytest.approx(head["metrics"]["gate"]["value"], abs=1.5 / images)
+    if gate["decision"] == "advanced":
+        assert f"top3: advances ({gate['reason']})" in out

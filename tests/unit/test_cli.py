@@ -17,8 +17,17 @@ def test_plan_prints_groups_stages_counts_and_rates(capsys):
     assert "[2] all:" in out and "(100.0%)" in out
     gates = [line.strip() for line in out.splitlines() if line.strip().startswith("gate:")]
     assert (
-        gates == ["gate: val_accuracy worse than the stage before -> roll back to the weights before it"] * 2
-    )  # every stage after the first, at the spec's default
+        gates
+        == [  # every stage after the first, at the spec's default
+            "gate: val_accuracy worse than the stage before on the same validation images (McNemar, p < 0.05) "
+            "-> roll back to the weights before it"
+        ]
+        * 2
+    )
+    # How small a drop the paired test can see on the quickstart's 10 x 30 validation images.
+    seen = "the gate sees a drop of 3.0 / 3.3 / 4.7 points on 300 validation images where 5% / 10% / 20% of them change"
+    assert [line.strip() for line in out.splitlines() if line.strip().startswith("the gate sees")] == [seen] * 2
+    assert "warning" not in out
     assert "input: RGB at 64 px, scaled to [0, 1], then (x - mean) / std with mean (0.500, 0.500, 0.500)" in out
     bn = [line.strip() for line in out.splitlines() if line.strip().startswith("BatchNorm:")]
     assert bn == [  # the quickstart freezes the statistics once the backbone trains
@@ -37,8 +46,29 @@ def test_plan_says_what_each_stages_gate_does(tmp_path, capsys):
     assert main(["plan", str(path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.strip() for line in out if line.strip().startswith("gate:")] == [
-        "gate: val_loss a gain under 0.05 x the stage before's value -> fail the job",
-        "gate: val_accuracy a gain under 0.01 on the stage before -> roll back and end the job (later stages skipped)",
+        "gate: val_loss worse than the stage before on the same validation images (paired z-test on per-image "
+        "losses, p < 0.05), or a gain under 0.05 x the stage before's value -> fail the job",
+        "gate: val_accuracy worse than the stage before on the same validation images (McNemar, p < 0.05), or a "
+        "gain under 0.01 -> roll back and end the job (later stages skipped)",
+    ]
+
+
+def test_plan_warns_where_the_validation_set_is_too_small_for_the_gate(tmp_path, capsys):
+    doc = job_doc()
+    doc["spec"]["data"]["valPerClass"] = 5
+    doc["spec"]["stages"][1]["gate"] = {"alpha": None}  # compares as measured: no test, no warning
+    doc["spec"]["stages"].append({"name": "all", "trainable": "all", "epochs": 1, "lr": 0.01, "lrDecay": 2})
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "gate: val_accuracy worse than the stage before (as measured) -> roll back to the weights before it" in [
+        line.strip() for line in out
+    ]
+    images = 5 * doc["spec"]["model"]["numClasses"]
+    assert [line for line in out if line.startswith("warning")] == [
+        f"warning: all: on {images} validation images the gate cannot see a drop of 5 points; raise "
+        "spec.data.valPerClass"
     ]
 
 

@@ -9,7 +9,18 @@ import pytest
 from tests.builders import job_doc, with_path
 from thaw_contract.spec import DivergenceSpec, GateSpec, SpecError, parse_job, training_hash
 from thaw_contract.stage_result import status_summary, stopped_the_job
-from trainer.gates import Diverged, DivergenceGuard, GateFailed, decide, previous_carried, rolled_back
+from trainer.gates import (
+    Answers,
+    Diverged,
+    DivergenceGuard,
+    GateFailed,
+    decide,
+    mcnemar_worse,
+    paired_z_worse,
+    previous_carried,
+    rolled_back,
+    visible_drop,
+)
 
 BEFORE = {"val_accuracy": 0.809, "val_loss": 0.55}
 
@@ -192,6 +203,9 @@ def test_collapsed_weights_are_a_regression_for_the_gate_and_reported_for_a_firs
         ({"gate": {"metric": "f1"}}, "spec.gate.metric: must be 'val_accuracy' or 'val_loss' (got 'f1')"),
         ({"gate": {"onRegression": "ignore"}}, "spec.gate.onRegression: must be 'rollback', 'keep', 'fail' or 'stop'"),
         ({"gate": {"minGain": -0.1}}, "spec.gate.minGain: must be greater than or equal to 0"),
+        ({"gate": {"alpha": 0.5}}, "spec.gate.alpha: must be less than 0.5"),
+        ({"gate": {"alpha": 0}}, "spec.gate.alpha: must be greater than 0"),
+        ({"gate": {"alpha": "often"}}, "spec.gate.alpha: must be a valid number"),
         ({"divergence": {"lossFactor": 1}}, "spec.divergence.lossFactor: must be greater than 1"),
     ],
 )
@@ -313,3 +327,69 @@ def test_one_rate_unfreezing_without_warmup_is_warned_about_before_anything_trai
     assert warnings(with_path(one_rate, "spec.stages.1.schedule", {"name": "cosine", "warmupEpochs": 1})) == []
     full = with_path(job_doc(), "spec.stages", [{"name": "all", "trainable": "all", "epochs": 1, "lr": 0.01}])
     assert warnings(full) == []  # one rate from the start is full fine-tuning, a sound recipe
+
+
+def test_mcnemar_is_the_binomial_tail_over_the_images_the_models_disagree_on():
+    assert mcnemar_worse(0, 0) == 1.0  # no disagreement: no evidence
+    assert mcnemar_worse(9, 1) == pytest.approx(11 / 1024)  # P(X >= 9), X ~ Bin(10, 1/2)
+    assert mcnemar_worse(5, 5) == pytest.approx(0.623046875)
+    assert mcnemar_worse(0, 7) == 1.0
+    # The quickstart's 300 images with 30 changed answers: 20 against 10 is the least drop it sees.
+    assert mcnemar_worse(20, 10) < 0.05 <= mcnemar_worse(19, 11)
+    assert visible_drop(300, 0.1, 0.05) == pytest.approx(10 / 300)
+    assert visible_drop(40, 0.05, 0.05) is None  # 2 changed answers can never be significant
+
+
+def _answers(worse: int, better: int, same_right: int = 200, same_wrong: int = 50) -> Answers:
+    new = [False] * worse + [True] * better + [True] * same_right + [False] * same_wrong
+    old = [True] * worse + [False] * better + [True] * same_right + [False] * same_wrong
+    return Answers(new, old, [0.5] * len(new), [0.5] * len(new))
+
+
+def test_the_paired_gate_lets_a_drop_within_chance_advance_and_rolls_back_one_beyond_it():
+    """The demo's case: top3 0.8300 against the head's 0.8333 on 300 images is one image; the
+    measured rule rolls it back, the paired test (12 worse, 11 better) does not."""
+    own, before = {"val_accuracy": 0.83, "val_loss": 0.5}, {"val_accuracy": 0.8333, "val_loss": 0.48}
+    noise = decide(GateSpec(), own, before, answers=_answers(12, 11))
+    assert noise.decision == "advanced" and noise.carried == own and noise.p == pytest.approx(0.5)
+    assert noise.reason == "on the same 273 images: worse on 12, better on 11, McNemar p 0.5"
+    assert decide(GateSpec(alpha=None), own, before, answers=_answers(12, 11)).decision == "rolled_back"
+    assert decide(GateSpec(), own, before).decision == "rolled_back"  # no answers: as measured
+
+    drop = {"val_accuracy": 0.76, "val_loss": 0.7}
+    real = decide(GateSpec(), drop, before, answers=_answers(30, 8))
+    assert real.decision == "rolled_back" and real.carried == before and real.p < 0.001
+    assert real.reason.startswith("val_accuracy 0.7600 against 0.8333 from the stage before (gain -0.0733")
+    assert real.reason.endswith("worse on 30, better on 8, McNemar p 0.000236 < 0.05")
+    with pytest.raises(GateFailed, match=r"McNemar p 0.000236 < 0.05; spec.gate.onRegression is fail$"):
+        decide(GateSpec(on_regression="fail"), drop, before, answers=_answers(30, 8))
+    # A required gain still has to be met, and a collapse is a regression whatever the test says.
+    assert decide(GateSpec(min_gain=0.01), own, before, answers=_answers(12, 11)).decision == "rolled_back"
+    gained = {"val_accuracy": 0.86, "val_loss": 0.4}
+    assert decide(GateSpec(min_gain=0.01), gained, before, answers=_answers(5, 13)).decision == "advanced"
+    assert decide(GateSpec(), own, before, "class 3 for 99.7%", _answers(12, 11)).decision == "rolled_back"
+
+
+def test_the_paired_gate_on_the_loss_is_a_z_test_on_per_image_differences():
+    old = [0.4, 0.6, 0.5, 0.3, 0.7] * 60
+    higher = Answers([True] * 300, [True] * 300, [x + 0.05 + 0.01 * (i % 3) for i, x in enumerate(old)], old)
+    p, words = higher.test("val_loss")
+    assert p < 1e-6 and words.startswith("on the same 300 images: paired z-test p")
+    noisy = Answers([True] * 300, [True] * 300, [x + (0.1 if i % 2 else -0.1) for i, x in enumerate(old)], old)
+    assert noisy.test("val_loss")[0] == pytest.approx(0.5)
+    assert paired_z_worse([1.0, 1.0], [0.5, 0.5]) == 0.0 and paired_z_worse([0.5], [0.5]) == 1.0
+    gate = GateSpec(metric="val_loss")
+    before = {"val_accuracy": 0.8, "val_loss": 0.5}
+    assert decide(gate, {"val_accuracy": 0.8, "val_loss": 0.56}, before, answers=higher).decision == "rolled_back"
+    assert decide(gate, {"val_accuracy": 0.8, "val_loss": 0.5}, before, answers=noisy).decision == "advanced"
+
+
+def test_the_per_image_answers_of_every_rank_come_back_in_the_data_sets_order():
+    from trainer.loop import _interleave
+
+    # 7 images over 3 ranks: rank r evaluated images r, r + 3, ... (its correct flags, its losses).
+    parts = [[[1.0, 0.0, 1.0], [0.0, 3.0, 6.0]], [[0.0, 1.0], [1.0, 4.0]], [[1.0, 1.0], [2.0, 5.0]]]
+    correct, losses = _interleave(parts)
+    assert losses == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert correct == [True, False, True, False, True, True, True]
+    assert _interleave([[[], []], [[], []]]) == ([], [])

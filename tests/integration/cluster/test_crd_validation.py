@@ -10,6 +10,7 @@ from kubernetes.client.exceptions import ApiException
 from thaw_operator.crd import GROUP, PLURAL, VERSION
 
 from tests.builders import job_doc, with_path
+from thaw_contract.spec import parse_job
 
 pytestmark = pytest.mark.cluster
 
@@ -88,6 +89,7 @@ INVALID = [
         _doc(runPolicy={"retriesPerStage": 50}),
         "spec.runPolicy.retriesPerStage in body should be less than or equal to 20",
     ),
+    ("gate alpha", _doc(gate={"alpha": 0.5}), "spec.gate.alpha in body should be less than 0.5"),
     (
         "toleration effect",
         _doc(tolerations=[{"key": "a", "effect": "Sometimes"}]),
@@ -112,6 +114,7 @@ def test_api_server_rejects_invalid_finetunejob(api, namespace, crd, case, doc, 
 def test_the_api_server_takes_lr_auto_and_the_new_policy_fields(api, namespace, crd):
     doc = with_path(_doc(name="auto"), "spec.stages.1.lr", "auto")
     doc["spec"]["gate"] = {"onRegression": "keep", "minGain": 0.01}
+    doc["spec"]["stages"][1]["gate"] = {"alpha": None}  # this stage compares as measured
     doc["spec"]["divergence"] = {"lossFactor": 3}
     doc["spec"]["model"] = {
         "architecture": "timm/convnext_atto",
@@ -122,6 +125,11 @@ def test_the_api_server_takes_lr_auto_and_the_new_policy_fields(api, namespace, 
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, doc)
     stored = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "auto")["spec"]
     assert stored["stages"][1]["lr"] == "auto" and stored["gate"]["onRegression"] == "keep"
+    assert stored["gate"]["alpha"] == 0.05  # the paired test's default, filled in by the API server
+    assert (
+        "alpha" in stored["stages"][1]["gate"] and stored["stages"][1]["gate"]["alpha"] is None
+    )  # kept, not defaulted
+    assert parse_job({**doc, "spec": stored}).spec.stages[1].gate.alpha is None  # the trainer reads it the same
     assert stored["model"]["weightsUri"] == "s3://w/convnext.safetensors"
 
 
