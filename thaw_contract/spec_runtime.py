@@ -82,6 +82,13 @@ class RunPolicy(SpecModel):
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="delete the stage Jobs this long after the FineTuneJob finished"
     )
+    startup_timeout_seconds: int | None = Field(
+        900,
+        gt=0,
+        description="a stage whose pods cannot start (image pull failing, a Secret, ServiceAccount or ConfigMap "
+        "missing, unschedulable) fails after this long, with the pod's reason; the reason shows in status at once. "
+        "null: wait (and say why) for as long as it takes",
+    )
 
 
 class MetricsSpec(SpecModel):

@@ -186,7 +186,12 @@ def status_schema() -> dict:
                 "format": "date-time",
                 "description": "when it became Succeeded or Failed (ttlSecondsAfterFinished counts from here)",
             },
-            "stages": {"type": "array", "items": obj, "description": "per stage: phase, attempts, times, checkpoint"},
+            "stages": {
+                "type": "array",
+                "items": obj,
+                "description": "per stage: phase, attempts, times, checkpoint, result, notStarting (why its pods "
+                "cannot start, since when)",
+            },
             "ignoredPods": {
                 "type": "array",
                 "items": {"type": "string"},

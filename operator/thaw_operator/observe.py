@@ -56,10 +56,14 @@ def slim_pod(pod: dict) -> dict:
         "status": {k: status[k] for k in ("phase", "reason", "message", "podIP") if k in status}
         | {
             "containerStatuses": [
-                {"name": c.get("name"), "state": {"terminated": (c.get("state") or {}).get("terminated")}}
+                {
+                    "name": c.get("name"),
+                    "state": {k: (c.get("state") or {}).get(k) for k in ("terminated", "waiting")},
+                }
                 for c in status.get("containerStatuses") or []
                 if c.get("name") == "trainer"
-            ]
+            ],
+            "conditions": [c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"],
         },
     }
 
@@ -150,6 +154,36 @@ def pod_failure(pod: dict) -> tuple[str, bool]:
     return f"pod {name}: container trainer exited {code} ({term.get('reason') or 'Error'}){detail}", False
 
 
+# Container waiting reasons that do not clear by waiting a little: a bad or unpullable image, a
+# Secret, ConfigMap or ServiceAccount that is missing. (ContainerCreating and PodInitializing are
+# progress; an image that is still being pulled is not stuck.)
+STUCK_REASONS = (
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+)
+
+
+def not_starting(pod: dict) -> str:
+    """One line on why a pod that has not started cannot start ("" if nothing says so): the
+    trainer container's stuck waiting reason, or the scheduler's Unschedulable."""
+    if phase(pod) in POD_DONE:
+        return ""
+    name, status = pod["metadata"]["name"], pod.get("status") or {}
+    for c in status.get("containerStatuses") or []:
+        waiting = (c.get("state") or {}).get("waiting") or {}
+        if c.get("name") == "trainer" and waiting.get("reason") in STUCK_REASONS:
+            return f"pod {name}: {waiting['reason']}: {(waiting.get('message') or 'no details')[:300]}"
+    for cond in status.get("conditions") or []:
+        if (cond.get("type"), cond.get("status"), cond.get("reason")) == ("PodScheduled", "False", "Unschedulable"):
+            return f"pod {name}: Unschedulable: {(cond.get('message') or 'no details')[:300]}"
+    return ""
+
+
 def is_rank0(pod: dict, want: str) -> bool:
     """The pod of completion index 0 (where rank 0 runs), in the given phase."""
     return ((pod.get("metadata") or {}).get("annotations") or {}).get(INDEX_ANNOTATION) == "0" and phase(pod) == want
@@ -188,6 +222,7 @@ def job_view(job: dict, pods: list[dict], workload: dict | None = None) -> JobVi
         completion_time=status.get("completionTime"),
         pods_left=sum(1 for p in pods if phase(p) not in POD_DONE),
         failure=failures[0][0] if failures else "",
+        not_starting=next((why for p in pods if (why := not_starting(p))), ""),
         result=result,
         queued=res.KUEUE_QUEUE in labels,
         workload=workload["metadata"]["name"] if workload else None,

@@ -45,6 +45,7 @@ class JobView:
     completion_time: str | None = None
     pods_left: int = 0  # pods not yet Succeeded/Failed (a failed attempt's ranks still flushing)
     failure: str = ""  # why its pods failed, one line: the trainer's own message, OOMKilled and the limit
+    not_starting: str = ""  # why a pod of it cannot start, one line (observe.not_starting)
     result: dict | None = None  # rank 0's termination message: {"checkpoint": ..., "metrics": {...}}
     queued: bool = False  # carries Kueue's queue-name label: Kueue owns its suspend field
     workload: str | None = None  # its Kueue Workload, once Kueue created one
@@ -155,9 +156,36 @@ def _stage(ctx: _Ctx, k: int, st: dict, jobs: list[JobView], progress: dict[int,
         if (done := policy(ctx, k, st, latest)) is not None:
             return done
     st["phase"] = RUNNING
+    if latest.not_starting:
+        return _not_starting(ctx, k, st, latest)
     if progress and k in progress:
         st["progress"] = progress[k]
     return ctx.finish(RUNNING, "StageRunning", f"{_label(k, st)} running", k)
+
+
+def _not_starting(ctx: _Ctx, k: int, st: dict, latest: JobView) -> Plan:
+    """A pod of stage k cannot start (observe.not_starting): said at once in status and in one
+    Warning event per distinct reason; after runPolicy.startupTimeoutSeconds without a start the
+    job fails with it (the Job goes, so its pods stop holding quota and pulling). The clock
+    starts when a reason is first seen and stops when none is left (stage row `notStarting`)."""
+    label, why = _label(k, st), latest.not_starting
+    prev = next((s.get("notStarting") for s in ctx.old.get("stages") or [] if s.get("index") == k), None) or {}
+    since = prev.get("since") or ctx.now
+    st["notStarting"] = {"since": since, "reason": why}
+    if prev.get("reason") != why:
+        ctx.out.events.append(("Warning", "StageNotStarting", f"{label} cannot start: {why}"))
+    timeout = ctx.spec.run_policy.startup_timeout_seconds
+    if timeout is None:
+        return ctx.finish(RUNNING, "StageNotStarting", f"{label} cannot start: {why}", k)
+    left = status.seconds(since) + timeout - status.seconds(ctx.now)
+    if left <= 0:
+        st["phase"] = FAILED
+        ctx.out.delete_jobs.append(latest.name)
+        msg = f"{label} could not start in {timeout} s (spec.runPolicy.startupTimeoutSeconds): {why}"
+        return ctx.finish(FAILED, "StageNotStarting", msg, k)
+    ctx.out.requeue_after = left  # the timeout fires even if nothing else changes
+    msg = f"{label} cannot start: {why}; failing in {left:.0f} s (spec.runPolicy.startupTimeoutSeconds)"
+    return ctx.finish(RUNNING, "StageNotStarting", msg, k)
 
 
 def _stop(ctx: _Ctx, k: int, st: dict) -> Plan:

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -212,3 +213,36 @@ def test_the_operators_service_account_gets_only_what_the_chart_grants(kind, ver
     args = ["auth", "can-i", verb, *resource.split(), f"--as={OPERATOR_SA}"] + (["-n", namespace] if namespace else [])
     out = kind.kubectl(*args, check=False)
     assert out.stdout.strip() == ("yes" if allowed else "no"), (verb, resource, out.stdout, out.stderr)
+
+
+def test_an_image_that_cannot_be_pulled_is_named_and_fails_the_job_after_its_startup_timeout(kind, run):
+    """A real kubelet's ErrImagePull / ImagePullBackOff (no registry answers here, so an image
+    that is not loaded into the nodes cannot be pulled): the reason shows in status, and after
+    runPolicy.startupTimeoutSeconds the FineTuneJob is Failed with it and its Job gone."""
+    name = f"nopull-{os.getpid()}"
+    doc = kind_demo.job_manifest(yaml.safe_load(demo_mod.JOB.read_text()), name=name)
+    doc["spec"]["image"] = "thaw-trainer:does-not-exist"
+    doc["spec"]["runPolicy"] = {"startupTimeoutSeconds": 30}
+    kind.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            st = json.loads(kind.kubectl("get", "ftj", name, "-o", "json").stdout).get("status") or {}
+            if st.get("phase") == "Failed" or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert st.get("phase") == "Failed", st
+        failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "StageNotStarting", failed
+        assert "ErrImagePull" in failed["message"] or "ImagePullBackOff" in failed["message"], failed["message"]
+        assert "thaw-trainer:does-not-exist" in failed["message"], failed["message"]
+        events = kind.kubectl("get", "events", "--field-selector", f"involvedObject.name={name}", "-o", "json").stdout
+        assert "StageNotStarting" in {e["reason"] for e in json.loads(events)["items"]}
+        deadline = time.monotonic() + 60
+        while json.loads(kind.kubectl("get", "jobs", "-l", f"thaw.dev/finetunejob={name}", "-o", "json").stdout)[
+            "items"
+        ]:
+            assert time.monotonic() < deadline, "the stage Job of a job that could not start was not deleted"
+            time.sleep(2)
+    finally:
+        kind.kubectl("delete", "ftj", name, "--ignore-not-found", "--wait=false")

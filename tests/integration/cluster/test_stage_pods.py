@@ -114,6 +114,39 @@ def _photo_folder(root, empty_class: bool = False) -> str:
     return f"file://{root}"
 
 
+def test_a_stage_whose_pods_cannot_start_says_why_and_fails_after_its_startup_timeout(
+    cluster, api, namespace, operator, store_dir
+):
+    """The reported case: a credentialsSecret that does not exist left the FineTuneJob Running
+    with no reason. Now the pod's CreateContainerConfigError is in status and a Warning event
+    within seconds, and after runPolicy.startupTimeoutSeconds the job is Failed with it and its
+    Job deleted (the pods stop holding the node)."""
+    k = Api(api, namespace)
+    checkpoint = {"uri": "s3://thaw/ckpt", "endpoint": "http://127.0.0.1:9", "credentialsSecret": "absent"}
+    k.create(
+        stage_pod_doc("nosecret", "s3://thaw/ckpt", checkpoint=checkpoint, runPolicy={"startupTimeoutSeconds": 20})
+    )
+    said = wait_for(
+        lambda: "cannot start" in (m := k.status("nosecret").get("message", "")) and m, 60, what="the reason in status"
+    )
+    assert (
+        "CreateContainerConfigError" in said
+        and "absent" in said
+        and said.startswith("stage 0 (head) cannot start: pod nosecret-0-a1-")
+    )
+    assert k.status("nosecret")["phase"] == "Running"
+    st = k.phase("nosecret", "Failed", 90)
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "StageNotStarting" and "CreateContainerConfigError" in failed["message"]
+    assert st["message"].startswith(
+        "stage 0 (head) could not start in 20 s (spec.runPolicy.startupTimeoutSeconds): pod "
+    )
+    events = k.events("nosecret")
+    assert [r for r, _ in events].count("StageNotStarting") == 1, events
+    wait_for(lambda: not k.jobs("nosecret"), 60, what="its Job deleted")
+    assert st["stages"][0]["attempts"] == 1  # nothing to retry: a retry would meet the same missing Secret
+
+
 def test_bad_data_through_stage_pods_is_skipped_and_named_or_fails_once_with_its_line(
     cluster, api, namespace, operator, store_dir
 ):
