@@ -49,6 +49,7 @@ bench: install
 	$(PY) benchmarks/bench_trainer.py --repeats 3 --out docs/benchmarks.md
 	$(PY) benchmarks/bench_checkpoint.py --repeats 5 --out docs/benchmarks.md
 	$(PY) benchmarks/bench_data.py --sizes 1000,10000 --out docs/benchmarks.md
+	$(PY) benchmarks/bench_decode.py --images 200 --per-class 40 --out docs/benchmarks.md
 
 # Faults at random moments against real training through the operator (needs root; ~80 min):
 # every trial of docs/reliability.md's chaos table, written there. The reduced set runs in `make test`.

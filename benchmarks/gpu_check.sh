@@ -4,8 +4,8 @@
 # row of the quality table. Wheels the GPU image lacks travel in .whl/, Fashion-MNIST in .data/
 # (both ignored by git). Results land in $OUT. Each run has its own time cap: checks + quality fit one
 # 10-minute call (quality takes what is left of 570 s), bench needs about 5 minutes on its own.
-# Usage: bash benchmarks/gpu_check.sh [STEP...]   steps: checks quality bench perf (default: checks quality;
-# the first three have run once: docs/results.md "Reference", docs/benchmarks.md "on CUDA"; perf has not).
+# Usage: bash benchmarks/gpu_check.sh [STEP...]   steps: checks quality bench perf decode (default: checks quality;
+# the first three have run once: docs/results.md "Reference", docs/benchmarks.md "on CUDA"; perf and decode have not).
 # benchmarks/gpu_prepare.sh makes .whl/ and .data/ here first.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
@@ -60,8 +60,15 @@ perf() {
     --steps 100 --cases full --section trainer-cuda-resnet50
   cp docs/benchmarks.md "$OUT/benchmarks.md"
 }
+# 7. Decoding on the GPU machine's CPUs and nvJPEG on the device, and a 224 px epoch with data.workers auto
+#    (16 CPUs: 8 workers) against 0, where the GPU waits on decoding (section decode-cuda; ~3 minutes).
+decode() {
+  run decode 300 python3 benchmarks/bench_decode.py --images 400 --per-class 100 --cuda --section decode-cuda \
+    --out docs/benchmarks.md
+  cp docs/benchmarks.md "$OUT/benchmarks.md"
+}
 steps=("$@"); [ $# -gt 0 ] || steps=(checks quality)
 for step in "${steps[@]}"; do
-  case $step in checks | quality | bench | perf) $step ;; *) echo "unknown step $step" >&2; exit 2 ;; esac
+  case $step in checks | quality | bench | perf | decode) $step ;; *) echo "unknown step $step" >&2; exit 2 ;; esac
 done
 exit 0

@@ -90,7 +90,12 @@ class DataSpec(SpecModel):
     test_limit: int | None = Field(None, gt=0, description="evaluate on the first N test images only")
     augmentation: AugmentationSpec = AugmentationSpec()
     batch_size: int = Field(64, gt=0, description="global batch per optimizer step, split evenly across ranks")
-    workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    workers: int | Literal["auto"] = Field(
+        "auto",
+        description="DataLoader worker processes per rank (each decodes images beside the training process); "
+        "auto: the CPUs a rank has (the pod's resources.cpu or the host's, shared by its ranks) less one for the "
+        "training process, at most 8",
+    )
     pin_memory: bool = Field(True, description="pinned host memory + non_blocking copies (CUDA only)")
     persistent_workers: bool = True
     cache_dir: str = Field("~/.cache/thaw", description="where datasets are unpacked once per node")
@@ -118,6 +123,13 @@ class DataSpec(SpecModel):
     @classmethod
     def _endpoint_url(cls, v: str | None) -> str | None:
         return check_endpoint(v)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _count_or_auto(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError(f"must be a whole number >= 0 or auto (got {v!r})")
 
 
 class OptimizerSpec(SpecModel):

@@ -33,7 +33,8 @@ class BadImages:
     def record(self, path: str, err: Exception) -> None:
         """Called wherever the decode failed (a worker process or the main one). One short
         O_APPEND write per line: lines from several processes do not interleave."""
-        why = (str(err).splitlines() or [type(err).__name__])[0][:120].replace("\t", " ")
+        # The file is named in the line already: PIL's "cannot identify image file '<path>'" need not repeat it.
+        why = (str(err).replace(f" '{path}'", "").splitlines() or [type(err).__name__])[0][:120].replace("\t", " ")
         line = f"{os.path.relpath(path, self.root)}\t{type(err).__name__}: {why}\n"
         with open(self.path, "a") as f:
             f.write(line)

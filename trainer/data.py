@@ -131,14 +131,28 @@ def check_source(spec: DataSpec) -> None:
         check_prefix(spec.source, spec.endpoint)
 
 
-def _folder(uri: str) -> Source:
+def decode_file(source, size: int) -> torch.Tensor:
+    """An image file (a path or a file object) as (3, size, size) uint8. A JPEG is decoded at the
+    smallest DCT scale (1, 1/2, 1/4, 1/8) that still covers size x size (libjpeg's draft mode),
+    then PIL's bilinear resize, antialiased when it shrinks, on uint8: 3.7x faster than a full
+    decode and a float resize for a 1600x1200 photo, 1.2x for a 500x375 one (docs/benchmarks.md
+    "decode"). Other formats decode at full size."""
+    from PIL import Image
+
+    with Image.open(source) as img:
+        img.draft("RGB", (size, size))
+        # Decodes here: a corrupt or truncated file raises here (trainer/bad_images.py counts it).
+        rgb = np.array(img.convert("RGB").resize((size, size), Image.BILINEAR))
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def _folder(uri: str, size: int) -> Source:
     from torchvision.datasets import ImageFolder
-    from torchvision.io import ImageReadMode, decode_image
 
     train_dir, test_dir = _folder_dirs(uri)
 
     def loader(path: str) -> torch.Tensor:
-        return decode_image(path, mode=ImageReadMode.RGB)
+        return decode_file(path, size)
 
     train = ImageFolder(str(train_dir), loader=loader, allow_empty=True)
     test = ImageFolder(str(test_dir), loader=loader, allow_empty=True)
@@ -166,7 +180,7 @@ def load_source(spec: DataSpec) -> Source:
         return _fashion_mnist(cache)
     if spec.source == "digits":
         return _digits()
-    return _folder(spec.source)
+    return _folder(spec.source, spec.image_size)
 
 
 def stratified_take(
@@ -281,7 +295,7 @@ class Images(Dataset):
             i = int(self.indices[(k + step) % len(self.indices)])
             try:
                 return folder[i]
-            except Exception as err:  # torchvision's decoders raise RuntimeError; a vanished file OSError
+            except Exception as err:  # PIL raises UnidentifiedImageError or OSError (truncated, vanished)
                 if self.bad is None:
                     raise
                 self.bad.record(folder.samples[i][0], err)

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from thaw_contract.spec import FineTuneJob
+from trainer.cpus import auto_workers, available_cpus
 from trainer.distributed import DistEnv, all_gather_objects
 from trainer.layers import head_module_name
 from trainer.loop import StepContext, image_preparer
@@ -23,7 +24,7 @@ def train_loader(dataset, batch_size: int, env: DistEnv, shuffle: bool, seed: in
     drop_last = len(sampler) >= batch_size
     if isinstance(dataset, ResidentImages):
         return ResidentBatches(dataset, batch_size, sampler, drop_last, env.rank, torch.Generator().manual_seed(seed))
-    workers = 0 if isinstance(dataset, TensorDataset) else data.workers
+    workers = 0 if isinstance(dataset, TensorDataset) else loader_workers(job, env)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -42,8 +43,16 @@ def eval_loader(dataset, batch_size: int, env: DistEnv, job: FineTuneJob) -> Dat
     if isinstance(dataset, ResidentImages):
         return ResidentBatches(dataset, batch_size, mine, drop_last=False)
     shard = Subset(dataset, mine)
-    workers = job.spec.data.workers if not isinstance(dataset, TensorDataset) else 0
+    workers = loader_workers(job, env) if not isinstance(dataset, TensorDataset) else 0
     return DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=env.device.type == "cuda")
+
+
+def loader_workers(job: FineTuneJob, env: DistEnv) -> int:
+    """data.workers, with auto resolved from the CPUs this pod's ranks share (trainer/cpus.py)."""
+    workers = job.spec.data.workers
+    if workers == "auto":
+        workers = auto_workers(available_cpus(job.spec.resources.cpu), env.local_world)
+    return workers
 
 
 def cached_features(setup: Setup, datasets: list, batch_size: int) -> list[TensorDataset]:

@@ -19,10 +19,12 @@ from thaw_contract.plan import PlannedStage, recipe_warnings, stages_to_run
 from thaw_contract.spec import DataSpec, FineTuneJob, SpecError
 from thaw_contract.stage_result import stopped_the_job
 from trainer import checkpoint as ckpt
+from trainer.cpus import available_cpus
 from trainer.data import Datasets, build_datasets
 from trainer.distributed import DistEnv, barrier, decided_by_main, init_distributed
 from trainer.freezing import apply_stage
 from trainer.layers import family
+from trainer.loaders import loader_workers
 from trainer.loop import StepContext, image_preparer
 from trainer.progress import Progress
 from trainer.resident import ResidentImages, fits
@@ -73,6 +75,8 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
         load_start(setup, first, done.get(first - 1))  # verified above when it was in todo
         data = build_datasets(local_data(job.spec.data, env), job.spec.model.num_classes, job.spec.seed)
         data = resident_data(data, job.spec, env.device)
+        if env.is_main:
+            progress.message(workers_line(job, env, data))
     except BaseException:
         if warming is not None:
             warming.join()  # a process must not exit under a thread running torch (it aborts)
@@ -167,6 +171,18 @@ def finish_warmup(setup: Setup, warming: Background) -> None:
             setup.channels_last = use
             setup.model.to(memory_format=torch.channels_last if use else torch.contiguous_format)
     setup.progress.message(text)
+
+
+def workers_line(job: FineTuneJob, env: DistEnv, data: Datasets) -> str:
+    """How the images reach the training processes, said once: resident, or decoded by how many workers."""
+    if isinstance(data.train, ResidentImages):
+        return "data: held on the device (speed.dataOnDevice); no DataLoader workers"
+    workers = loader_workers(job, env)
+    said = f"data: {workers} DataLoader worker{'' if workers == 1 else 's'} per rank"
+    if job.spec.data.workers != "auto":
+        return f"{said} (data.workers)"
+    cpus, ranks = available_cpus(job.spec.resources.cpu), env.local_world
+    return f"{said} (data.workers auto: {cpus:g} CPUs for {ranks} rank{'' if ranks == 1 else 's'} here)"
 
 
 def resident_data(data: Datasets, spec, device: torch.device) -> Datasets:

@@ -60,6 +60,7 @@ EXTRA: dict[tuple[str, ...], dict] = {
     # one. OpenAPI applies `minimum` to numbers only and `pattern` to strings only, so together
     # they say "a positive number, or the word auto".
     ("stages", "*", "lr"): {"minimum": 0, "exclusiveMinimum": True, "pattern": "^auto$"},
+    ("data", "workers"): {"minimum": 0, "pattern": "^auto$"},  # a count or auto, the same way
 }
 
 

@@ -88,7 +88,7 @@ BAD_SPECS = [
     (
         "negative workers",
         with_path(job_doc(), "spec.data.workers", -1),
-        "spec.data.workers: must be greater than or equal to 0 (got -1)",
+        "spec.data.workers: must be a whole number >= 0 or auto (got -1)",
     ),
     ("typo in a field", with_path(job_doc(), "spec.data.batchsize", 8), "spec.data.batchsize: is not a known field"),
     ("empty stage list", job_doc(stages=[]), "spec: stages must not be empty"),
