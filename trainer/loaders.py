@@ -24,7 +24,7 @@ def train_loader(dataset, batch_size: int, env: DistEnv, shuffle: bool, seed: in
     drop_last = len(sampler) >= batch_size
     if isinstance(dataset, ResidentImages):
         return ResidentBatches(dataset, batch_size, sampler, drop_last, env.rank, torch.Generator().manual_seed(seed))
-    workers = 0 if isinstance(dataset, TensorDataset) else loader_workers(job, env)
+    workers = loader_workers(job, env, dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -43,14 +43,21 @@ def eval_loader(dataset, batch_size: int, env: DistEnv, job: FineTuneJob) -> Dat
     if isinstance(dataset, ResidentImages):
         return ResidentBatches(dataset, batch_size, mine, drop_last=False)
     shard = Subset(dataset, mine)
-    workers = loader_workers(job, env) if not isinstance(dataset, TensorDataset) else 0
+    workers = loader_workers(job, env, dataset)
     return DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=env.device.type == "cuda")
 
 
-def loader_workers(job: FineTuneJob, env: DistEnv) -> int:
-    """data.workers, with auto resolved from the CPUs this pod's ranks share (trainer/cpus.py)."""
+def loader_workers(job: FineTuneJob, env: DistEnv, dataset) -> int:
+    """data.workers for this dataset: none for tensors already in memory (cached features); auto
+    gives workers only to files that need decoding (an image folder), as many as the CPUs this
+    pod's ranks share allow (trainer/cpus.py): an in-memory source would only pay their IPC."""
     workers = job.spec.data.workers
+    if isinstance(dataset, TensorDataset):
+        return 0
     if workers == "auto":
+        split = getattr(dataset, "split", None) or getattr(getattr(dataset, "dataset", None), "split", None)
+        if split is None or split.folder is None:
+            return 0
         workers = auto_workers(available_cpus(job.spec.resources.cpu), env.local_world)
     return workers
 

@@ -177,10 +177,12 @@ def workers_line(job: FineTuneJob, env: DistEnv, data: Datasets) -> str:
     """How the images reach the training processes, said once: resident, or decoded by how many workers."""
     if isinstance(data.train, ResidentImages):
         return "data: held on the device (speed.dataOnDevice); no DataLoader workers"
-    workers = loader_workers(job, env)
+    workers = loader_workers(job, env, data.train)
     said = f"data: {workers} DataLoader worker{'' if workers == 1 else 's'} per rank"
     if job.spec.data.workers != "auto":
         return f"{said} (data.workers)"
+    if data.train.split.folder is None:
+        return f"{said} (data.workers auto: the images are in memory, nothing to decode)"
     cpus, ranks = available_cpus(job.spec.resources.cpu), env.local_world
     return f"{said} (data.workers auto: {cpus:g} CPUs for {ranks} rank{'' if ranks == 1 else 's'} here)"
 

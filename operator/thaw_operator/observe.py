@@ -222,7 +222,10 @@ def job_view(job: dict, pods: list[dict], workload: dict | None = None) -> JobVi
         completion_time=status.get("completionTime"),
         pods_left=sum(1 for p in pods if phase(p) not in POD_DONE),
         failure=failures[0][0] if failures else "",
-        not_starting=next((why for p in pods if (why := not_starting(p))), ""),
+        # The first by name: the same pod each reconcile, so one event per reason, not per listing order.
+        not_starting=next(
+            (why for p in sorted(pods, key=lambda p: p["metadata"]["name"]) if (why := not_starting(p))), ""
+        ),
         result=result,
         queued=res.KUEUE_QUEUE in labels,
         workload=workload["metadata"]["name"] if workload else None,

@@ -47,3 +47,26 @@ def test_workers_is_auto_by_default_and_a_count_or_auto_otherwise():
     for bad in ("many", True, 1.5):
         with pytest.raises(SpecError, match=r"^spec.data.workers: must be a whole number >= 0 or auto"):
             parse_job(with_path(job_doc(), "spec.data.workers", bad))
+
+
+def test_auto_gives_workers_only_to_images_that_need_decoding(tmp_path, monkeypatch):
+    import torch
+    from torch.utils.data import Subset, TensorDataset
+
+    from tests.unit.test_data_splits import _folder
+    from thaw_contract.spec import DataSpec
+    from trainer import loaders
+    from trainer.data import build_datasets
+    from trainer.distributed import DistEnv
+    from trainer.loaders import loader_workers
+
+    monkeypatch.setattr(loaders, "available_cpus", lambda requested: 8.0)
+    env = DistEnv(0, 2, 0, 2, torch.device("cpu"))  # two ranks on this host: 4 CPUs each
+    folder = build_datasets(DataSpec(source=_folder(tmp_path), image_size=16, val_per_class=1), 2, 0)
+    in_memory = build_datasets(DataSpec(source="digits", image_size=16, val_per_class=1), 10, 0)
+    job = parse_job(job_doc())
+    assert loader_workers(job, env, folder.train) == 3 and loader_workers(job, env, Subset(folder.val, [0])) == 3
+    assert loader_workers(job, env, in_memory.train) == 0  # nothing to decode: workers would only add IPC
+    assert loader_workers(job, env, TensorDataset(torch.zeros(2, 3))) == 0  # cached features
+    fixed = parse_job(with_path(job_doc(), "spec.data.workers", 2))
+    assert loader_workers(fixed, env, in_memory.train) == 2 and loader_workers(fixed, env, folder.train) == 2

@@ -103,3 +103,13 @@ def test_the_job_view_takes_the_first_pod_that_cannot_start():
     ]
     view = observe.job_view(job_obj, pods)
     assert isinstance(view, JobView) and view.not_starting == "pod ft-0-a1-1-y: ErrImagePull: not found"
+    both = [
+        _pod("ft-0-a1-1-y", waiting={"reason": "ErrImagePull", "message": "b"}),
+        _pod("ft-0-a1-0-x", scheduled={"reason": "Unschedulable", "message": "a"}),
+    ]
+    # Whatever order the cache lists them in, the same pod is named (one event, not one per listing).
+    assert (
+        observe.job_view(job_obj, both).not_starting
+        == observe.job_view(job_obj, both[::-1]).not_starting
+        == ("pod ft-0-a1-0-x: Unschedulable: a")
+    )
