@@ -221,7 +221,11 @@ def test_an_image_that_cannot_be_pulled_is_named_and_fails_the_job_after_its_sta
     runPolicy.startupTimeoutSeconds the FineTuneJob is Failed with it and its Job gone."""
     name = f"nopull-{os.getpid()}"
     doc = kind_demo.job_manifest(yaml.safe_load(demo_mod.JOB.read_text()), name=name)
-    doc["spec"]["image"] = "thaw-trainer:does-not-exist"
+    deploy = json.loads(kind.kubectl("get", "deploy", "-n", "thaw-system", "-o", "json").stdout)["items"][0]
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    trainer = next(a for a in args if a.startswith("--trainer-image=")).split("=", 1)[1]
+    # The chart's trainer repository (what its admission policy allows), a tag no node holds.
+    doc["spec"]["image"] = trainer.rsplit(":", 1)[0] + ":does-not-exist"
     doc["spec"]["runPolicy"] = {"startupTimeoutSeconds": 30}
     kind.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
     try:

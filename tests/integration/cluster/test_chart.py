@@ -3,6 +3,7 @@ for several value sets, and an install whose RBAC is enough for the operator and
 
 from __future__ import annotations
 
+import json
 import subprocess
 import uuid
 
@@ -31,6 +32,10 @@ VALUE_SETS = {
         "metrics.prometheusRule.enabled=true",
         "--set",
         "extraLabels.team=ml",
+        "--set",
+        "admission.allowedImages={registry.local/ml/,ghcr.io/thaw-dev/}",
+        "--set",
+        "admission.allowedPriorityClasses={batch-low}",
     ],
     "no metrics, no leader election, own service account": [
         "--set",
@@ -45,12 +50,14 @@ VALUE_SETS = {
         "serviceAccount.name=existing",
         "--set",
         "resources.limits.memory=512Mi",
+        "--set",
+        "admission.enabled=false",
     ],
 }
 
 
 def helm(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    if args[0] == "template":  # offline rendering assumes Kubernetes 1.20 unless told; the chart needs >= 1.29
+    if args[0] == "template":  # offline rendering assumes Kubernetes 1.20 unless told; the chart needs >= 1.30
         args = (*args, "--kube-version", "1.34.0")
     return subprocess.run(
         [cluster._bin("helm"), f"--kubeconfig={cluster.kubeconfig_path}", *args],
@@ -81,9 +88,11 @@ def test_helm_lint_strict(cluster):
 
 
 def test_values_schema_rejects_bad_values(cluster):
-    out = helm(cluster, "template", "t", str(CHART), "--set", "replicaCount=9", "--set", "logFormat=xml", check=False)
+    bad = ["--set", "replicaCount=9", "--set", "logFormat=xml", "--set", "admission.allowedImages={it's}"]
+    out = helm(cluster, "template", "t", str(CHART), *bad, check=False)
     assert out.returncode != 0
     assert "/replicaCount" in out.stderr and "/logFormat" in out.stderr
+    assert "/admission/allowedImages/0" in out.stderr  # a quote would break out of the policy's CEL literal
 
 
 @pytest.mark.parametrize("values", list(VALUE_SETS), ids=list(VALUE_SETS))
@@ -91,6 +100,7 @@ def test_rendered_chart_passes_server_side_dry_run(cluster, chart_prereqs, value
     rendered = helm(cluster, "template", "thaw", str(CHART), "--namespace", "thaw-dry", *VALUE_SETS[values]).stdout
     kinds = {d["kind"] for d in yaml.safe_load_all(rendered) if d}
     assert {"Deployment", "ClusterRole"} <= kinds
+    assert ("ValidatingAdmissionPolicy" in kinds) == ("admission.enabled=false" not in VALUE_SETS[values])
     out = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered, check=False)
     assert out.returncode == 0, out.stderr
 
@@ -209,3 +219,104 @@ def test_namespaced_install_cannot_reach_other_namespaces(cluster, chart_prereqs
         assert _can(cluster, "thaw-ns-system:thaw-ns", "list", "finetunejobs.thaw.dev", "thaw-a")
     finally:
         helm(cluster, "uninstall", "thaw-ns", "-n", "thaw-ns-system", check=False)
+
+
+def test_a_finetunejob_grants_nothing_its_author_lacks(cluster, api, chart_prereqs):
+    """The chart's ValidatingAdmissionPolicy and aggregated roles on the real API server (RBAC
+    authorizer, the clusterrole-aggregation controller): a user who may create FineTuneJobs but
+    not Jobs and pods, or not read the Secret a job names, is refused with a line naming what;
+    images, ServiceAccounts and PriorityClasses outside the chart's lists too, also for a user who
+    holds only the built-in edit role."""
+    from kubernetes import config
+    from kubernetes.client.exceptions import ApiException
+
+    helm(
+        cluster, "install", "thaw-vap", str(CHART), "-n", "thaw-vap-system", "--create-namespace",
+        "--set", "replicaCount=0", "--set", "admission.allowedImages={registry.local/ml/}",
+        "--set", "admission.allowedServiceAccounts={trainer}", "--set", "admission.allowedPriorityClasses={batch-low}",
+    )  # fmt: skip
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    core.create_namespace({"metadata": {"name": ns}})
+    try:
+        core.create_namespaced_secret(ns, {"metadata": {"name": "s3"}, "stringData": {"AWS_ACCESS_KEY_ID": "x"}})
+
+        def grant(user: str, name: str, rules: list[dict] | None = None, cluster_role: str | None = None) -> None:
+            if rules is not None:
+                rbac.create_namespaced_role(ns, {"metadata": {"name": name}, "rules": rules})
+            ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole" if cluster_role else "Role"}
+            binding = {
+                "metadata": {"name": name},
+                "roleRef": {**ref, "name": cluster_role or name},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+            }
+            rbac.create_namespaced_role_binding(ns, binding)
+
+        def as_user(user: str):
+            """create(name, **spec) as `user`: '' when stored, else the API server's message."""
+            api_client = config.new_client_from_config(str(cluster.kubeconfig_path))
+            api_client.set_default_header("Impersonate-User", user)
+            custom = client.CustomObjectsApi(api_client)
+
+            def create(name: str, **spec) -> str:
+                doc = ftj_doc(name, "s3://thaw/ckpt", stages=1)
+                doc["spec"].update(spec)
+                try:
+                    custom.create_namespaced_custom_object("thaw.dev", "v1alpha1", ns, "finetunejobs", doc)
+                    return ""
+                except ApiException as err:
+                    return json.loads(err.body)["message"]
+
+            return create
+
+        grant("alice", "author", [{"apiGroups": ["thaw.dev"], "resources": ["finetunejobs"], "verbs": ["create"]}])
+        create = as_user("alice")
+        # The policy is in force once the API server has loaded it (a few seconds after install).
+        probe = lambda: create(f"probe-{uuid.uuid4().hex[:6]}")  # noqa: E731 - a fresh name: one may slip in
+        wait_for(lambda: "may not create Jobs and pods" in probe(), 60, what="the admission policy active")
+        assert "a FineTuneJob runs Jobs and pods for its author: alice may not create Jobs and pods in namespace " in (
+            create("nopods")
+        )
+        grant("alice", "pods", [{"apiGroups": ["", "batch"], "resources": ["pods", "jobs"], "verbs": ["create"]}])
+        wait_for(lambda: create("plain") == "", 30, what="alice may create a plain job once she may create pods")
+        secret = {"uri": "s3://thaw/ckpt", "credentialsSecret": "s3"}
+        said = create("withsecret", checkpoint=secret)
+        assert f"spec.checkpoint.credentialsSecret: alice may not get Secret s3 in namespace {ns}" in said, said
+        assert "spec.imagePullSecrets: alice may not get every Secret named" in create("pull", imagePullSecrets=["s3"])
+        grant("alice", "s3", [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["s3"], "verbs": ["get"]}])
+        wait_for(lambda: create("withsecret", checkpoint=secret) == "", 30, what="the Secret she may read")
+        said = create("evil", image="docker.io/someone/miner:1")
+        assert "spec.image: docker.io/someone/miner:1 is not an allowed image" in said and "registry.local/ml/" in said
+        assert create("ours", image="registry.local/ml/thaw-trainer:1") == ""
+        said = create("builder", serviceAccountName="builder")
+        assert "spec.serviceAccountName: builder is not one the chart allows" in said, said
+        assert create("trainer", serviceAccountName="trainer") == ""
+        said = create("urgent", priorityClassName="system-cluster-critical")
+        assert "spec.priorityClassName: system-cluster-critical is not allowed" in said, said
+        assert create("low", priorityClassName="batch-low") == ""
+
+        # The built-in edit role carries FineTuneJobs (aggregated), and the same limits hold for it.
+        grant("bob", "bob-edit", cluster_role="edit")
+        bob = as_user("bob")
+        wait_for(lambda: bob("bobs") == "", 60, what="edit aggregating the FineTuneJob role")
+        assert "is not an allowed image" in bob("bobs-evil", image="docker.io/someone/miner:1")
+        grant("carol", "carol-view", cluster_role="view")
+        can = lambda verb: cluster.kubectl(
+            "auth", "can-i", verb, "finetunejobs.thaw.dev", "--as=carol", "-n", ns, check=False
+        )  # noqa: E731
+        wait_for(lambda: can("get").stdout.strip() == "yes", 60, what="view aggregating the FineTuneJob role")
+        assert can("create").stdout.strip() == "no"
+
+        items = client.CustomObjectsApi(api).list_namespaced_custom_object("thaw.dev", "v1alpha1", ns, "finetunejobs")
+        stored = {o["metadata"]["name"] for o in items["items"]}
+        assert {n for n in stored if not n.startswith("probe-")} == {
+            "plain",
+            "withsecret",
+            "ours",
+            "trainer",
+            "low",
+            "bobs",
+        }
+    finally:
+        core.delete_namespace(ns)
+        helm(cluster, "uninstall", "thaw-vap", "-n", "thaw-vap-system", check=False)
