@@ -108,8 +108,8 @@ def gain(metric: str, value: float, previous: float) -> float:
 
 @dataclass(frozen=True)
 class Answers:
-    """Both models on the same validation images, image by image in one order (a rolled-back
-    stage's input and the weights it would commit): what the paired test reads."""
+    """Both models on the same validation images, image by image in one order (the weights a
+    stage would commit, `new`, and its input, `old`): what the paired test reads."""
 
     new_correct: list[bool]
     old_correct: list[bool]

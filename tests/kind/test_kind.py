@@ -42,15 +42,26 @@ OPERATOR_SA = "system:serviceaccount:thaw-system:thaw"
 def kind():
     if os.geteuid() != 0:
         pytest.fail("the kind tests start a Docker engine and a cluster: run as root")
+    # An engine that was running before (the user's, or a private one they started) stays; one
+    # that `up` starts for the tests is stopped with the cluster, so the machine is left as found.
+    engine_before = subprocess.run(["hack/docker.sh", "env"], cwd=ROOT, capture_output=True).returncode == 0
     up = subprocess.run(["hack/kind.sh", "up"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
     if up.returncode != 0:  # a half-made cluster would keep its nodes' disk until the next `down`
-        subprocess.run(["hack/kind.sh", "down"], cwd=ROOT, capture_output=True, timeout=600)
+        _down(engine_before)
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-5000:]
     try:
         yield kind_demo.Kind(kind_demo.bins() / "kubectl")
     finally:
         if not os.environ.get("THAW_KIND_KEEP"):
-            subprocess.run(["hack/kind.sh", "down"], cwd=ROOT, capture_output=True, timeout=600)
+            _down(engine_before)
+
+
+def _down(engine_before: bool) -> None:
+    """Delete the cluster, and stop the private Docker engine if the tests started it (its image
+    store stays under ~/.cache/thaw/docker for the next run)."""
+    subprocess.run(["hack/kind.sh", "down"], cwd=ROOT, capture_output=True, timeout=600)
+    if not engine_before:
+        subprocess.run(["hack/docker.sh", "down"], cwd=ROOT, capture_output=True, timeout=120)
 
 
 def _pods(kind, selector: str, namespace: str = "default") -> list[dict]:
