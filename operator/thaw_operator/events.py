@@ -108,6 +108,16 @@ def on_stage_job(job: dict) -> None:
     state.QUEUE.add((meta["namespace"], meta["labels"][res.LABEL_JOB]), HANDOFF)
 
 
+def on_stage_pod(pod: dict) -> None:
+    """A stage pod's slim copy changed (observe.slim_pod keeps what the planner reads): among
+    others, a container stuck waiting (an image that cannot be pulled, a missing Secret) or a
+    pod the scheduler cannot place, which no Job event announces. Behind hand-offs and specs."""
+    meta = pod["metadata"]
+    job = (meta.get("labels") or {}).get(res.LABEL_JOB)
+    if job:
+        state.QUEUE.add((meta["namespace"], job), SWEEP)
+
+
 def start_watches(stop: threading.Event, namespaces: list[str]) -> None:
     """The stage Job and pod watch caches, one pair per watched namespace (or one for all).
     Filtered by label on the API server: the operator never receives other Jobs and pods
@@ -117,7 +127,7 @@ def start_watches(stop: threading.Event, namespaces: list[str]) -> None:
     pods = (core.list_namespaced_pod, core.list_pod_for_all_namespaces)
     kinds = (  # cache, kind, (list in one namespace, in all), slim copy, on change
         (state.CONFIG.jobs, "Job", jobs, observe.slim_job, on_stage_job),
-        (state.CONFIG.pods, "Pod", pods, observe.slim_pod, None),
+        (state.CONFIG.pods, "Pod", pods, observe.slim_pod, on_stage_pod),
     )
     for ns in namespaces or [None]:
         for caches, kind, (in_ns, in_all), slim, handler in kinds:

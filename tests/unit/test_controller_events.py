@@ -45,3 +45,16 @@ def test_deleted_forgets_the_key(queue):
     state.own_writes[("ns", "ft")] = "11"
     assert event(queue, "12", kind="DELETED") is None
     assert ("ns", "ft") not in state.own_writes and ("ns", "ft") not in state.generations
+
+
+def test_a_stage_pods_change_queues_its_finetunejob_behind_hand_offs(queue):
+    """A container stuck waiting (ErrImagePull, a missing Secret) changes no Job: the pod watch
+    must wake the operator, or the reason waits for the next full sweep (ten resyncs)."""
+    events.on_stage_pod(
+        {"metadata": {"name": "ft-0-a1-0-x", "namespace": "ns", "labels": {"thaw.dev/finetunejob": "ft"}}}
+    )
+    got = queue.get(timeout=0)
+    assert got is not None and got[0] == ("ns", "ft") and got[2] == SWEEP
+    queue.done(got[0])
+    events.on_stage_pod({"metadata": {"name": "stranger", "namespace": "ns", "labels": {}}})
+    assert queue.get(timeout=0) is None
