@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from thaw_contract.spec import AugmentationSpec, DataSpec, SpecError
 from trainer.bad_images import BadImages, no_image_decodes
+from trainer.storage import StoreError
 
 FASHION_MNIST_DIR = Path(os.environ.get("THAW_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = (
@@ -123,7 +124,11 @@ def _folder_dirs(uri: str) -> tuple[Path, Path]:
 def check_source(spec: DataSpec) -> None:
     """Cheap preflight: the source exists and can be read (no image decoded). A local
     folder or an s3:// prefix is checked; the named datasets are found or fetched later."""
-    if spec.source.startswith("file://"):
+    from trainer.shards import is_shard_source, open_manifest
+
+    if is_shard_source(spec.source, spec.endpoint):
+        open_manifest(spec.source, spec.endpoint)
+    elif spec.source.startswith("file://"):
         _folder_dirs(spec.source)
     elif spec.source.startswith("s3://"):
         from trainer.datasync import check_prefix
@@ -174,12 +179,41 @@ def _folder(uri: str, size: int) -> Source:
     )
 
 
+def _shards(spec: DataSpec) -> Source:
+    """A shard set (trainer/shards.py): labels from the manifest, images fetched as they are read."""
+    from trainer.datasync import cache_path
+    from trainer.shards import ShardFiles, ShardSplit, open_manifest
+
+    m = open_manifest(spec.source, spec.endpoint)
+    cache = cache_path(spec.cache_dir, spec.source) / "shards" if spec.source.startswith("s3://") else None
+    files = ShardFiles(spec.source, {s.name: s for shards in m.splits.values() for s in shards}, cache, spec.endpoint)
+    files.check_room()
+    train, test = (ShardSplit(m.splits[s], files, spec.image_size) for s in ("train", "test"))
+    for split, name in ((train, "train"), (test, "test")):
+        counts = np.bincount(split.labels, minlength=len(m.classes))
+        if (counts == 0).any():
+            raise SpecError(
+                f"spec.data.source: the {name} shards hold no images of class {m.classes[int(np.argmin(counts))]!r}"
+            )
+    bad = BadImages(Path(ShardSplit.root))
+    return Source(
+        ImageSplit(None, torch.from_numpy(train.labels), train),
+        ImageSplit(None, torch.from_numpy(test.labels), test),
+        m.classes,
+        bad,
+    )
+
+
 def load_source(spec: DataSpec) -> Source:
+    from trainer.shards import is_shard_source
+
     cache = Path(spec.cache_dir).expanduser()
     if spec.source == "fashion-mnist":
         return _fashion_mnist(cache)
     if spec.source == "digits":
         return _digits()
+    if is_shard_source(spec.source, spec.endpoint):
+        return _shards(spec)
     return _folder(spec.source, spec.image_size)
 
 
@@ -295,6 +329,8 @@ class Images(Dataset):
             i = int(self.indices[(k + step) % len(self.indices)])
             try:
                 return folder[i]
+            except (SpecError, StoreError):  # a shard that cannot be fetched is no bad image
+                raise
             except Exception as err:  # PIL raises UnidentifiedImageError or OSError (truncated, vanished)
                 if self.bad is None:
                     raise

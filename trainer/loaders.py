@@ -13,11 +13,15 @@ from trainer.layers import head_module_name
 from trainer.loop import StepContext, image_preparer
 from trainer.resident import ResidentBatches, ResidentImages
 from trainer.setup import Setup
+from trainer.shards import ShardSampler, ShardSplit
 
 
 def train_loader(dataset, batch_size: int, env: DistEnv, shuffle: bool, seed: int, job: FineTuneJob) -> DataLoader:
     data = job.spec.data
-    sampler = DistributedSampler(dataset, num_replicas=env.world, rank=env.rank, shuffle=shuffle, seed=seed)
+    if shuffle and isinstance(getattr(getattr(dataset, "split", None), "folder", None), ShardSplit):
+        sampler = ShardSampler(dataset, env.world, env.rank, seed)  # each rank reads its own shards
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=env.world, rank=env.rank, shuffle=shuffle, seed=seed)
     # One batch shape per stage: the ragged last batch would cost a GPU a second set of
     # kernel plans (and a tiny noisy step). The shuffle drops different images each epoch.
     # A shard smaller than one batch keeps its single short batch.
