@@ -222,6 +222,28 @@ def report(demo: Demo, job_file: Path) -> str:
     return out.stdout
 
 
+def samples(folder: Path, n: int = 8) -> list[str]:
+    """The first n Fashion-MNIST test images as PNG files named <i>-<class>.png (what `predict`
+    is shown on); returns their class names."""
+    from PIL import Image
+
+    from trainer.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
+
+    images = read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")[:n]
+    labels = read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")[:n]
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [FASHION_MNIST_CLASSES[int(y)] for y in labels]
+    for i, (img, name) in enumerate(zip(images, names)):
+        Image.fromarray(img).save(folder / f"{i}-{name.replace('/', '_').replace(' ', '_')}.png")
+    return names
+
+
+def predict_command(demo: Demo, model_uri: str, folder: Path) -> list[str]:
+    """`python -m trainer predict` on the demo's model, with the store's endpoint and keys."""
+    env = [f"{k}={v}" for k, v in sorted(demo.s3_env().items()) if k.startswith("AWS_")]
+    return ["env", *env, sys.executable, "-m", "trainer", "predict", model_uri, str(folder)]
+
+
 def stop(state: Path = STATE, quiet: bool = False) -> None:
     stop_leftovers(state)  # every process recorded under state/pids: cluster, SeaweedFS, operator, Prometheus
     teardown_network()
@@ -248,11 +270,20 @@ def main() -> None:
     t0 = time.monotonic()
     status = follow(demo, name, args.timeout)
     _say(f"{name}: {status['phase']} after {time.monotonic() - t0:.0f}s ({status.get('message', '')})")
+    try_model = ""
     if status["phase"] == "Succeeded":
         print(report(demo, args.job), flush=True)
+        model = (status.get("model") or {}).get("uri")
+        if model:
+            folder = args.state / "samples"
+            samples(folder)
+            try_model = (
+                f"\nThe model (status.model): {model}\n"
+                f"  on 8 test images ({folder}): {' '.join(predict_command(demo, model, folder))}\n"
+            )
     kube = f"KUBECONFIG={demo.cp.kubeconfig_path} {demo.cp.bins}/kubectl"
     print(
-        "\nThe cluster is still up. Look around:\n"
+        f"{try_model}\nThe cluster is still up. Look around:\n"
         f"  {kube} get ftj,jobs,pods\n"
         f"  {kube} describe ftj {name}\n"
         f"  Prometheus: {demo.prometheus.url}  (try thaw_val_accuracy_ratio, thaw_images_per_second)\n"

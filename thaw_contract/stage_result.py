@@ -17,6 +17,7 @@ STATUS_FIELDS = {
     "collapsed": "collapsed",
     "bad_images": "badImages",
     "lr_found": "lrFound",
+    "model": "model",  # the job's last stage: its model artifact (uri, sha256)
 }
 GATE_STATUS_FIELDS = ("decision", "metric", "value", "previous", "reason")
 # Stage k's pods get the manifest digest stage k-1's rank 0 reported (and the operator recorded)

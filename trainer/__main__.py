@@ -1,4 +1,6 @@
-"""python -m trainer {run,plan,report,launch} JOB.yaml — the same file the cluster runs."""
+"""python -m trainer {run,plan,report,launch} JOB.yaml — the same file the cluster runs;
+python -m trainer pack SRC DST — an image folder as shards (trainer/pack.py);
+python -m trainer export JOB.yaml, predict MODEL_URI IMAGES... — the model artifact (trainer/artifact.py)."""
 
 from __future__ import annotations
 
@@ -129,6 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     launch = sub.add_parser("launch", help="a stage pod's entry point: preflight checks, then torchrun (env)")
     launch.add_argument("job")
     launch.add_argument("--stage", type=int)
+    pack = sub.add_parser("pack", help="an ImageFolder (folder or s3:// prefix) as WebDataset shards with a manifest")
+    pack.add_argument("src", help="train/<class>/* and test/<class>/* (or val/): a folder or s3://bucket/prefix")
+    pack.add_argument("dst", help="a folder or s3://bucket/prefix for the shards and thaw-shards.json")
+    pack.add_argument("--shard-mib", type=float, default=64, help="about this many MiB per shard (default 64)")
+    pack.add_argument("--seed", type=int, default=0, help="the shuffle that mixes classes within shards")
+    pack.add_argument("--endpoint", help="S3 endpoint URL; default AWS_ENDPOINT_URL")
+    export = sub.add_parser("export", help="write the model artifact (safetensors + config.json) from the checkpoints")
+    export.add_argument("job")
+    predict = sub.add_parser("predict", help="top classes of image files with a model artifact, one JSON line each")
+    predict.add_argument("model", help="the artifact's URI (file:// or s3://, as export prints it)")
+    predict.add_argument("images", nargs="+", help="image files, folders or s3:// prefixes")
+    predict.add_argument("--endpoint", help="S3 endpoint URL for s3:// images; default AWS_ENDPOINT_URL")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--batch", type=int, default=64)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "launch":
@@ -138,6 +154,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plan":
             return _plan(args)
+        if args.command == "pack":
+            from trainer.pack import pack as pack_shards
+
+            pack_shards(args.src, args.dst, int(args.shard_mib * 2**20), args.seed, args.endpoint)
+            return 0
+        if args.command == "export":
+            from trainer.artifact import export as export_model
+
+            print(f"model: {export_model(load_job(args.job))}")
+            return 0
+        if args.command == "predict":
+            from trainer.artifact import predict as run_predict
+
+            run_predict(args.model, args.images, args.top_k, args.batch, args.endpoint)
+            return 0
         if args.command == "report":
             _report(load_job(args.job))
             return 0

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from thaw_contract.plan import PlannedStage
-from thaw_contract.stage_result import status_summary, termination_message
+from thaw_contract.stage_result import status_summary, stopped_the_job, termination_message
 from trainer import checkpoint as ckpt
 from trainer.distributed import decided_by_main
 from trainer.setup import Setup, check_compatible
@@ -44,6 +44,7 @@ class StageResult:
     collapsed: str | None = None  # the weights it passes on predict one class (gates.collapsed): why
     bad_images: dict | None = None  # images that did not decode and were skipped: count, first files
     lr_found: float | None = None  # lr: auto, the head's rate the range test picked
+    model: dict | None = None  # the job's last stage: the model artifact it published (uri, sha256)
 
 
 def state_digest(model: nn.Module) -> str:
@@ -132,6 +133,13 @@ def commit_stage(setup: Setup, stage: PlannedStage, final_dir: str, result: Stag
     manifest = setup.writer.committed.get(final_dir) or ckpt.verify(setup.store, final_dir)
     if manifest is None:
         raise ckpt.CheckpointError(f"stage {stage.name}: final checkpoint {where} does not verify")
+    if ends_the_job(setup, stage, result):  # before the pointer: a committed last stage has its model
+        result.model = retrying(
+            lambda: publish_model(setup, stage, final_dir, manifest, result),
+            setup.job.spec.checkpoint.upload_timeout_seconds,
+            f"stage {stage.name}: model artifact",
+        )
+        setup.progress.message(f"model: {result.model['uri']}")
     pointer = retrying(
         lambda: ckpt.mark_final(setup.store, stage.index, stage.name, final_dir, manifest, result_summary(result)),
         setup.job.spec.checkpoint.upload_timeout_seconds,
@@ -140,6 +148,22 @@ def commit_stage(setup: Setup, stage: PlannedStage, final_dir: str, result: Stag
     write_termination_message(
         stage.index, stage.name, f"{setup.store.uri}/{final_dir}", pointer["manifestSha256"], result_summary(result)
     )
+
+
+def ends_the_job(setup: Setup, stage: PlannedStage, result: StageResult) -> bool:
+    """The job's last stage, or one whose gate stopped the job: its weights are the job's model."""
+    return stage.index == len(setup.stages) - 1 or stopped_the_job({"gate": result.gate})
+
+
+def publish_model(setup: Setup, stage: PlannedStage, final_dir: str, manifest: dict, result: StageResult) -> dict:
+    """The model artifact (trainer/artifact.py) of the weights this stage passes on."""
+    from trainer import artifact
+    from trainer.report import stage_summaries
+
+    earlier = stage_summaries(setup.store, setup.stages[: stage.index])
+    digest = ckpt.manifest_digest(manifest)
+    summaries = [*earlier, result_summary(result)]
+    return artifact.write(setup.job, setup.store, stage, final_dir, manifest, digest, summaries)
 
 
 def write_termination_message(index: int, name: str, checkpoint: str, digest: str, result: dict) -> None:

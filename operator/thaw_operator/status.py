@@ -80,4 +80,8 @@ def build(
         status["valAccuracy"] = live[-1]["valAccuracy"]
     elif last_ok:
         status["valAccuracy"] = last_ok[-1]["result"].get(VAL_ACCURACY)
+    # model: the artifact the job's last stage (or the stage whose gate stopped it) published.
+    published = [s["result"]["model"] for s in last_ok if (s["result"] or {}).get("model")]
+    if published:
+        status["model"] = published[-1]
     return status

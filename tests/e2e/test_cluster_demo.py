@@ -5,7 +5,9 @@ by the chaos trials (tests/integration/cluster/test_chaos.py, `make chaos`)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 
 import pytest
 import yaml
@@ -75,3 +77,18 @@ def test_quickstart_runs_through_the_operator(demo, tmp_path, monkeypatch):
 
     table = demo_mod.report(demo, tmp_path / "quickstart.yaml")
     assert "head" in table and "all" in table and "curves: s3://thaw/checkpoints/quickstart/curves.png" in table
+
+    # The model the job published, as the demo shows it: predict on test images from its URI.
+    assert status["model"]["uri"] == "s3://thaw/checkpoints/quickstart/model", status.get("model")
+    truth = demo_mod.samples(tmp_path / "samples")
+    out = subprocess.run(
+        demo_mod.predict_command(demo, status["model"]["uri"], tmp_path / "samples"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == len(truth) == 8
+    right = sum(r["top"][0][0] == truth[int(r["image"].rsplit("/", 1)[-1].split("-")[0])] for r in rows)
+    assert right >= 4, rows  # the outputs mean what config.json's class names say (chance: 1 in 10)
