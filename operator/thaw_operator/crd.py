@@ -24,6 +24,7 @@ from thaw_contract.spec import (
     ENDPOINT_PATTERN,
     KIND,
     NAME_PATTERN,
+    QUANTITY,
     TRAINING_FIELDS,
     FineTuneJobSpec,
 )
@@ -61,6 +62,7 @@ EXTRA: dict[tuple[str, ...], dict] = {
     # they say "a positive number, or the word auto".
     ("stages", "*", "lr"): {"minimum": 0, "exclusiveMinimum": True, "pattern": "^auto$"},
     ("data", "workers"): {"minimum": 0, "pattern": "^auto$"},  # a count or auto, the same way
+    ("dataCache", "size"): {"pattern": f"^{QUANTITY}$"},
 }
 
 
@@ -180,6 +182,11 @@ def status_schema() -> dict:
             "currentStage": {"type": "integer", "description": "index of the stage running or next to run"},
             "stageProgress": {"type": "string", "description": "stages finished / stages"},
             "valAccuracy": {"type": "number", "description": "val accuracy of the last stage's committed weights"},
+            "model": {
+                "type": "object",
+                "description": "the model artifact the job published (python -m trainer predict URI IMAGES...)",
+                "properties": {"uri": {"type": "string"}, "sha256": {"type": "string"}},
+            },
             "observedGeneration": {"type": "integer"},
             "message": {"type": "string"},
             "completionTime": {
@@ -250,6 +257,7 @@ def crd() -> dict:
                             "format": "float",
                             "jsonPath": ".status.valAccuracy",
                         },
+                        {"name": "Model", "type": "string", "jsonPath": ".status.model.uri", "priority": 1},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {

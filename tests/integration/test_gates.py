@@ -78,6 +78,9 @@ def test_stop_ends_the_job_after_the_stage_that_did_not_gain_the_same_both_ways(
     head, top3 = _pointers(a / "store")
     assert top3["checkpoint"] == head["checkpoint"] and top3["metrics"]["gate"]["decision"] == "stopped"
     assert not (a / "store" / "t" / stage_prefix(2, "again")).exists()  # it never started
+    model = json.loads((a / "store" / "t" / "model" / "config.json").read_text())  # the job's model: top3's input
+    assert model["from"]["name"] == "top3" and model["from"]["checkpoint"].endswith(head["checkpoint"])
+    assert top3["metrics"]["model"]["sha256"] == model["weightsSha256"]
     rerun = run([PY, "-m", "trainer", "run", str(job_a)]).stdout
     assert "skipped: again" in rerun and "nothing to do" in rerun
     report = run([PY, "-m", "trainer", "report", str(job_a)]).stdout
