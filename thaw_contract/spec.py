@@ -39,7 +39,15 @@ from thaw_contract.spec_fields import (
     SpecError,
     SpecModel,
 )
-from thaw_contract.spec_runtime import CheckpointSpec, MetricsSpec, ResourcesSpec, RunPolicy, Toleration
+from thaw_contract.spec_runtime import (
+    QUANTITY,
+    CheckpointSpec,
+    DataCacheSpec,
+    MetricsSpec,
+    ResourcesSpec,
+    RunPolicy,
+    Toleration,
+)
 from thaw_contract.spec_training import (
     AugmentationSpec,
     DataSpec,
@@ -66,10 +74,12 @@ __all__ = [
     "GATE_FAILED",
     "KIND",
     "NAME_PATTERN",
+    "QUANTITY",
     "NAMED_DATASETS",
     "TRAINING_FIELDS",
     "AugmentationSpec",
     "CheckpointSpec",
+    "DataCacheSpec",
     "DataSpec",
     "DivergenceSpec",
     "EarlyStoppingSpec",
@@ -126,6 +136,9 @@ class FineTuneJobSpec(SpecModel):
     priority_class_name: str | None = None
     service_account_name: str | None = Field(None, description="ServiceAccount of the stage pods")
     pod_annotations: dict[str, str] = Field(default_factory=dict, description="added to every stage pod")
+    data_cache: DataCacheSpec | None = Field(
+        None, description="one volume per job for the data cache (s3:// sources fetched once per job); null: emptyDir"
+    )
     run_policy: RunPolicy = Field(default_factory=lambda: RunPolicy())
     suspend: bool = Field(False, description="true stops running stage pods (after a checkpoint); false resumes")
 

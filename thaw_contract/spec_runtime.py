@@ -15,6 +15,8 @@ from pydantic import (
 
 from thaw_contract.spec_fields import SpecModel, bucket_of, check_endpoint
 
+QUANTITY = r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?"  # a Kubernetes resource quantity
+
 
 class CheckpointSpec(SpecModel):
     """Where checkpoints go. Credentials never appear here: they come from the environment
@@ -63,8 +65,29 @@ class ResourcesSpec(SpecModel):
     @field_validator("cpu", "memory", "shm_size")
     @classmethod
     def _quantity(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?", v):
+        if v is not None and not re.fullmatch(QUANTITY, v):
             raise ValueError(f"must be a Kubernetes quantity such as 2, 500m or 8Gi (got {v!r})")
+        return v
+
+
+class DataCacheSpec(SpecModel):
+    """Cluster: the data cache as one PersistentVolumeClaim per job, owned by the FineTuneJob
+    (deleted with it) and mounted by every stage pod, so an s3:// source is fetched once for
+    the whole job; without it each stage pod fetches into its own emptyDir."""
+
+    size: str = Field(description="requested capacity, e.g. 50Gi; bounds the cache: a source that does not fit fails")
+    storage_class_name: str | None = Field(None, description="default: the cluster's default StorageClass")
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce"] = Field(
+        "ReadWriteMany",
+        description="ReadWriteMany (NFS, EFS, Filestore, CephFS) lets a stage's pods run on several nodes; "
+        "ReadWriteOnce suits a job whose pods share one node",
+    )
+
+    @field_validator("size")
+    @classmethod
+    def _quantity(cls, v: str) -> str:
+        if not re.fullmatch(QUANTITY, v) or not re.search(r"[1-9]", v):
+            raise ValueError(f"must be a Kubernetes quantity such as 50Gi (got {v!r})")
         return v
 
 

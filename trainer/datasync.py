@@ -16,6 +16,8 @@ cannot reach, e.g. behind a proxy only botocore reads, turns the fast path off).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -35,6 +37,42 @@ def cache_path(cache_dir: str, uri: str) -> Path:
     bucket, prefix = split_s3_uri(uri)
     tag = hashlib.sha256(uri.encode()).hexdigest()[:8]
     return Path(cache_dir).expanduser() / "s3" / f"{bucket}-{prefix.replace('/', '_')}-{tag}"
+
+
+@contextlib.contextmanager
+def cache_lock(dest: Path):
+    """Held while dest is synced: with spec.dataCache every stage pod of a job mounts the same
+    volume, so another pod's sync of this prefix waits for this one, then finds it current."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_room(dest: Path, need: int, what: str) -> None:
+    """`need` more bytes fit in the data cache holding dest, or a SpecError naming what bounds it
+    (a full volume mid-sync would fail the stage with ENOSPC on every retry)."""
+    from thaw_contract.spec import SpecError
+
+    where = dest
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise SpecError(
+            f"spec.dataCache.size: {what} needs {_size(need)} more in the data cache, which has {_size(free)} "
+            "free; give the job a larger cache volume (or, run locally, data.cacheDir a disk with room)"
+        )
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def unsafe_key(key: str) -> str | None:
@@ -92,6 +130,7 @@ def sync_prefix(uri: str, dest: Path, endpoint: str | None = None, threads: int 
     # through the same check, so a drop never unlinks outside the mirror.
     local = {k: v for k, v in local.items() if unsafe_key(k) is None and (dest / k).is_file()}
     fetch, drop = plan_sync(listing, local)
+    check_room(dest, sum(listing[k][0] for k in fetch) - sum(local[k][0] for k in drop), uri)
     for key in drop:
         (dest / key).unlink(missing_ok=True)
         del local[key]

@@ -77,6 +77,8 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
         data = resident_data(data, job.spec, env.device)
         if env.is_main:
             progress.message(workers_line(job, env, data))
+        if env.local_rank == 0 and shard_files(data) is not None:  # every node says what its cache held
+            print(shard_files(data).cache_line(), flush=True)
     except BaseException:
         if warming is not None:
             warming.join()  # a process must not exit under a thread running torch (it aborts)
@@ -110,6 +112,8 @@ def run_job(job: FineTuneJob, only_stage: int | None = None) -> list[StageResult
             setup.writer.close()
             raise
     setup.writer.close()
+    if env.local_rank == 0 and shard_files(data) is not None:
+        print(shard_files(data).cache_line(), flush=True)
     if setup.metrics is not None and job.spec.metrics.linger_seconds:
         time.sleep(job.spec.metrics.linger_seconds)
     return results
@@ -187,6 +191,12 @@ def workers_line(job: FineTuneJob, env: DistEnv, data: Datasets) -> str:
     return f"{said} (data.workers auto: {cpus:g} CPUs for {ranks} rank{'' if ranks == 1 else 's'} here)"
 
 
+def shard_files(data: Datasets):
+    """The shard files a shard source reads (trainer/shards.py), else None."""
+    folder = getattr(getattr(data.train, "split", None), "folder", None)
+    return getattr(folder, "files", None)
+
+
 def resident_data(data: Datasets, spec, device: torch.device) -> Datasets:
     """The splits held on the device (trainer/resident.py) where spec.speed.dataOnDevice says so."""
     mode = spec.speed.data_on_device
@@ -204,22 +214,29 @@ def resident_data(data: Datasets, spec, device: torch.device) -> Datasets:
 
 
 def local_data(spec: DataSpec, env: DistEnv) -> DataSpec:
-    """An s3:// source mirrored into the node's cache (local rank 0 syncs, the rest wait)."""
-    if not spec.source.startswith("s3://"):
+    """An s3:// source mirrored into the data cache (local rank 0 syncs, the rest wait; pods that
+    share the cache volume, spec.dataCache, take turns, and the later ones find it current). A shard
+    set is not mirrored: its shards are fetched as the ranks read them (trainer/shards.py)."""
+    from trainer.shards import is_shard_source
+
+    if not spec.source.startswith("s3://") or is_shard_source(spec.source, spec.endpoint):
         return spec
-    from trainer.datasync import RETRY_SECONDS, cache_path, sync_prefix
+    from trainer.datasync import RETRY_SECONDS, cache_lock, cache_path, sync_prefix
 
     dest = cache_path(spec.cache_dir, spec.source)
     if env.local_rank == 0:
         try:
-            n = retrying(
-                lambda: sync_prefix(spec.source, dest, spec.endpoint), RETRY_SECONDS, "data sync", transient_only=True
-            )
+            with cache_lock(dest):
+                n = retrying(
+                    lambda: sync_prefix(spec.source, dest, spec.endpoint),
+                    RETRY_SECONDS,
+                    "data sync",
+                    transient_only=True,
+                )
         except StoreError as err:
             if err.transient:
                 raise
             raise SpecError(f"spec.data.source: {err}") from None
-        if env.is_main:
-            print(f"data: {spec.source} -> {dest} ({n} objects downloaded)", flush=True)
+        print(f"data: {spec.source} -> {dest} ({n} objects downloaded)", flush=True)  # by each node
     barrier(env)
     return spec.model_copy(update={"source": f"file://{dest}"})

@@ -26,6 +26,7 @@ from thaw_operator import status
 from thaw_operator.status import FAILED, PENDING, QUEUED, RUNNING, SKIPPED, SUCCEEDED, SUSPENDED, TERMINAL
 
 WAIT_SECONDS = 2.0  # re-plan this soon while waiting for a failed attempt's pods to stop
+NO_PODS_SECONDS = 10.0  # and this soon while a running attempt has no pod (why may be in its events)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ def _stage(ctx: _Ctx, k: int, st: dict, jobs: list[JobView], progress: dict[int,
     st["phase"] = RUNNING
     if latest.not_starting:
         return _not_starting(ctx, k, st, latest)
+    if latest.pods_left == 0:  # no pod yet: a refusal (FailedCreate) changes no Job and wakes nothing
+        ctx.out.requeue_after = NO_PODS_SECONDS
     if progress and k in progress:
         st["progress"] = progress[k]
     return ctx.finish(RUNNING, "StageRunning", f"{_label(k, st)} running", k)
@@ -248,11 +251,13 @@ def _start(ctx: _Ctx, k: int, st: dict) -> Plan:
         st["phase"] = SUSPENDED
         return ctx.finish(SUSPENDED, "Suspended", f"suspended before {label} started", k)
     ctx.out.create += [
+        *res.cache_claims(ctx.ftj, ctx.spec),
         res.headless_service(ctx.ftj, k),
         res.stage_job(ctx.ftj, ctx.spec, k, ctx.stage_specs[k], 1, ctx.image, input_digest=_input_digest(ctx, k)),
     ]
     st["phase"], st["attempts"] = RUNNING, 1
     st["startTime"] = st.get("startTime", ctx.now)
+    ctx.out.requeue_after = NO_PODS_SECONDS  # pods the API server refuses would wake nothing
     ctx.out.events.append(("Normal", "StageStarted", f"{label} attempt 1: Job {res.job_name(name, k, 1)}"))
     return ctx.finish(RUNNING, "StageRunning", f"{label} running", k)
 
@@ -273,8 +278,9 @@ def _retry(ctx: _Ctx, k: int, st: dict, cause: str) -> Plan:
     job = res.stage_job(
         ctx.ftj, ctx.spec, k, ctx.stage_specs[k], attempt, ctx.image, ctx.spec.suspend, _input_digest(ctx, k)
     )
-    ctx.out.create.append(job)
+    ctx.out.create += [*res.cache_claims(ctx.ftj, ctx.spec), job]  # the claim again, should it have been deleted
     st["phase"], st["attempts"] = RUNNING, attempt
+    ctx.out.requeue_after = NO_PODS_SECONDS
     ctx.out.events.append(
         (
             "Warning",

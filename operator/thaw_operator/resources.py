@@ -1,6 +1,7 @@
 """The Kubernetes objects of a FineTuneJob, as plain dicts (pure: no API calls).
 
-Per FineTuneJob: a ConfigMap holding the job file every stage pod runs. Per stage: a headless
+Per FineTuneJob: a ConfigMap holding the job file every stage pod runs, and with spec.dataCache
+a PersistentVolumeClaim for the data cache. Per stage: a headless
 Service (stable DNS for torchrun's rendezvous) and, per attempt, an Indexed Job with one pod
 per node. Names are deterministic, so creating them again is a no-op (409), never a duplicate.
 """
@@ -30,6 +31,12 @@ GRACE_MARGIN_SECONDS = 30
 # Local rank r serves metrics on spec.metrics.port + r, declared as container port "metrics"
 # (r = 0) or "metrics-<r>"; the chart's PodMonitor keeps every port whose name matches.
 METRICS_PORT = re.compile(r"metrics(-[0-9]+)?")  # after the last upload's deadline, for the process to exit
+
+
+def _data_cache_volume(ftj: str, spec: FineTuneJobSpec) -> dict:
+    if spec.data_cache is None:
+        return {"name": "data-cache", "emptyDir": {}}
+    return {"name": "data-cache", "persistentVolumeClaim": {"claimName": cache_claim_name(ftj)}}
 
 
 def job_name(ftj: str, stage: int, attempt: int) -> str:
@@ -75,6 +82,27 @@ def config_map(ftj: dict) -> dict:
         "metadata": _meta(ftj, config_map_name(ftj["metadata"]["name"])),
         "data": {"job.yaml": yaml.safe_dump(doc, sort_keys=False)},
     }
+
+
+def cache_claim_name(ftj: str) -> str:
+    return f"{ftj}-data"
+
+
+def cache_claims(ftj: dict, spec: FineTuneJobSpec) -> list[dict]:
+    """spec.dataCache: the job's data cache volume (none: each pod has an emptyDir). Owned by the
+    FineTuneJob, so it is deleted with the job; every stage pod mounts it, so a source fetched by
+    stage 0 is there for the stages after it."""
+    cache = spec.data_cache
+    if cache is None:
+        return []
+    claim = {
+        "accessModes": [cache.access_mode],
+        "resources": {"requests": {"storage": cache.size}},
+    }
+    if cache.storage_class_name:
+        claim["storageClassName"] = cache.storage_class_name
+    meta = _meta(ftj, cache_claim_name(ftj["metadata"]["name"]))
+    return [{"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": claim}]
 
 
 def headless_service(ftj: dict, stage: int) -> dict:
@@ -222,7 +250,7 @@ def stage_job(
         "volumes": [
             {"name": "job", "configMap": {"name": config_map_name(name)}},
             {"name": "tmp", "emptyDir": {}},
-            {"name": "data-cache", "emptyDir": {}},
+            _data_cache_volume(name, spec),
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}},
         ],
     }

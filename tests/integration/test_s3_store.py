@@ -144,6 +144,46 @@ def test_dataset_prefix_is_downloaded_once_and_kept_in_sync(s3_env, seaweed, tmp
     assert not (dest / "train/c2/img.png").exists()
 
 
+def test_pods_sharing_a_cache_volume_fetch_a_prefix_once_between_them(s3_env, seaweed, tmp_path):
+    """spec.dataCache: every stage pod mounts one volume. Syncs of the same prefix take turns
+    under the cache lock (each opens it anew, as separate pods do); the later one downloads nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trainer.datasync import cache_lock, cache_path
+
+    client = seaweed.client()
+    for i in range(60):
+        client.put_object(Bucket="data", Key=f"shared/train/c{i % 3}/{i}.png", Body=bytes([i]) * 300)
+    dest = cache_path(str(tmp_path / "volume"), "s3://data/shared")
+
+    def pod(_: int) -> int:
+        with cache_lock(dest):
+            return sync_prefix("s3://data/shared", dest, threads=4)
+
+    with ThreadPoolExecutor(3) as pool:
+        assert sorted(pool.map(pod, range(3))) == [0, 0, 60]
+    assert len(list(dest.rglob("*.png"))) == 60 and not list(dest.rglob(".tmp-*"))
+
+
+def test_a_prefix_larger_than_the_cache_is_one_line_naming_the_cache_size_and_fetches_nothing(
+    s3_env, seaweed, tmp_path, monkeypatch
+):
+    import shutil
+
+    from trainer import datasync
+
+    client = seaweed.client()
+    for i in range(4):
+        client.put_object(Bucket="data", Key=f"roomy/train/c0/{i}.png", Body=b"x" * 4000)
+    dest = tmp_path / "mirror"
+    real = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(datasync.shutil, "disk_usage", lambda _p: real._replace(free=10_000))  # a 10 kB volume
+    said = r"^spec\.dataCache\.size: s3://data/roomy needs 15\.6 KiB more in the data cache, which has 9\.8 KiB free"
+    with pytest.raises(SpecError, match=said) as err:
+        sync_prefix("s3://data/roomy", dest)
+    assert "\n" not in str(err.value) and not list(tmp_path.rglob("*.png"))
+
+
 def test_a_prefix_of_many_objects_is_fetched_in_parallel_and_an_interrupted_sync_keeps_what_it_finished(
     s3_env, seaweed, tmp_path, monkeypatch
 ):

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import yaml
@@ -261,3 +264,126 @@ def test_an_image_that_cannot_be_pulled_is_named_and_fails_the_job_after_its_sta
             time.sleep(2)
     finally:
         kind.kubectl("delete", "ftj", name, "--ignore-not-found", "--wait=false")
+
+
+CACHE_IMAGES_PER_CLASS = 5_000  # 4 classes: 20,000 training images, as a user's bucket holds them
+CACHE_COLORS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200), "gray": (128, 128, 128)}
+
+
+def _image_folder(root, per_class: int, test_per_class: int) -> int:
+    """train/<class>/*.jpg and test/<class>/*.jpg: small noisy squares of a class's color."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    n = 0
+    for split, count in (("train", per_class), ("test", test_per_class)):
+        for name, rgb in CACHE_COLORS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 40, (24, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=80)
+                n += 1
+    return n
+
+
+def _upload(folder, bucket: str, prefix: str, endpoint: str, env: dict) -> None:
+    """Every file of folder under s3://bucket/prefix, 32 PUTs in flight (what s5cmd would do)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    from botocore.config import Config
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+        config=Config(max_pool_connections=32, retries={"max_attempts": 5}),
+    )
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda p: s3.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(folder)}"), files))
+
+
+def _stage_logs(kind, name: str) -> dict[int, list[str]]:
+    """stage -> the logs of its pods (every attempt)."""
+    out: dict[int, list[str]] = {}
+    for p in _pods(kind, f"thaw.dev/finetunejob={name}"):
+        stage = int(p["metadata"]["labels"]["thaw.dev/stage"])
+        out.setdefault(stage, []).append(kind.kubectl("logs", p["metadata"]["name"], check=False).stdout)
+    return out
+
+
+def test_a_job_on_20000_images_fetches_them_once_into_its_data_cache_volume(kind, tmp_path):
+    """spec.dataCache on the kind cluster's ReadWriteMany class: a 3-stage job on an s3:// prefix of
+    20,000 JPEGs and one on shards of the same images, each stage's two pods on the two workers.
+    Stage 0 fetches every object once between its two pods; stages 1 and 2 fetch nothing; one
+    truncated test image is skipped and named in status; deleting the FineTuneJob deletes its
+    claim and the volume's files."""
+    n = _image_folder(tmp_path / "images", CACHE_IMAGES_PER_CLASS, 50)
+    corrupt = tmp_path / "images" / "test" / "red" / "00000.jpg"  # every stage evaluates every test image
+    corrupt.write_bytes(corrupt.read_bytes()[:200])  # truncated, as a failed upload leaves one
+    tag = f"cache-{os.getpid()}"
+    pf = kind.port_forward("svc/seaweedfs", 8333)
+    env = {**os.environ, **kind.s3_env()}
+    try:
+        endpoint = f"http://127.0.0.1:{pf.local_port}"
+        _upload(tmp_path / "images", "thaw", f"datasets/{tag}", endpoint, env)
+        packed = subprocess.run(
+            [sys.executable, "-m", "trainer", "pack", str(tmp_path / "images"), f"s3://thaw/datasets/{tag}-shards"]
+            + ["--shard-mib", "2", "--endpoint", endpoint],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert packed.returncode == 0, packed.stderr[-2000:]
+    finally:
+        pf.terminate()
+    names = {"prefix": f"{tag}-prefix", "shards": f"{tag}-shards"}
+    for kind_of, name in names.items():
+        doc = kind_demo.job_manifest(yaml.safe_load(demo_mod.JOB.read_text()), name=name)
+        spec = doc["spec"]
+        source = f"s3://thaw/datasets/{tag}" + ("-shards" if kind_of == "shards" else "")
+        spec["model"]["numClasses"] = len(CACHE_COLORS)
+        spec["data"] = {"source": source, "endpoint": kind_demo.S3_IN_CLUSTER, "imageSize": 32,
+                        "trainPerClass": 40, "valPerClass": 20, "batchSize": 40, "maxBadFraction": 0.01}  # fmt: skip
+        spec.pop("earlyStopping", None)
+        for stage in spec["stages"]:
+            stage["epochs"] = 1
+        spec["dataCache"] = {"size": "1Gi", "storageClassName": "thaw-shared"}
+        kind.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
+    try:
+        for name in names.values():
+            status = demo_mod.follow(kind, name, timeout=1800, quiet=True)
+            assert status["phase"] == "Succeeded", status
+            # The truncated image: skipped, counted and named in status, stage by stage.
+            for row in status["stages"]:
+                bad = row["result"]["badImages"]
+                assert bad["count"] == 1 and bad["first"][0].endswith("red/00000.jpg"), (name, row["result"])
+        claim = json.loads(kind.kubectl("get", "pvc", f"{names['prefix']}-data", "-o", "json").stdout)
+        assert claim["status"]["phase"] == "Bound" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+        logs = _stage_logs(kind, names["prefix"])
+        said = r"\((\d+) objects downloaded\)"
+        fetched = {k: [int(x) for t in v for x in re.findall(said, t)] for k, v in logs.items()}
+        # Stage 0: every object once between its two pods (one fetched, the other found them there).
+        assert sum(fetched[0]) == n and len(fetched[0]) >= 2, fetched
+        assert set(fetched[1]) == {0} and set(fetched[2]) == {0}, fetched  # later stages: nothing
+
+        logs = _stage_logs(kind, names["shards"])
+        said = {k: [re.search(r"(\d+) of (\d+) shards", t) for t in v] for k, v in logs.items()}
+        for k in (1, 2):
+            assert all(m and m[1] == m[2] for m in said[k]), (k, said[k])  # every shard there at the start
+    finally:
+        for name in names.values():
+            kind.kubectl("delete", "ftj", name, "--ignore-not-found", "--wait=true")
+    # The claims go with their FineTuneJobs (garbage collector), then the volumes and their folders
+    # on the shared mount (reclaimPolicy Delete: the provisioner's teardown helper).
+    shared = Path(os.environ.get("THAW_KIND_SHARED") or f"{os.environ.get('TMPDIR', '/tmp')}/thaw-kind-thaw-volumes")
+    deadline = time.monotonic() + 180
+    while any(kind.kubectl("get", "pvc", f"{n}-data", check=False).returncode == 0 for n in names.values()) or [
+        d for d in shared.iterdir() if d.name.endswith(tuple(f"_default_{n}-data" for n in names.values()))
+    ]:
+        assert time.monotonic() < deadline, "a data cache claim or its volume outlived its FineTuneJob"
+        time.sleep(2)

@@ -261,6 +261,32 @@ def test_stage_job_shape():
     assert pod["terminationGracePeriodSeconds"] == spec.checkpoint.upload_timeout_seconds + 30
 
 
+def test_a_data_cache_volume_is_one_claim_per_job_owned_by_it_and_mounted_by_every_stage_pod():
+    def volume(body: dict, stage: int) -> dict:
+        spec = parse_job(body).spec
+        pod = res.stage_job(body, spec, stage, spec.stages[stage], 1, IMAGE)["spec"]["template"]["spec"]
+        return next(v for v in pod["volumes"] if v["name"] == "data-cache")
+
+    assert volume(ftj(), 0) == {"name": "data-cache", "emptyDir": {}}  # no dataCache: each pod its own
+    body = ftj(dataCache={"size": "50Gi", "storageClassName": "shared-nfs"})
+    p = run(body)
+    assert kinds(p) == [("PersistentVolumeClaim", "ft-data"), ("Service", "ft-0"), ("Job", "ft-0-a1")]
+    claim = p.create[0]
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": "50Gi"}},
+        "storageClassName": "shared-nfs",
+    }
+    assert claim["metadata"]["ownerReferences"][0]["uid"] == "u-1"  # deleted with the FineTuneJob
+    for stage in (0, 1):
+        assert volume(body, stage) == {"name": "data-cache", "persistentVolumeClaim": {"claimName": "ft-data"}}
+    # A retry asks for the claim again (a no-op while it exists), before its Job.
+    status = run(body).status
+    p = run(ftj(status, dataCache={"size": "50Gi"}), [job(0, 1, failed=True, failed_reason="BackoffLimitExceeded")])
+    assert kinds(p) == [("PersistentVolumeClaim", "ft-data"), ("Job", "ft-0-a2")]
+    assert "storageClassName" not in p.create[0]["spec"]  # the cluster's default class
+
+
 def test_a_stages_pods_prefer_distinct_nodes_unless_the_job_sets_its_own_affinity():
     body = ftj(nodes=2)
     spec = parse_job(body).spec
@@ -433,3 +459,14 @@ def test_the_next_stage_gets_the_digest_the_stage_before_reported():
         ]
         == "ab" * 32
     )
+
+
+def test_the_model_the_last_stage_published_is_in_status():
+    status = run(ftj()).status
+    last = result(1)
+    last["metrics"]["model"] = {"uri": "file:///s/ft/model", "sha256": "cd" * 32}
+    p = run(ftj(status), [job(0, 1, complete=True, result=result(0))])
+    assert "model" not in p.status  # nothing published while stages remain
+    p = run(ftj(p.status), [job(0, 1, complete=True, result=result(0)), job(1, 1, complete=True, result=last)])
+    assert p.status["phase"] == "Succeeded" and p.status["model"] == last["metrics"]["model"]
+    assert p.status["stages"][1]["result"]["model"] == last["metrics"]["model"]

@@ -16,6 +16,21 @@ S = "spec.stages.0"
 # (what the user did, document, expected message fragment — must name the field)
 BAD_SPECS = [
     (
+        "a data cache of no size",
+        with_path(job_doc(), "spec.dataCache", {"size": "0Gi"}),
+        "spec.dataCache.size: must be a Kubernetes quantity such as 50Gi (got '0Gi')",
+    ),
+    (
+        "a data cache without a size",
+        with_path(job_doc(), "spec.dataCache", {"storageClassName": "nfs"}),
+        "spec.dataCache.size: is required",
+    ),
+    (
+        "a data cache access mode",
+        with_path(job_doc(), "spec.dataCache", {"size": "5Gi", "accessMode": "ReadOnlyMany"}),
+        "spec.dataCache.accessMode: must be 'ReadWriteMany' or 'ReadWriteOnce' (got 'ReadOnlyMany')",
+    ),
+    (
         "unknown architecture",
         with_path(job_doc(), "spec.model.architecture", "resnet19"),
         "spec.model.architecture: unknown architecture 'resnet19'; did you mean resnet18",
