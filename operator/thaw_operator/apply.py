@@ -22,6 +22,10 @@ from thaw_operator.status import TIME_FORMAT
 log = logging.getLogger("thaw.operator")
 
 
+# Events that announce a Job this plan created (planner._start, planner._retry).
+CREATION_EVENTS = ("StageStarted", "StageRetrying")
+
+
 class NotOwned(Exception):
     """An object with a child's name exists and belongs to someone else."""
 
@@ -32,6 +36,8 @@ def _read(kind: str, ns: str, name: str) -> dict:
         fn = client.BatchV1Api(state.CONFIG.api).read_namespaced_job
     elif kind == "Service":
         fn = client.CoreV1Api(state.CONFIG.api).read_namespaced_service
+    elif kind == "PersistentVolumeClaim":
+        fn = client.CoreV1Api(state.CONFIG.api).read_namespaced_persistent_volume_claim
     else:
         fn = client.CoreV1Api(state.CONFIG.api).read_namespaced_config_map
     return json.loads(fn(name, ns, _preload_content=False).data)
@@ -48,6 +54,8 @@ def _create(obj: dict) -> None:
             client.CoreV1Api(state.CONFIG.api).create_namespaced_service(ns, obj)
         elif kind == "ConfigMap":
             client.CoreV1Api(state.CONFIG.api).create_namespaced_config_map(ns, obj)
+        elif kind == "PersistentVolumeClaim":
+            client.CoreV1Api(state.CONFIG.api).create_namespaced_persistent_volume_claim(ns, obj)
         else:
             raise ValueError(f"cannot create {kind}")
     except ApiException as err:
@@ -151,14 +159,21 @@ def apply(ftj: dict, p: Plan) -> None:
     if p.status and p.status != old:
         # Conditional on the version observed: a stale plan (another replica, an older event)
         # gets 409 and is re-planned from fresh observations instead of overwriting.
-        written = client.CustomObjectsApi(state.CONFIG.api).patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            meta["namespace"],
-            PLURAL,
-            meta["name"],
-            {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": p.status},
-        )
+        try:
+            written = client.CustomObjectsApi(state.CONFIG.api).patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                meta["namespace"],
+                PLURAL,
+                meta["name"],
+                {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": p.status},
+            )
+        except ApiException as err:
+            if err.status == 409:  # the Jobs above exist now: the re-plan will not announce them again
+                for kind, reason, message in p.events:
+                    if reason in CREATION_EVENTS:
+                        post_event(ftj, kind, reason, message)
+            raise
         state.own_writes[(meta["namespace"], meta["name"])] = (written.get("metadata") or {}).get("resourceVersion")
         _record_transitions(old, p.status)
     if p.status.get("stages"):

@@ -15,6 +15,7 @@ endpoint, and the next stage's pods verify the checkpoint before they load it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -25,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from thaw_contract.layer_table import resolve_offline
 from thaw_contract.spec import SpecError, parse_job
-from thaw_operator import metrics, observe, state
+from thaw_operator import metrics, observe, state, status
 from thaw_operator import resources as res
 from thaw_operator.apply import apply, post_event
 from thaw_operator.crd import GROUP, PLURAL, VERSION
@@ -71,10 +72,35 @@ def _views(owned: list[dict], pods: list[dict], workloads: dict) -> tuple[list[J
     """The stage Jobs as the planner sees them (each with the pods it controls), and the names
     of pods that carry a stage Job's labels without being its."""
     pods_of, foreign = observe.split_pods(owned, pods)
-    views = [
-        observe.job_view(j, pods_of.get(j["metadata"]["name"], []), workloads.get(j["metadata"]["uid"])) for j in owned
-    ]
-    return [v for v in views if v is not None], foreign
+    views = []
+    for j in owned:
+        view = observe.job_view(j, pods_of.get(j["metadata"]["name"], []), workloads.get(j["metadata"]["uid"]))
+        if view is None:
+            continue
+        if not (pods_of.get(view.name) or view.complete or view.failed or view.suspended) and _age(j) > 3:
+            # No pod at all: where the API server refuses them, only the Job's events say why.
+            view = dataclasses.replace(view, not_starting=_refused_pods(j))
+        views.append(view)
+    return views, foreign
+
+
+def _age(obj: dict) -> float:
+    """Seconds since the object was created (0 if it does not say)."""
+    made = obj["metadata"].get("creationTimestamp")
+    return status.seconds(state.now()) - status.seconds(made) if made else 0.0
+
+
+def _refused_pods(job: dict) -> str:
+    """Why a Job has no pods, from the Job controller's FailedCreate events ("" if none)."""
+    meta = job["metadata"]
+    selector = f"involvedObject.kind=Job,involvedObject.uid={meta['uid']},reason=FailedCreate"
+    try:
+        found = client.CoreV1Api(state.CONFIG.api).list_namespaced_event(meta["namespace"], field_selector=selector)
+    except ApiException as err:  # reading why is best effort; the job itself is unaffected
+        log.warning("%s/%s: events not read: %s", meta["namespace"], meta["name"], err.reason)
+        return ""
+    stamps = [(str(e.last_timestamp or e.event_time or e.metadata.creation_timestamp), e.message) for e in found.items]
+    return observe.refused_pods(meta["name"], stamps)
 
 
 def reconcile(namespace: str, name: str) -> Plan | None:

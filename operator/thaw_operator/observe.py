@@ -9,6 +9,7 @@ of thousands of stage pods holds a few hundred bytes each instead of their whole
 from __future__ import annotations
 
 import json
+import re
 
 from thaw_operator import resources as res
 from thaw_operator.planner import JobView
@@ -27,7 +28,8 @@ ANNOTATIONS = (res.ANNOTATION_SUSPENDED, INDEX_ANNOTATION)
 def _meta(obj: dict) -> dict:
     m = obj.get("metadata") or {}
     labels, annotations = m.get("labels") or {}, m.get("annotations") or {}
-    return {k: m[k] for k in ("name", "namespace", "uid", "resourceVersion", "deletionTimestamp") if k in m} | {
+    keep = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp", "deletionTimestamp")
+    return {k: m[k] for k in keep if k in m} | {
         "labels": {k: labels[k] for k in LABELS if k in labels},
         "annotations": {k: annotations[k] for k in ANNOTATIONS if k in annotations},
         "ownerReferences": [
@@ -182,6 +184,17 @@ def not_starting(pod: dict) -> str:
         if (cond.get("type"), cond.get("status"), cond.get("reason")) == ("PodScheduled", "False", "Unschedulable"):
             return f"pod {name}: Unschedulable: {(cond.get('message') or 'no details')[:300]}"
     return ""
+
+
+def refused_pods(job: str, events: list[tuple[str, str]]) -> str:
+    """One line from the Job controller's FailedCreate events of a Job that has no pods (the API
+    server refused them: a ResourceQuota, a LimitRange, an admission policy or webhook): the
+    newest one's message, or "" if there is none. events: (time, message)."""
+    if not events:
+        return ""
+    message = re.sub(r'pods "[^"]*" is forbidden', "pods are forbidden", max(events)[1] or "no details")
+    # Without the refused pod's generated name, so each retry of the same refusal reads the same.
+    return f"Job {job}: FailedCreate: {' '.join(message.split())[:300]}"
 
 
 def is_rank0(pod: dict, want: str) -> bool:

@@ -113,3 +113,29 @@ def test_the_job_view_takes_the_first_pod_that_cannot_start():
         == observe.job_view(job_obj, both[::-1]).not_starting
         == ("pod ft-0-a1-0-x: Unschedulable: a")
     )
+
+
+def test_a_job_whose_pods_the_api_server_refuses_is_named_from_its_newest_failedcreate_event():
+    quota = 'Error creating: pods "ft-0-a1-0-{}" is forbidden: exceeded quota: q, requested: pods=1, limited: pods=0'
+    events = [("2026-11-28T00:00:05Z", quota.format("aaaaa")), ("2026-11-28T00:00:09Z", quota.format("bbbbb"))]
+    said = observe.refused_pods("ft-0-a1", events)
+    # The refused pod's generated name is left out: each retry of one refusal reads the same (one event).
+    assert said == observe.refused_pods("ft-0-a1", events[:1])
+    assert said == (
+        "Job ft-0-a1: FailedCreate: Error creating: pods are forbidden: exceeded quota: q, requested: pods=1, "
+        "limited: pods=0"
+    )
+    assert observe.refused_pods("ft-0-a1", []) == ""
+    # The informer's slim Job keeps its creation time, which gates the events read.
+    made = {"metadata": {"name": "ft-0-a1", "uid": "u", "creationTimestamp": "2026-11-28T00:00:00Z"}}
+    assert observe.slim_job(made)["metadata"]["creationTimestamp"] == "2026-11-28T00:00:00Z"
+
+
+def test_a_running_attempt_without_pods_is_looked_at_again_soon():
+    """Refused pods change no Job and wake no watch: the operator comes back on its own."""
+    created = run(ftj())
+    assert created.requeue_after == 10.0  # the Job just created
+    waiting = run(ftj(created.status), [job(0, 1, start_time="2026-11-28T00:00:01Z")])
+    assert waiting.requeue_after == 10.0 and waiting.status["phase"] == "Running"
+    running = run(ftj(created.status), [job(0, 1, start_time="2026-11-28T00:00:01Z", pods_left=2)])
+    assert running.requeue_after is None

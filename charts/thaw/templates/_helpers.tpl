@@ -72,9 +72,15 @@ No Secrets: the operator never reads the object store, so it holds no storage cr
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create", "patch"]
+# spec.dataCache: one claim per job, deleted with it (ownerReference), never read for data.
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "create"]
+# list: a stage Job with no pods is read for the Job controller's FailedCreate events (a quota
+# or an admission policy refusing its pods), to say why in the FineTuneJob's status.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 # Kueue: a queued stage is suspended and resumed through its Workload's spec.active.
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads"]

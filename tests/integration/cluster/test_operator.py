@@ -285,3 +285,33 @@ def test_deleting_the_finetunejob_cascades_but_keeps_checkpoints(api, namespace,
         what=f"services {len(svcs)} and config maps {len(cms)} collected",
     )
     assert (tmp_path / "store" / "gone" / "stage-00-head" / "final.json").exists()
+
+
+def test_a_plan_whose_status_write_conflicts_still_announces_the_job_it_created(api, namespace, crd, monkeypatch):
+    """apply() creates children first, then writes status conditionally on the version it planned
+    from. When that write gets 409 (the user edited the spec meanwhile), the re-plan finds the
+    new Job and does not announce it again: its StageRetrying must be posted before the retry.
+    (Seen under load: the first of two retries had no event.) Real API server, no operator."""
+    from kubernetes.client.exceptions import ApiException
+    from thaw_operator import resources as res
+    from thaw_operator import state
+    from thaw_operator.apply import apply
+    from thaw_operator.planner import Plan
+
+    from thaw_contract.spec import parse_job
+
+    k = Api(api, namespace)
+    k.create(ftj_doc("stale", "file:///tmp/none", stages=1, suspend=True))
+    planned_from = k.get("stale")
+    k.patch("stale", {"suspend": False})  # the user's edit: a newer resourceVersion
+    monkeypatch.setattr(state.CONFIG, "api", api)
+    monkeypatch.setattr(state.CONFIG, "jobs", {})
+    spec = parse_job(planned_from).spec
+    job = res.stage_job(planned_from, spec, 0, spec.stages[0], 2, "thaw-trainer:test", suspend=True)
+    retry = ("Warning", "StageRetrying", "stage 0 (head) attempt 1 failed (test); starting attempt 2")
+    plan = Plan(create=[job], status={"phase": "Running"}, events=[retry, ("Normal", "Running", "running")])
+    with pytest.raises(ApiException) as err:
+        apply(planned_from, plan)
+    assert err.value.status == 409
+    assert list(k.jobs("stale")) == ["stale-0-a2"]
+    wait_for(lambda: [r for r, _ in k.events("stale")] == ["StageRetrying"], 10, what="the retry announced")

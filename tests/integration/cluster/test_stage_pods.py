@@ -5,6 +5,7 @@ a real kernel OOM kill under the pod's memory limit, and a real SeaweedFS that g
 from __future__ import annotations
 
 import base64
+import re
 import threading
 import time
 import uuid
@@ -98,6 +99,13 @@ def test_configuration_errors_fail_at_once_with_the_trainers_line(cluster, api, 
         assert "error: spec." in logs and "Traceback" not in logs, logs[-3000:]
 
 
+def _admin_secret(api, namespace: str) -> None:
+    """Secret `s3`: the test SeaweedFS's admin keys, as a job's checkpoint.credentialsSecret."""
+    keys = {"AWS_ACCESS_KEY_ID": ADMIN[0], "AWS_SECRET_ACCESS_KEY": ADMIN[1]}
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in keys.items()}
+    client.CoreV1Api(api).create_namespaced_secret(namespace, {"metadata": {"name": "s3"}, "data": data})
+
+
 def _photo_folder(root, empty_class: bool = False) -> str:
     """Two classes of 16 px PNGs (train 12 each, test 4 each); the first dark image corrupt."""
     import torch
@@ -114,13 +122,24 @@ def _photo_folder(root, empty_class: bool = False) -> str:
     return f"file://{root}"
 
 
+@pytest.fixture
+def operator_slow_resync(cluster, crd, tmp_path):
+    """An operator whose periodic resync (600 s) cannot stand in for a pod's watch event."""
+    from testbed.operator_process import OperatorProcess
+
+    op = OperatorProcess(cluster.kubeconfig_path, tmp_path / "operator.log", extra=["--resync-seconds=600"]).start()
+    yield op
+    op.stop()
+
+
 def test_a_stage_whose_pods_cannot_start_says_why_and_fails_after_its_startup_timeout(
-    cluster, api, namespace, operator, store_dir
+    cluster, api, namespace, operator_slow_resync, store_dir
 ):
     """The reported case: a credentialsSecret that does not exist left the FineTuneJob Running
     with no reason. Now the pod's CreateContainerConfigError is in status and a Warning event
     within seconds, and after runPolicy.startupTimeoutSeconds the job is Failed with it and its
-    Job deleted (the pods stop holding the node)."""
+    Job deleted (the pods stop holding the node). The operator resyncs only every 600 s here: a
+    pod stuck waiting changes no Job, so only its own watch event can wake the reconcile."""
     k = Api(api, namespace)
     checkpoint = {"uri": "s3://thaw/ckpt", "endpoint": "http://127.0.0.1:9", "credentialsSecret": "absent"}
     k.create(
@@ -145,6 +164,32 @@ def test_a_stage_whose_pods_cannot_start_says_why_and_fails_after_its_startup_ti
     assert [r for r, _ in events].count("StageNotStarting") == 1, events
     wait_for(lambda: not k.jobs("nosecret"), 60, what="its Job deleted")
     assert st["stages"][0]["attempts"] == 1  # nothing to retry: a retry would meet the same missing Secret
+
+
+def test_a_stage_whose_pods_a_quota_refuses_says_why_and_fails_after_its_startup_timeout(
+    cluster, api, namespace, operator_slow_resync, store_dir
+):
+    """A ResourceQuota that admits no more pods: the API server refuses every pod of the stage
+    Job, so there is no pod to read, only the Job controller's FailedCreate events. Their line is
+    in status within seconds (the operator resyncs only every 600 s here: its own requeue of a
+    Job without pods has to find it), and after startupTimeoutSeconds the job is Failed with it."""
+    client.CoreV1Api(api).create_namespaced_resource_quota(
+        namespace, {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
+    )
+    k = Api(api, namespace)
+    k.create(stage_pod_doc("quota", f"file://{store_dir}", runPolicy={"startupTimeoutSeconds": 30}))
+    said = wait_for(
+        lambda: "cannot start" in (m := k.status("quota").get("message", "")) and m, 60, what="the reason in status"
+    )
+    assert said.startswith(
+        "stage 0 (head) cannot start: Job quota-0-a1: FailedCreate: Error creating: pods are forbidden"
+    ), said
+    assert "exceeded quota: no-pods" in said, said
+    st = k.phase("quota", "Failed", 90)
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "StageNotStarting" and "exceeded quota: no-pods" in failed["message"]
+    assert [r for r, _ in k.events("quota")].count("StageNotStarting") == 1
+    wait_for(lambda: not k.jobs("quota"), 60, what="its Job deleted")
 
 
 def test_bad_data_through_stage_pods_is_skipped_and_named_or_fails_once_with_its_line(
@@ -189,6 +234,52 @@ def test_bad_data_through_stage_pods_is_skipped_and_named_or_fails_once_with_its
     assert "empty/train/light holds no images" in next(
         c["message"] for c in k.status("noclass")["conditions"] if c["type"] == "Failed"
     )
+
+
+def test_a_shard_set_in_the_store_through_stage_pods_names_its_bad_image_or_fails_once(
+    cluster, api, namespace, operator, store_dir, tmp_path
+):
+    """Issue 27's shards on the path users run: `trainer pack` puts the photo folder into a real
+    SeaweedFS as shards; a two-stage job's pods fetch them into their cache (each stage pod its
+    own: the cache is the pod's emptyDir), the corrupt image is skipped and named as
+    <shard>/<class>/<file> in status; with maxBadFraction 0 the job fails after one attempt."""
+    from trainer.pack import pack
+
+    seaweed = SeaweedFS(tmp_path / "seaweedfs", buckets=("thaw",), ip=str(GATEWAY), s3_port=free_port()).start()
+    try:
+        src = _photo_folder(store_dir / "photos").removeprefix("file://")
+        with pytest.MonkeyPatch.context() as env:
+            for key, value in seaweed.env().items():
+                env.setenv(key, value)
+            pack(src, "s3://thaw/packed", shard_bytes=4096, log=lambda _: None)
+        k = Api(api, namespace)
+        _admin_secret(api, namespace)
+        data = {"source": "s3://thaw/packed", "endpoint": seaweed.endpoint, "imageSize": 32, "valPerClass": 2}
+        checkpoint = {"uri": f"file://{store_dir}", "credentialsSecret": "s3"}
+        model = {"architecture": "efficientnet_lite0", "weights": "BUNDLED", "numClasses": 2}
+        for name, extra in (("shards", {"maxBadFraction": 0.1}), ("shardsbad", {"maxBadFraction": 0})):
+            doc = stage_pod_doc(name, "", model=model, data={**data, **extra, "batchSize": 4}, checkpoint=checkpoint)
+            if name == "shardsbad":
+                doc["spec"]["stages"] = doc["spec"]["stages"][:1]
+            k.create(doc)
+        st = k.phase("shards", "Succeeded", 420)
+        (first,) = st["stages"][0]["result"]["badImages"]["first"]
+        assert first.startswith("train-") and first.endswith(".tar/dark/0.png"), first
+        for stage in (0, 1):
+            logs = _pod_logs(cluster, namespace, f"shards-{stage}-a1")
+            said = [line for line in logs.splitlines() if "in the node cache" in line]
+            assert said and "data: s3://thaw/packed: 0 of " in said[0], logs[-3000:]
+            here, total = re.search(r": (\d+) of (\d+) shards", said[-1]).groups()
+            assert here == total, said  # every shard fetched into this pod's cache by the end
+        st = k.phase("shardsbad", "Failed", 300)
+        failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "InvalidConfiguration", failed
+        assert failed["message"].startswith(
+            "stage 0 (head) configuration error: spec.data.maxBadFraction: 1 of 32 images do not decode"
+        ), failed
+        assert sorted(k.jobs("shardsbad")) == ["shardsbad-0-a1"]  # one attempt, not retried
+    finally:
+        seaweed.stop()
 
 
 def test_a_final_checkpoint_swapped_in_the_store_between_stages_is_refused_by_the_next(
@@ -251,14 +342,7 @@ def test_a_stage_pod_killed_by_the_kernels_oom_killer_is_counted_and_named(
 def test_store_down_when_stage_one_starts_and_back_30s_later_succeeds(cluster, api, namespace, operator, tmp_path):
     seaweed = SeaweedFS(tmp_path / "seaweedfs", buckets=("thaw",), ip=str(GATEWAY), s3_port=free_port()).start()
     k = Api(api, namespace)
-    secret = {
-        "metadata": {"name": "s3"},
-        "data": {
-            "AWS_ACCESS_KEY_ID": base64.b64encode(ADMIN[0].encode()).decode(),
-            "AWS_SECRET_ACCESS_KEY": base64.b64encode(ADMIN[1].encode()).decode(),
-        },
-    }
-    client.CoreV1Api(api).create_namespaced_secret(namespace, secret)
+    _admin_secret(api, namespace)
     doc = stage_pod_doc(
         "outage",
         "s3://thaw/ckpt",
@@ -292,6 +376,8 @@ def test_a_diverging_stage_is_rolled_back_through_the_operator_and_the_next_star
     k.create(doc)
     st = k.phase("gate", "Succeeded", 420)
     head, top3, again = st["stages"]
+    assert st["model"] == again["result"]["model"] and st["model"]["uri"] == f"file://{store_dir}/gate/model"
+    assert (store_dir / "gate" / "model" / "model.safetensors").is_file()  # published by the last stage's rank 0
     gate = top3["result"]["gate"]
     assert gate["decision"] == "rolled_back" and gate["previous"] == head["result"]["gate"]["value"], gate
     assert top3["result"]["diverged"].startswith("loss "), top3["result"]
