@@ -154,7 +154,10 @@ def test_install_gives_the_operator_enough_rbac_and_no_more(cluster, api, chart_
             ("get", "services", "x"),
             ("create", "configmaps", "x"),
             ("patch", "configmaps", "x"),
+            ("create", "persistentvolumeclaims", "x"),  # spec.dataCache
+            ("get", "persistentvolumeclaims", "x"),
             ("create", "events", "x"),
+            ("list", "events", "x"),  # a stage Job's FailedCreate (quota, admission)
             ("update", "leases.coordination.k8s.io/thaw-operator", "thaw-system"),  # its own Lease, by name
         ]:
             assert _can(cluster, sa, verb, res, None if ns == "any" else ns), (verb, res)
@@ -170,6 +173,7 @@ def test_install_gives_the_operator_enough_rbac_and_no_more(cluster, api, chart_
             ("get", "deployments.apps"),
             ("delete", "services"),
             ("update", "configmaps"),
+            ("delete", "persistentvolumeclaims"),  # deleted with the job by the garbage collector
             ("update", "leases.coordination.k8s.io"),  # only its own Lease, in its own namespace
             ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
         ]:
@@ -197,7 +201,42 @@ def test_install_gives_the_operator_enough_rbac_and_no_more(cluster, api, chart_
         helm(cluster, "uninstall", "thaw", "-n", "thaw-system", check=False)
 
 
-def test_namespaced_install_cannot_reach_other_namespaces(cluster, chart_prereqs):
+def _grant(api, ns: str, user: str, name: str, rules: list[dict] | None = None, cluster_role: str | None = None):
+    """Bind `user` in `ns` to a new Role with `rules`, or to an existing ClusterRole."""
+    rbac = client.RbacAuthorizationV1Api(api)
+    if rules is not None:
+        rbac.create_namespaced_role(ns, {"metadata": {"name": name}, "rules": rules})
+    ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole" if cluster_role else "Role"}
+    binding = {
+        "metadata": {"name": name},
+        "roleRef": {**ref, "name": cluster_role or name},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }
+    rbac.create_namespaced_role_binding(ns, binding)
+
+
+def _as_user(cluster, user: str, ns: str):
+    """create(name, **spec) as `user` in `ns`: '' when stored, else the API server's message."""
+    from kubernetes import config
+    from kubernetes.client.exceptions import ApiException
+
+    api_client = config.new_client_from_config(str(cluster.kubeconfig_path))
+    api_client.set_default_header("Impersonate-User", user)
+    custom = client.CustomObjectsApi(api_client)
+
+    def create(name: str, **spec) -> str:
+        doc = ftj_doc(name, "s3://thaw/ckpt", stages=1)
+        doc["spec"].update(spec)
+        try:
+            custom.create_namespaced_custom_object("thaw.dev", "v1alpha1", ns, "finetunejobs", doc)
+            return ""
+        except ApiException as err:
+            return json.loads(err.body)["message"]
+
+    return create
+
+
+def test_namespaced_install_cannot_reach_other_namespaces(cluster, api, chart_prereqs):
     helm(
         cluster,
         "install",
@@ -217,8 +256,22 @@ def test_namespaced_install_cannot_reach_other_namespaces(cluster, chart_prereqs
         assert not _can(cluster, "thaw-ns-system:thaw-ns", "create", "jobs.batch", "thaw-b")
         assert not _can(cluster, "thaw-ns-system:thaw-ns", "list", "finetunejobs.thaw.dev", None)
         assert _can(cluster, "thaw-ns-system:thaw-ns", "list", "finetunejobs.thaw.dev", "thaw-a")
+        # Its admission policy polices the namespaces it runs, and leaves the others to their own release.
+        user, role = f"dave-{uuid.uuid4().hex[:6]}", f"ftj-{uuid.uuid4().hex[:6]}"
+        rules = [{"apiGroups": ["thaw.dev"], "resources": ["finetunejobs"], "verbs": ["create"]}]
+        for ns in ("thaw-a", "thaw-b"):
+            _grant(api, ns, user, role, rules)
+        in_a, in_b = _as_user(cluster, user, "thaw-a"), _as_user(cluster, user, "thaw-b")
+        probe = lambda: in_a(f"{role}-{uuid.uuid4().hex[:6]}")  # noqa: E731
+        wait_for(lambda: "may not create Jobs and pods in namespace thaw-a" in probe(), 60, what="the policy active")
+        assert in_b(role) == ""
     finally:
         helm(cluster, "uninstall", "thaw-ns", "-n", "thaw-ns-system", check=False)
+        custom = client.CustomObjectsApi(api)
+        for ns in ("thaw-a", "thaw-b"):
+            for item in custom.list_namespaced_custom_object("thaw.dev", "v1alpha1", ns, "finetunejobs")["items"]:
+                name = item["metadata"]["name"]
+                custom.delete_namespaced_custom_object("thaw.dev", "v1alpha1", ns, "finetunejobs", name)
 
 
 def test_a_finetunejob_grants_nothing_its_author_lacks(cluster, api, chart_prereqs):
@@ -227,47 +280,18 @@ def test_a_finetunejob_grants_nothing_its_author_lacks(cluster, api, chart_prere
     not Jobs and pods, or not read the Secret a job names, is refused with a line naming what;
     images, ServiceAccounts and PriorityClasses outside the chart's lists too, also for a user who
     holds only the built-in edit role."""
-    from kubernetes import config
-    from kubernetes.client.exceptions import ApiException
-
     helm(
         cluster, "install", "thaw-vap", str(CHART), "-n", "thaw-vap-system", "--create-namespace",
         "--set", "replicaCount=0", "--set", "admission.allowedImages={registry.local/ml/}",
         "--set", "admission.allowedServiceAccounts={trainer}", "--set", "admission.allowedPriorityClasses={batch-low}",
     )  # fmt: skip
     ns = f"t-{uuid.uuid4().hex[:8]}"
-    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    core = client.CoreV1Api(api)
+    grant = lambda *a, **kw: _grant(api, ns, *a, **kw)  # noqa: E731
+    as_user = lambda user: _as_user(cluster, user, ns)  # noqa: E731
     core.create_namespace({"metadata": {"name": ns}})
     try:
         core.create_namespaced_secret(ns, {"metadata": {"name": "s3"}, "stringData": {"AWS_ACCESS_KEY_ID": "x"}})
-
-        def grant(user: str, name: str, rules: list[dict] | None = None, cluster_role: str | None = None) -> None:
-            if rules is not None:
-                rbac.create_namespaced_role(ns, {"metadata": {"name": name}, "rules": rules})
-            ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole" if cluster_role else "Role"}
-            binding = {
-                "metadata": {"name": name},
-                "roleRef": {**ref, "name": cluster_role or name},
-                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
-            }
-            rbac.create_namespaced_role_binding(ns, binding)
-
-        def as_user(user: str):
-            """create(name, **spec) as `user`: '' when stored, else the API server's message."""
-            api_client = config.new_client_from_config(str(cluster.kubeconfig_path))
-            api_client.set_default_header("Impersonate-User", user)
-            custom = client.CustomObjectsApi(api_client)
-
-            def create(name: str, **spec) -> str:
-                doc = ftj_doc(name, "s3://thaw/ckpt", stages=1)
-                doc["spec"].update(spec)
-                try:
-                    custom.create_namespaced_custom_object("thaw.dev", "v1alpha1", ns, "finetunejobs", doc)
-                    return ""
-                except ApiException as err:
-                    return json.loads(err.body)["message"]
-
-            return create
 
         grant("alice", "author", [{"apiGroups": ["thaw.dev"], "resources": ["finetunejobs"], "verbs": ["create"]}])
         create = as_user("alice")
