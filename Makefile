@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo demo-local test test-unit lint bench chaos load constraints clean k8s-binaries cluster-up cluster-down \
-	crd manifests helm-lint images kind-up kind-demo kind-down demo-down docker-up docker-down
+	crd manifests helm-lint images kind-up kind-demo kind-down demo-down docker-up docker-down peers-env
 
 install: $(STAMP)
 
@@ -49,7 +49,17 @@ bench: install
 	$(PY) benchmarks/bench_trainer.py --repeats 3 --out docs/benchmarks.md
 	$(PY) benchmarks/bench_checkpoint.py --repeats 5 --out docs/benchmarks.md
 	$(PY) benchmarks/bench_data.py --sizes 1000,10000 --out docs/benchmarks.md
+	$(PY) benchmarks/bench_shards.py --sizes 1000,10000,100000 --out docs/benchmarks.md
 	$(PY) benchmarks/bench_decode.py --images 200 --per-class 40 --out docs/benchmarks.md
+
+# fastai and Lightning for benchmarks/peers.py, in their own venv: never product dependencies. It sees
+# the project's venv through a .pth file, so every method trains on the same torch build.
+PEERS := .venv-peers
+peers-env: install
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PY) -c 'import site; print(site.getsitepackages()[0])' \
+	  > "$$($(PEERS)/bin/python -c 'import site; print(site.getsitepackages()[0])')/thaw-venv.pth"
+	$(PEERS)/bin/pip install -q --disable-pip-version-check -c constraints.txt -r benchmarks/peers/requirements.txt
 
 # Faults at random moments against real training through the operator (needs root; ~80 min):
 # every trial of docs/reliability.md's chaos table, written there. The reduced set runs in `make test`.

@@ -173,6 +173,12 @@ def run_one(budget: int, seed: int, method: str, tmp: Path) -> Result:
     return r
 
 
+def accuracy_cells(accs: list[float]) -> str:
+    """The table's "mean ± std | per seed" cells."""
+    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return f"{statistics.mean(accs):.4f} ± {std:.4f} | {' '.join(f'{a:.4f}' for a in accs)}"
+
+
 def worst_drop(runs: list[Result]) -> float:
     """The largest fall of test accuracy from one stage to the next over the runs (0: never fell)."""
     return max([0.0, *(a - b for r in runs for a, b in zip(r[3], r[3][1:]))])
@@ -228,13 +234,11 @@ def main() -> None:
     for budget in args.budgets:
         for method in args.methods:
             rs = results[(budget, method)]
-            accs = [r[0] for r in rs]
-            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             pe = "n/a (no epochs)" if method == "logreg" else f"{statistics.mean(r[2] for r in rs) / 1e6:.1f} M"
             drop = f"{worst_drop(rs):.4f}" if method in STAGED else "n/a (one stage)"
             lines.append(
-                f"| {budget} | {METHODS[method]} | {statistics.mean(accs):.4f} ± {std:.4f} | "
-                f"{' '.join(f'{a:.4f}' for a in accs)} | {drop} | {statistics.mean(r[1] for r in rs):.0f} | {pe} |"
+                f"| {budget} | {METHODS[method]} | {accuracy_cells([r[0] for r in rs])} | {drop} | "
+                f"{statistics.mean(r[1] for r in rs):.0f} | {pe} |"
             )
     table = "\n".join(lines)
     print(table)
