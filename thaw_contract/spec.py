@@ -123,6 +123,10 @@ class FineTuneJobSpec(SpecModel):
     speed: SpeedSpec = SpeedSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     metrics: MetricsSpec = MetricsSpec()
+    export: list[Literal["safetensors", "onnx", "torchscript"]] = Field(
+        default_factory=lambda: ["safetensors"],
+        description="the model artifact's files: safetensors (always), onnx, torchscript (checked on the test split)",
+    )
     # Cluster-only fields: the trainer ignores them; the operator reads them.
     image: str | None = Field(None, description="trainer image; default: the operator's --trainer-image")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
@@ -155,6 +159,16 @@ class FineTuneJobSpec(SpecModel):
         if dup:
             raise ValueError(f"stage names must be unique (repeated: {', '.join(dup)})")
         return self
+
+    @field_validator("export")
+    @classmethod
+    def _export_has_safetensors(cls, v: list[str]) -> list[str]:
+        # config.json describes the safetensors file; the other formats are made from it.
+        if "safetensors" not in v:
+            raise ValueError("must include safetensors (the artifact's weights; onnx and torchscript are added to it)")
+        if len(set(v)) != len(v):
+            raise ValueError("each format once")
+        return v
 
 
 class Metadata(BaseModel):

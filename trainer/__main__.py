@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--endpoint", help="S3 endpoint URL for s3:// images; default AWS_ENDPOINT_URL")
     predict.add_argument("--top-k", type=int, default=3)
     predict.add_argument("--batch", type=int, default=64)
+    predict.add_argument("--output", help="write the answers here (CSV when it ends in .csv, else JSON lines)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "launch":
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "predict":
             from trainer.artifact import predict as run_predict
 
-            run_predict(args.model, args.images, args.top_k, args.batch, args.endpoint)
+            run_predict(args.model, args.images, args.top_k, args.batch, args.endpoint, output=args.output)
             return 0
         if args.command == "report":
             _report(load_job(args.job))

@@ -5,7 +5,8 @@ the last finished stage passed on (a rolled-back or stopping stage passes on its
 `model.safetensors`, beside `config.json`, which says what a user needs to run it: the
 architecture, the class names in output order, the input size and normalization, the
 checkpoint it came from with its manifest digest, the training spec's digest and each stage's
-metrics. `python -m trainer predict MODEL_URI IMAGES...` runs it on image files.
+metrics. spec.export adds model.onnx and model.torchscript.pt (trainer/exports.py), each checked
+on the test split first. `python -m trainer predict MODEL_URI IMAGES...` runs it on image files.
 
 The artifact is read back with the architecture's own code (trainer.models.build_model with no
 pretrained weights, then a strict load_state_dict): nothing in it is code, nothing pickled.
@@ -81,22 +82,52 @@ def export(job: FineTuneJob) -> str:
 
     store, stages, stage, prefix, manifest, pointer = final_weights(job)
     summaries = stage_summaries(store, stages)
-    return write(job, store, stage, prefix, manifest, pointer["manifestSha256"], summaries)["uri"]
+    test = None
+    if set(job.spec.export) - {"safetensors"}:  # the formats are checked on the test split
+        from trainer.data import build_datasets
+
+        test = build_datasets(job.spec.data, job.spec.model.num_classes, job.spec.seed).test
+    return write(job, store, stage, prefix, manifest, pointer["manifestSha256"], summaries, test)["uri"]
 
 
-def write(job: FineTuneJob, store, stage, prefix: str, manifest: dict, digest: str, summaries: list[dict]) -> dict:
+def test_batches(images, batch: int = 64):
+    """The test split's uint8 images at the model's input size, batch by batch (labels dropped)."""
+    from torch.utils.data import DataLoader
+
+    return lambda: (x for x, _ in DataLoader(images, batch_size=batch, shuffle=False))
+
+
+def write(
+    job: FineTuneJob, store, stage, prefix: str, manifest: dict, digest: str, summaries: list[dict], test=None
+) -> dict:
     """The artifact of the weights in checkpoint `prefix` (stage `stage`'s final one, manifest
-    digest `digest`): what status shows of it ({"uri", "sha256"}). Rank 0 calls it before it
-    marks the job's last stage final; `export` after the fact."""
+    digest `digest`), written: what status shows of it ({"uri", "sha256"}). Rank 0 builds and puts
+    it before it marks the job's last stage final; `export` after the fact."""
+    return put(store, *build(job, store, stage, prefix, manifest, digest, summaries, test))
+
+
+def build(
+    job: FineTuneJob, store, stage, prefix: str, manifest: dict, digest: str, summaries: list[dict], test=None
+) -> tuple[dict[str, bytes], dict]:
+    """(files, config.json) of the artifact; reads only the checkpoint. `test` (the test split's
+    images) checks the formats spec.export asks for beside safetensors."""
     from safetensors.torch import save
 
     from trainer import checkpoint as ckpt
+    from trainer import exports
     from trainer.models import build_model
 
     state = ckpt.load_object(store, prefix, "model.pt")
     built = build_model(_architecture_only(job.spec.model))
     built.model.load_state_dict(state, strict=True)  # the architecture's own code takes every key
     weights = save({k: v.detach().contiguous() for k, v in built.model.state_dict().items()})
+    size, arch = job.spec.data.image_size, job.spec.model.architecture
+    files, made = {WEIGHTS: weights}, {}
+    for fmt in (f for f in job.spec.export if f != "safetensors"):
+        wrapped = exports.Pixels(built.model, built.mean, built.std)
+        data, check = exports.export(fmt, wrapped, size, test_batches(test), arch)
+        files[exports.FILES[fmt]] = data
+        made[fmt] = {"file": exports.FILES[fmt], "sha256": _sha256(data), "check": check}
     config = {
         "format": FORMAT,
         "architecture": job.spec.model.architecture,
@@ -120,12 +151,24 @@ def write(job: FineTuneJob, store, stage, prefix: str, manifest: dict, digest: s
         "stages": summaries,
         "weightsSha256": _sha256(weights),
     }
+    if made:  # the serving formats take uint8 pixels, the normalization inside the graph
+        config["exports"] = {
+            "input": {"name": exports.INPUT, "dtype": "uint8", "shape": ["N", 3, size, size], "channels": "RGB"},
+            "output": {"name": exports.OUTPUT, "shape": ["N", job.spec.model.num_classes]},
+            **made,
+        }
     if len(config["classes"]) != config["numClasses"]:
         raise SpecError(
             f"export: the source has {len(config['classes'])} classes, the model {config['numClasses']} outputs"
         )
-    store.put(f"{FOLDER}/{WEIGHTS}", weights)
-    store.put(f"{FOLDER}/{CONFIG}", json.dumps(config, indent=2).encode())  # last: a config means whole weights
+    return files, config
+
+
+def put(store, files: dict[str, bytes], config: dict) -> dict:
+    """The artifact into the store; config.json last: a config means every file it names is whole."""
+    for name, data in files.items():
+        store.put(f"{FOLDER}/{name}", data)
+    store.put(f"{FOLDER}/{CONFIG}", json.dumps(config, indent=2).encode())
     return {"uri": f"{store.uri}/{FOLDER}", "sha256": config["weightsSha256"]}
 
 
@@ -238,16 +281,41 @@ def _objects(uri: str, endpoint: str | None) -> list:
 
 
 def predict(
-    uri: str, inputs: list[str], top_k: int = 3, batch: int = 64, endpoint=None, out=sys.stdout, err=sys.stderr
+    uri: str,
+    inputs: list[str],
+    top_k: int = 3,
+    batch: int = 64,
+    endpoint=None,
+    out=sys.stdout,
+    err=sys.stderr,
+    output: str | None = None,
 ) -> int:
-    """One JSON line per image that decodes ({"image", "top": [[class, probability], ...]}); the
-    ones that do not are skipped and listed on `err`. Returns how many were skipped."""
+    """One JSON line per image that decodes ({"image", "top": [[class, probability], ...]}) on
+    `out`, or into the file `output` (CSV when it ends in .csv: image, class_1, p_1, ...); the ones
+    that do not decode are skipped and listed on `err`. Returns how many were skipped."""
+    m = load(uri)
+    files = image_files(inputs, endpoint)
+    if output is None:
+        return _predict(m, files, top_k, batch, out, err, None)
+    with open(output, "w", newline="") as f:
+        return _predict(m, files, top_k, batch, f, err, output.endswith(".csv"))
+
+
+def _predict(m: Model, files: list, top_k: int, batch: int, out, err, csv_file: bool | None) -> int:
+    import csv
+
+    from tqdm import tqdm
+
     from trainer.data import decode_file
 
-    m = load(uri)
     size, classes = m.config["input"]["size"], m.config["classes"]
     k = min(top_k, len(classes))
-    files, skipped = image_files(inputs, endpoint), 0
+    writer = csv.writer(out) if csv_file else None
+    if writer is not None:
+        writer.writerow(["image", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("class", "p"))])
+    skipped = 0
+    # A bar on the terminal while the answers go to a file; none when stderr is not a terminal.
+    bar = tqdm(total=len(files), unit="img", file=err, disable=csv_file is None or not err.isatty())
     for start in range(0, len(files), batch):
         names, decoded = [], []
         for f in files[start : start + batch]:
@@ -259,11 +327,16 @@ def predict(
             except Exception as e:  # noqa: BLE001 - PIL's errors for files that are no image
                 skipped += 1
                 print(f"skipped: {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=err)
+        bar.update(len(files[start : start + batch]))
         if not decoded:
             continue
         probs = torch.softmax(logits(m, torch.stack(decoded)), dim=1)
         top = probs.topk(k, dim=1)
         for name, p, i in zip(names, top.values.tolist(), top.indices.tolist()):
-            row = {"image": str(name), "top": [[classes[c], round(v, 6)] for c, v in zip(i, p)]}
-            out.write(json.dumps(row) + "\n")
+            pairs = [[classes[c], round(v, 6)] for c, v in zip(i, p)]
+            if writer is not None:
+                writer.writerow([str(name), *(x for pair in pairs for x in pair)])
+            else:
+                out.write(json.dumps({"image": str(name), "top": pairs}) + "\n")
+    bar.close()
     return skipped

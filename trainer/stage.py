@@ -137,7 +137,7 @@ def run_stage(setup: Setup, stage: PlannedStage, data: Datasets) -> StageResult:
     if setup.metrics is not None:
         setup.metrics.end_stage(len(fit.history))
     if setup.env.is_main:
-        commit_stage(setup, stage, final_dir, result)
+        commit_stage(setup, stage, final_dir, result, data.test)
     barrier(setup.env)
     return result
 

@@ -122,7 +122,7 @@ def save_epoch(
     setup.writer.save(epoch_dir, objects, meta, after)
 
 
-def commit_stage(setup: Setup, stage: PlannedStage, final_dir: str, result: StageResult) -> None:
+def commit_stage(setup: Setup, stage: PlannedStage, final_dir: str, result: StageResult, test=None) -> None:
     """The stage's final checkpoint must be in the store before its pointer is; else the process fails."""
     setup.writer.flush()
     where = f"{setup.store.uri}/{final_dir}"
@@ -134,11 +134,7 @@ def commit_stage(setup: Setup, stage: PlannedStage, final_dir: str, result: Stag
     if manifest is None:
         raise ckpt.CheckpointError(f"stage {stage.name}: final checkpoint {where} does not verify")
     if ends_the_job(setup, stage, result):  # before the pointer: a committed last stage has its model
-        result.model = retrying(
-            lambda: publish_model(setup, stage, final_dir, manifest, result),
-            setup.job.spec.checkpoint.upload_timeout_seconds,
-            f"stage {stage.name}: model artifact",
-        )
+        result.model = publish_model(setup, stage, final_dir, manifest, result, test)
         setup.progress.message(f"model: {result.model['uri']}")
     pointer = retrying(
         lambda: ckpt.mark_final(setup.store, stage.index, stage.name, final_dir, manifest, result_summary(result)),
@@ -155,15 +151,25 @@ def ends_the_job(setup: Setup, stage: PlannedStage, result: StageResult) -> bool
     return stage.index == len(setup.stages) - 1 or stopped_the_job({"gate": result.gate})
 
 
-def publish_model(setup: Setup, stage: PlannedStage, final_dir: str, manifest: dict, result: StageResult) -> dict:
-    """The model artifact (trainer/artifact.py) of the weights this stage passes on."""
+def publish_model(
+    setup: Setup, stage: PlannedStage, final_dir: str, manifest: dict, result: StageResult, test=None
+) -> dict:
+    """The model artifact (trainer/artifact.py) of the weights this stage passes on; `test`, the
+    test split's images, checks the serving formats spec.export asks for."""
     from trainer import artifact
     from trainer.report import stage_summaries
 
-    earlier = stage_summaries(setup.store, setup.stages[: stage.index])
+    timeout, what = setup.job.spec.checkpoint.upload_timeout_seconds, f"stage {stage.name}: model artifact"
+    earlier = retrying(lambda: stage_summaries(setup.store, setup.stages[: stage.index]), timeout, what)
     digest = ckpt.manifest_digest(manifest)
     summaries = [*earlier, result_summary(result)]
-    return artifact.write(setup.job, setup.store, stage, final_dir, manifest, digest, summaries)
+    # A store error can come only from reading the checkpoint, before the (slow) exports.
+    built = retrying(
+        lambda: artifact.build(setup.job, setup.store, stage, final_dir, manifest, digest, summaries, test),
+        timeout,
+        what,
+    )
+    return retrying(lambda: artifact.put(setup.store, *built), timeout, what)
 
 
 def write_termination_message(index: int, name: str, checkpoint: str, digest: str, result: dict) -> None:

@@ -33,6 +33,7 @@ def exported(tmp_path_factory):
         checkpoint={"uri": f"file://{tmp}/store"},
         metrics={"enabled": False},
         seed=7,
+        export=["safetensors", "onnx", "torchscript"],
     )
     path = write_job(tmp, doc)
     trained = run([sys.executable, "-m", "trainer", "run", str(path)])
@@ -68,6 +69,29 @@ def test_the_artifact_gives_the_last_checkpoints_logits_bit_for_bit(exported):
     assert c["specHash"] == manifest["specHash"] and [s["name"] for s in c["stages"]] == ["head", "top3"]
 
 
+def test_the_onnx_and_torchscript_files_take_uint8_pixels_and_agree_with_the_artifact(exported):
+    """spec.export's formats: the normalization inside, a dynamic batch, the test split's check in
+    config.json, and the logits of the safetensors model on images they were not checked on."""
+    import onnxruntime
+
+    job, uri, tmp = exported
+    folder = tmp / "store" / "t" / "model"
+    m = artifact.load(uri)
+    ex = m.config["exports"]
+    assert ex["input"] == {"name": "pixels", "dtype": "uint8", "shape": ["N", 3, 32, 32], "channels": "RGB"}
+    for fmt, name in (("onnx", "model.onnx"), ("torchscript", "model.torchscript.pt")):
+        check = ex[fmt]["check"]
+        assert ex[fmt]["file"] == name and (folder / name).stat().st_size > 1_000_000
+        assert check["images"] == 100 and check["top1Agreement"] == 1.0 and check["maxLogitDiff"] < 1e-4, (fmt, check)
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    want = artifact.logits(m, x)
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(["logits"], {"pixels": x.numpy()})[0])
+    assert got.shape == (3, 10) and torch.allclose(got, want, atol=1e-4)
+    scripted = torch.jit.load(str(folder / "model.torchscript.pt"))
+    assert torch.allclose(scripted(x), want, atol=1e-5)
+
+
 def test_predict_names_the_top_classes_of_image_files_and_skips_what_does_not_decode(exported):
     from sklearn.datasets import load_digits
 
@@ -91,6 +115,13 @@ def test_predict_names_the_top_classes_of_image_files_and_skips_what_does_not_de
     x = torch.stack([decode_file(folder / f"{i}.png", 32) for i in range(5)])
     top1 = artifact.logits(m, x).argmax(1).tolist()
     assert [r["top"][0][0] for r in rows] == [str(c) for c in top1]
+    # The same answers as CSV in a file.
+    run([sys.executable, "-m", "trainer", "predict", uri, str(folder), "--top-k", "2", "--output", f"{tmp}/p.csv"])
+    import csv
+
+    table = list(csv.reader((tmp / "p.csv").open()))
+    assert table[0] == ["image", "class_1", "p_1", "class_2", "p_2"]
+    assert [[r[0], r[1], float(r[2])] for r in table[1:]] == [[r["image"], *r["top"][0]] for r in rows]
 
 
 def test_an_artifact_uri_that_is_not_a_thaw_model_is_one_line(exported, tmp_path):
