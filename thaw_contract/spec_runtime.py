@@ -102,6 +102,12 @@ class Toleration(SpecModel):
 class RunPolicy(SpecModel):
     retries_per_stage: int = Field(2, ge=0, le=20, description="fresh Jobs per stage after the first fails")
     active_deadline_seconds: int | None = Field(None, gt=0, description="per stage Job")
+    deadline_seconds: int | None = Field(
+        None,
+        gt=0,
+        description="the whole FineTuneJob fails after this long from its first stage's start (suspended time "
+        "included); the running stage's pods are stopped (they checkpoint first) and later stages never start",
+    )
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="delete the stage Jobs this long after the FineTuneJob finished"
     )

@@ -131,8 +131,10 @@ def plan(
     for j in jobs:
         by_stage.setdefault(j.stage, []).append(j)
     for k, st in enumerate(ctx.stages):
+        if st["phase"] != SUCCEEDED and (over := _past_deadline(ctx, k, st, by_stage.get(k, []))) is not None:
+            return over
         if st["phase"] != SUCCEEDED and (waiting := _stage(ctx, k, st, by_stage.get(k, []), progress)) is not None:
-            return waiting
+            return _wake_at_deadline(ctx, waiting)
         if stopped_the_job(st.get("result")) and k < len(ctx.stages) - 1:
             return _stop(ctx, k, st)
     n = len(ctx.stages)
@@ -164,6 +166,37 @@ def _stage(ctx: _Ctx, k: int, st: dict, jobs: list[JobView], progress: dict[int,
     if progress and k in progress:
         st["progress"] = progress[k]
     return ctx.finish(RUNNING, "StageRunning", f"{_label(k, st)} running", k)
+
+
+def _deadline_left(ctx: _Ctx) -> float | None:
+    """Seconds left of spec.runPolicy.deadlineSeconds, counted from the first stage's start;
+    None without a deadline or before anything started."""
+    deadline = ctx.spec.run_policy.deadline_seconds
+    started = ctx.stages[0].get("startTime") if ctx.stages else None
+    if deadline is None or not started:
+        return None
+    return status.seconds(started) + deadline - status.seconds(ctx.now)
+
+
+def _past_deadline(ctx: _Ctx, k: int, st: dict, jobs: list[JobView]) -> Plan | None:
+    """The job ran past its deadline while stage k was next or running: its running Job goes (the
+    pods checkpoint on SIGTERM) and the job fails; a finished stage's result is not touched."""
+    left = _deadline_left(ctx)
+    if left is None or left > 0:
+        return None
+    deadline = ctx.spec.run_policy.deadline_seconds
+    ctx.out.delete_jobs += [j.name for j in jobs if not j.complete and not j.failed]
+    st["phase"] = FAILED
+    msg = f"the job ran past its deadline of {deadline} s (spec.runPolicy.deadlineSeconds) in {_label(k, st)}"
+    return ctx.finish(FAILED, "DeadlineExceeded", msg, k)
+
+
+def _wake_at_deadline(ctx: _Ctx, p: Plan) -> Plan:
+    """A plan that leaves the job running is looked at again when its deadline passes."""
+    left = _deadline_left(ctx)
+    if left is not None and p.status.get("phase") not in TERMINAL:
+        p.requeue_after = left if p.requeue_after is None else min(p.requeue_after, left)
+    return p
 
 
 def _not_starting(ctx: _Ctx, k: int, st: dict, latest: JobView) -> Plan:

@@ -139,3 +139,21 @@ def test_a_running_attempt_without_pods_is_looked_at_again_soon():
     assert waiting.requeue_after == 10.0 and waiting.status["phase"] == "Running"
     running = run(ftj(created.status), [job(0, 1, start_time="2026-11-28T00:00:01Z", pods_left=2)])
     assert running.requeue_after is None
+
+
+def test_a_job_past_its_deadline_fails_and_stops_its_running_stage_and_wakes_for_it_otherwise():
+    """spec.runPolicy.deadlineSeconds: counted from the first stage's start; a plan that leaves the
+    job running asks to be looked at again when it passes, however quiet the job is."""
+    policy = {"deadlineSeconds": 700}
+    first = run(ftj(runPolicy=policy))
+    assert first.requeue_after == 10  # the no-pods look comes sooner than the deadline
+    running = run(ftj(first.status, runPolicy=policy), [job(0, 1, pods_left=2)], now=LATER)
+    assert running.status["phase"] == "Running" and running.requeue_after == 100  # LATER is 600 s on
+    over = run(ftj(running.status, runPolicy=policy), [job(0, 1, pods_left=2)], now=MUCH_LATER)
+    assert over.status["phase"] == "Failed" and cond(over, "Failed")["reason"] == "DeadlineExceeded"
+    assert over.status["message"] == (
+        "the job ran past its deadline of 700 s (spec.runPolicy.deadlineSeconds) in stage 0 (head)"
+    )
+    assert over.delete_jobs == ["ft-0-a1"] and over.create == []  # its pods checkpoint on SIGTERM
+    unbounded = run(ftj(first.status), [job(0, 1, pods_left=2)], now=MUCH_LATER)
+    assert unbounded.status["phase"] == "Running" and unbounded.requeue_after is None

@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 from kubernetes import client
+from thaw_operator.status import seconds as status_seconds
 
 from testbed.net import free_port
 from testbed.node_agent import GATEWAY
@@ -164,6 +165,28 @@ def test_a_stage_whose_pods_cannot_start_says_why_and_fails_after_its_startup_ti
     assert [r for r, _ in events].count("StageNotStarting") == 1, events
     wait_for(lambda: not k.jobs("nosecret"), 60, what="its Job deleted")
     assert st["stages"][0]["attempts"] == 1  # nothing to retry: a retry would meet the same missing Secret
+
+
+def test_a_job_past_its_deadline_is_failed_and_its_running_stage_stopped(
+    cluster, api, namespace, operator_slow_resync, store_dir
+):
+    """spec.runPolicy.deadlineSeconds through the operator and a real stage pod: a stage that would
+    train for minutes is stopped when the job's deadline passes. The operator resyncs only every
+    600 s here and a training pod changes nothing the operator watches: its own wake-up at the
+    deadline has to find it."""
+    k = Api(api, namespace)
+    doc = stage_pod_doc("late", f"file://{store_dir}", runPolicy={"deadlineSeconds": 25})
+    doc["spec"]["stages"][0]["epochs"] = 200
+    k.create(doc)
+    wait_for(lambda: k.status("late").get("phase") == "Running", 60, what="the stage running")
+    st = k.phase("late", "Failed", 90)
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "DeadlineExceeded", failed
+    assert st["message"] == "the job ran past its deadline of 25 s (spec.runPolicy.deadlineSeconds) in stage 0 (head)"
+    assert st["stages"][0]["phase"] == "Failed" and st["stages"][1]["phase"] == "Pending"
+    started, ended = status_seconds(st["stages"][0]["startTime"]), status_seconds(st["completionTime"])
+    assert ended - started < 25 + 15, st  # woken by its own deadline, not by the 600 s resync
+    wait_for(lambda: not k.jobs("late"), 60, what="its Job deleted")
 
 
 def test_a_stage_whose_pods_a_quota_refuses_says_why_and_fails_after_its_startup_timeout(
