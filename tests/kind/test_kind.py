@@ -47,7 +47,10 @@ def kind():
         pytest.fail("the kind tests start a Docker engine and a cluster: run as root")
     # An engine that was running before (the user's, or a private one they started) stays; one
     # that `up` starts for the tests is stopped with the cluster, so the machine is left as found.
-    engine_before = subprocess.run(["hack/docker.sh", "env"], cwd=ROOT, capture_output=True).returncode == 0
+    # hack/test.sh (make test) may have started the engine for these tests and says so.
+    said = os.environ.get("THAW_KIND_ENGINE_BEFORE")
+    running = subprocess.run(["hack/docker.sh", "env"], cwd=ROOT, capture_output=True).returncode == 0
+    engine_before = said == "1" if said in ("0", "1") else running
     up = subprocess.run(["hack/kind.sh", "up"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
     if up.returncode != 0:  # a half-made cluster would keep its nodes' disk until the next `down`
         _down(engine_before)
@@ -321,8 +324,9 @@ def test_a_job_on_20000_images_fetches_them_once_into_its_data_cache_volume(kind
     """spec.dataCache on the kind cluster's ReadWriteMany class: a 3-stage job on an s3:// prefix of
     20,000 JPEGs and one on shards of the same images, each stage's two pods on the two workers.
     Stage 0 fetches every object once between its two pods; stages 1 and 2 fetch nothing; one
-    truncated test image is skipped and named in status; deleting the FineTuneJob deletes its
-    claim and the volume's files."""
+    truncated test image is skipped and named in status; a third job that allows no bad image
+    fails after one attempt with the line; deleting the FineTuneJob deletes its claim and the
+    volume's files."""
     n = _image_folder(tmp_path / "images", CACHE_IMAGES_PER_CLASS, 50)
     corrupt = tmp_path / "images" / "test" / "red" / "00000.jpg"  # every stage evaluates every test image
     corrupt.write_bytes(corrupt.read_bytes()[:200])  # truncated, as a failed upload leaves one
@@ -340,21 +344,29 @@ def test_a_job_on_20000_images_fetches_them_once_into_its_data_cache_volume(kind
         assert packed.returncode == 0, packed.stderr[-2000:]
     finally:
         pf.terminate()
-    names = {"prefix": f"{tag}-prefix", "shards": f"{tag}-shards"}
+    names = {"prefix": f"{tag}-prefix", "shards": f"{tag}-shards", "toomany": f"{tag}-toomany"}
     for kind_of, name in names.items():
         doc = kind_demo.job_manifest(yaml.safe_load(demo_mod.JOB.read_text()), name=name)
         spec = doc["spec"]
-        source = f"s3://thaw/datasets/{tag}" + ("-shards" if kind_of == "shards" else "")
+        source = f"s3://thaw/datasets/{tag}" + ("" if kind_of == "prefix" else "-shards")
         spec["model"]["numClasses"] = len(CACHE_COLORS)
         spec["data"] = {"source": source, "endpoint": kind_demo.S3_IN_CLUSTER, "imageSize": 32,
                         "trainPerClass": 40, "valPerClass": 20, "batchSize": 40, "maxBadFraction": 0.01}  # fmt: skip
         spec.pop("earlyStopping", None)
         for stage in spec["stages"]:
             stage["epochs"] = 1
+        if kind_of == "toomany":  # the same bad image above the threshold: exit 2, one attempt
+            spec["data"]["maxBadFraction"] = 0
         spec["dataCache"] = {"size": "1Gi", "storageClassName": "thaw-shared"}
         kind.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
     try:
-        for name in names.values():
+        status = demo_mod.follow(kind, names["toomany"], timeout=1800, quiet=True)
+        failed = next(c for c in status.get("conditions", []) if c["type"] == "Failed")
+        assert status["phase"] == "Failed" and failed["reason"] == "InvalidConfiguration", status
+        said = "stage 0 (head) configuration error: spec.data.maxBadFraction: 1 of "
+        assert failed["message"].startswith(said) and "red/00000.jpg" in failed["message"], failed
+        assert status["stages"][0]["attempts"] == 1, status["stages"][0]  # not retried
+        for name in (names["prefix"], names["shards"]):
             status = demo_mod.follow(kind, name, timeout=1800, quiet=True)
             assert status["phase"] == "Succeeded", status
             # The truncated image: skipped, counted and named in status, stage by stage.
