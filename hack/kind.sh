@@ -23,7 +23,8 @@ die() { log "$*"; exit 1; }
 
 engine() {
   local out
-  out=$(hack/docker.sh up) || die "a Docker engine is needed for kind and none could be started (see above)"
+  # 9>&-: the engine outlives this script and must not hold its lock (locked, below).
+  out=$(hack/docker.sh up 9>&-) || die "a Docker engine is needed for kind and none could be started (see above)"
   eval "$out"
   export DOCKER_HOST
 }
@@ -220,8 +221,16 @@ down() {
   log "cluster $CLUSTER deleted"
 }
 
+# One `up` or `down` at a time per cluster: `make test` sets the cluster up in the background
+# (hack/test.sh) and the kind tests' own `up` waits here, then finds everything in place.
+locked() {
+  local lock=$HOME/.cache/thaw/kind-$CLUSTER.lock
+  mkdir -p "$(dirname "$lock")" && exec 9>"$lock" && flock 9 || die "cannot take the lock $lock"
+  "$@"
+}
+
 case "${1:-}" in
-  up) up ;;
-  down) down ;;
+  up) locked up ;;
+  down) locked down ;;
   *) echo "usage: hack/kind.sh up|down" >&2; exit 2 ;;
 esac
