@@ -107,14 +107,17 @@ def _admin_secret(api, namespace: str) -> None:
     client.CoreV1Api(api).create_namespaced_secret(namespace, {"metadata": {"name": "s3"}, "data": data})
 
 
-def _photo_folder(root, empty_class: bool = False) -> str:
-    """Two classes of 16 px PNGs (train 12 each, test 4 each); the first dark image corrupt."""
+def _photo_folder(root, empty_class: bool = False, no_test_class: bool = False) -> str:
+    """Two classes of 16 px PNGs (train 12 each, test 4 each); the first dark image corrupt.
+    empty_class: train/light holds nothing; no_test_class: test/ has no light folder."""
     import torch
     from torchvision.io import encode_png
 
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 12), ("test", 4)):
         for label, base in (("dark", 40), ("light", 200)):
+            if no_test_class and split == "test" and label == "light":
+                continue
             (root / split / label).mkdir(parents=True)
             for i in range(0 if empty_class and label == "light" and split == "train" else n):
                 img = (torch.full((3, 16, 16), base) + torch.randint(0, 30, (3, 16, 16), generator=g)).to(torch.uint8)
@@ -224,11 +227,13 @@ def test_bad_data_through_stage_pods_is_skipped_and_named_or_fails_once_with_its
     cluster, api, namespace, operator, store_dir
 ):
     """Issue 27's bad data on the path users run: one image that does not decode is skipped, named
-    in the log and in status; above spec.data.maxBadFraction, an empty class folder or a valPerClass
-    larger than a class: Failed after one attempt, with the trainer's one line."""
+    in the log and in status; above spec.data.maxBadFraction, an empty class folder, a valPerClass
+    or trainPerClass larger than a class, a class missing from the test split, or numClasses that
+    does not match the classes: Failed after one attempt, with the trainer's one line."""
     k = Api(api, namespace)
     store = f"file://{store_dir}"
     good, empty = _photo_folder(store_dir / "photos"), _photo_folder(store_dir / "empty", empty_class=True)
+    notest = _photo_folder(store_dir / "notest", no_test_class=True)
     model = {"architecture": "efficientnet_lite0", "weights": "BUNDLED", "numClasses": 2}
     data = {"imageSize": 32, "valPerClass": 2, "batchSize": 4, "maxBadFraction": 0.1}
     docs = {
@@ -236,9 +241,14 @@ def test_bad_data_through_stage_pods_is_skipped_and_named_or_fails_once_with_its
         "toomany": {"source": good, "maxBadFraction": 0},
         "noclass": {"source": empty},
         "valsize": {"source": good, "valPerClass": 12},
+        "trainsize": {"source": good, "trainPerClass": 20},
+        "notestclass": {"source": notest},
+        "classes": {"source": good},  # numClasses 3 below
     }
     for name, extra in docs.items():
-        doc = stage_pod_doc(name, store, model=model, data={**data, **extra})
+        doc = stage_pod_doc(
+            name, store, model={**model, "numClasses": 3 if name == "classes" else 2}, data={**data, **extra}
+        )
         doc["spec"]["stages"] = doc["spec"]["stages"][:1]
         k.create(doc)
     st = k.phase("skip", "Succeeded", 300)
@@ -251,6 +261,9 @@ def test_bad_data_through_stage_pods_is_skipped_and_named_or_fails_once_with_its
         "toomany": "stage 0 (head) configuration error: spec.data.maxBadFraction: 1 of 32 images do not decode",
         "noclass": "stage 0 (head) configuration error: spec.data.source: ",
         "valsize": "stage 0 (head) configuration error: spec.data.valPerClass: 12 leaves no training images of class",
+        "trainsize": "stage 0 (head) configuration error: spec.data.trainPerClass: 20 is more than class",
+        "notestclass": "stage 0 (head) configuration error: spec.data.source: the class folders of ",
+        "classes": "stage 0 (head) configuration error: spec.model.numClasses: 3 does not match the 2 classes of",
     }
     for name, message in expected.items():
         st = k.phase(name, "Failed", 300)
