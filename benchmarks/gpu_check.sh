@@ -4,7 +4,7 @@
 # row of the quality table. Wheels the GPU image lacks travel in .whl/, Fashion-MNIST in .data/
 # (both ignored by git). Results land in $OUT. Each run has its own time cap: checks + quality fit one
 # 10-minute call (quality takes what is left of 570 s), bench needs about 5 minutes on its own.
-# Usage: bash benchmarks/gpu_check.sh [STEP...]   steps: checks quality bench perf decode (default: checks quality;
+# Usage: bash benchmarks/gpu_check.sh [STEP...]   steps: checks quality bench perf decode exports (default: checks quality;
 # the first three have run once: docs/results.md "Reference", docs/benchmarks.md "on CUDA"; perf and decode have not).
 # benchmarks/gpu_prepare.sh makes .whl/ and .data/ here first.
 set -uo pipefail
@@ -68,7 +68,16 @@ decode() {
   cp docs/benchmarks.md "$OUT/benchmarks.md"
 }
 steps=("$@"); [ $# -gt 0 ] || steps=(checks quality)
+# 8. The model artifact from a test split held on the GPU (dataOnDevice auto): the quickstart's last
+#    stage cut to 1 epoch, with a TorchScript export checked on the test split (~1 minute; ONNX
+#    Runtime's wheels would not fit the carry limit beside .data/).
+exports() {
+  sed -e 's/name: quickstart/name: quickstart-export/' \
+    -e 's/^  seed: 0/  seed: 0\n  export: [safetensors, torchscript]/' -e 's/epochs: 6/epochs: 1/' \
+    examples/quickstart.yaml > /tmp/export.yaml
+  run exports 120 python3 -m trainer run /tmp/export.yaml
+}
 for step in "${steps[@]}"; do
-  case $step in checks | quality | bench | perf | decode) $step ;; *) echo "unknown step $step" >&2; exit 2 ;; esac
+  case $step in checks | quality | bench | perf | decode | exports) $step ;; *) echo "unknown step $step" >&2; exit 2 ;; esac
 done
 exit 0

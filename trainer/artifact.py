@@ -91,10 +91,11 @@ def export(job: FineTuneJob) -> str:
 
 
 def test_batches(images, batch: int = 64):
-    """The test split's uint8 images at the model's input size, batch by batch (labels dropped)."""
+    """The test split's uint8 images at the model's input size, batch by batch (labels dropped), on
+    the CPU where the artifact is built (a split held on the GPU, trainer/resident.py, is copied)."""
     from torch.utils.data import DataLoader
 
-    return lambda: (x for x, _ in DataLoader(images, batch_size=batch, shuffle=False))
+    return lambda: (x.cpu() for x, _ in DataLoader(images, batch_size=batch, shuffle=False))
 
 
 def write(
