@@ -124,8 +124,8 @@ def build(
     weights = save({k: v.detach().contiguous() for k, v in built.model.state_dict().items()})
     size, arch = job.spec.data.image_size, job.spec.model.architecture
     files, made = {WEIGHTS: weights}, {}
+    wrapped = exports.Pixels(built.model, built.mean, built.std)
     for fmt in (f for f in job.spec.export if f != "safetensors"):
-        wrapped = exports.Pixels(built.model, built.mean, built.std)
         data, check = exports.export(fmt, wrapped, size, test_batches(test), arch)
         files[exports.FILES[fmt]] = data
         made[fmt] = {"file": exports.FILES[fmt], "sha256": _sha256(data), "check": check}
@@ -297,12 +297,12 @@ def predict(
     m = load(uri)
     files = image_files(inputs, endpoint)
     if output is None:
-        return _predict(m, files, top_k, batch, out, err, None)
-    with open(output, "w", newline="") as f:
-        return _predict(m, files, top_k, batch, f, err, output.endswith(".csv"))
+        return _predict(m, files, top_k, batch, out, err)
+    with open(output, "w", newline="") as f:  # a bar on the terminal while the answers go to a file
+        return _predict(m, files, top_k, batch, f, err, as_csv=output.endswith(".csv"), bar=err.isatty())
 
 
-def _predict(m: Model, files: list, top_k: int, batch: int, out, err, csv_file: bool | None) -> int:
+def _predict(m: Model, files: list, top_k: int, batch: int, out, err, as_csv=False, bar=False) -> int:
     import csv
 
     from tqdm import tqdm
@@ -311,12 +311,11 @@ def _predict(m: Model, files: list, top_k: int, batch: int, out, err, csv_file: 
 
     size, classes = m.config["input"]["size"], m.config["classes"]
     k = min(top_k, len(classes))
-    writer = csv.writer(out) if csv_file else None
+    writer = csv.writer(out) if as_csv else None
     if writer is not None:
         writer.writerow(["image", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("class", "p"))])
     skipped = 0
-    # A bar on the terminal while the answers go to a file; none when stderr is not a terminal.
-    bar = tqdm(total=len(files), unit="img", file=err, disable=csv_file is None or not err.isatty())
+    progress = tqdm(total=len(files), unit="img", file=err, disable=not bar)
     for start in range(0, len(files), batch):
         names, decoded = [], []
         for f in files[start : start + batch]:
@@ -328,7 +327,7 @@ def _predict(m: Model, files: list, top_k: int, batch: int, out, err, csv_file: 
             except Exception as e:  # noqa: BLE001 - PIL's errors for files that are no image
                 skipped += 1
                 print(f"skipped: {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=err)
-        bar.update(len(files[start : start + batch]))
+        progress.update(len(files[start : start + batch]))
         if not decoded:
             continue
         probs = torch.softmax(logits(m, torch.stack(decoded)), dim=1)
@@ -339,5 +338,5 @@ def _predict(m: Model, files: list, top_k: int, batch: int, out, err, csv_file: 
                 writer.writerow([str(name), *(x for pair in pairs for x in pair)])
             else:
                 out.write(json.dumps({"image": str(name), "top": pairs}) + "\n")
-    bar.close()
+    progress.close()
     return skipped
